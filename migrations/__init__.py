@@ -1,0 +1,1 @@
+"""Alembic migrations for walletq's schema; run them with `walletq db upgrade`."""

@@ -1,0 +1,1 @@
+"""walletq's domain and its persistence. Imports neither Celery nor the CLI."""

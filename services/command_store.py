@@ -1,0 +1,206 @@
+"""The `commands` table: the idempotency record, the outbox and each command's outcome.
+
+Idempotency is data: a key, the hash of its canonical payload, a status that only moves
+forward (accepted → processing → succeeded | rejected | failed; failed may run again).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import Connection, Row
+
+from services import schema
+from services.atomic_transaction_manager import IdempotencyConflictError
+from services.commands import Command, canonical_payload, payload_hash
+from services.ledger import insert_ignoring_conflicts
+
+__all__ = [
+    "TERMINAL",
+    "CommandRecord",
+    "lock_or_create",
+    "finish",
+    "get_record",
+    "list_records",
+    "stale_keys",
+    "lock_record",
+    "count_by_status",
+    "iso",
+]
+
+TERMINAL = frozenset({"succeeded", "rejected"})
+_c = schema.commands
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 UTC; SQLite hands back naive datetimes that are UTC already."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    id: int
+    idempotency_key: str
+    type: str
+    status: str
+    payload: str
+    payload_hash: str
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> CommandRecord:
+        return cls(**row._mapping)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        if self.error_code is None:
+            return None
+        return {"code": self.error_code, "message": self.error_message or ""}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The command record of DESIGN.md's CLI contract."""
+        return {
+            "idempotency_key": self.idempotency_key,
+            "type": self.type,
+            "status": self.status,
+            "result": self.result,
+            "error": self.error,
+            "attempts": self.attempts,
+            "created_at": iso(self.created_at),
+            "completed_at": iso(self.completed_at),
+        }
+
+    def payload_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.payload)
+        return data
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def lock_or_create(
+    conn: Connection, command: Command, *, status: str = "processing", count_attempt: bool = True
+) -> CommandRecord:
+    """Record the command (or find it), lock its row, and refuse another payload under its key.
+
+    A non-terminal command moves to `status` and, when it is an execution, counts an attempt.
+    """
+    canonical = canonical_payload(command)
+    digest = payload_hash(canonical)
+    now = _now()
+    insert_ignoring_conflicts(
+        conn,
+        _c,
+        [{"idempotency_key": command.idempotency_key, "type": command.type, "payload": canonical,
+          "payload_hash": digest, "status": status, "attempts": 0,
+          "created_at": now, "updated_at": now}],
+        ["idempotency_key"],
+    )
+    record = _locked(conn, command.idempotency_key)
+    if record.payload_hash != digest:
+        raise IdempotencyConflictError(
+            f"idempotency key {command.idempotency_key!r} was used for another payload "
+            f"({record.type}, {record.status})",
+            idempotency_key=command.idempotency_key,
+        )
+    if record.terminal:
+        return record
+    changes: dict[str, Any] = {"updated_at": _now()}
+    if status == "processing" or record.status == "failed":
+        changes["status"] = status
+    if count_attempt:
+        changes["attempts"] = _c.c.attempts + 1
+    conn.execute(update(_c).where(_c.c.id == record.id).values(**changes))
+    return _locked(conn, command.idempotency_key)
+
+
+def _locked(conn: Connection, key: str) -> CommandRecord:
+    row = conn.execute(select(_c).where(_c.c.idempotency_key == key).with_for_update()).one()
+    return CommandRecord.from_row(row)
+
+
+def lock_record(conn: Connection, key: str) -> CommandRecord | None:
+    row = conn.execute(
+        select(_c).where(_c.c.idempotency_key == key).with_for_update()
+    ).one_or_none()
+    return None if row is None else CommandRecord.from_row(row)
+
+
+def finish(
+    conn: Connection,
+    command_id: int,
+    status: str,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """Write a command's outcome; in the transaction of its effects, so both or neither."""
+    now = _now()
+    done = conn.execute(
+        update(_c)
+        .where(_c.c.id == command_id, _c.c.status.not_in(sorted(TERMINAL)))
+        .values(
+            status=status,
+            result=result,
+            error_code=None if error is None else error["code"],
+            error_message=None if error is None else str(error["message"])[:2000],
+            updated_at=now,
+            completed_at=now if status in TERMINAL else None,
+        )
+    )
+    if done.rowcount != 1:
+        raise AssertionError(f"Bug! command {command_id} finished twice")
+
+
+def get_record(conn: Connection, key: str) -> CommandRecord | None:
+    row = conn.execute(select(_c).where(_c.c.idempotency_key == key)).one_or_none()
+    return None if row is None else CommandRecord.from_row(row)
+
+
+def list_records(
+    conn: Connection, *, status: str | None = None, limit: int = 100, after_id: int = 0
+) -> list[CommandRecord]:
+    query = select(_c).where(_c.c.id > after_id).order_by(_c.c.id).limit(min(limit, 10_000))
+    if status is not None:
+        query = query.where(_c.c.status == status)
+    return [CommandRecord.from_row(row) for row in conn.execute(query)]
+
+
+def stale_keys(
+    conn: Connection, *, grace_s: float, limit: int, statuses: Sequence[str] = ("accepted",
+                                                                             "processing")
+) -> list[CommandRecord]:
+    """Commands left before a terminal status for longer than the grace period, oldest first."""
+    cutoff = _now() - timedelta(seconds=grace_s)
+    rows = conn.execute(
+        select(_c)
+        .where(_c.c.status.in_(list(statuses)), _c.c.updated_at < cutoff)
+        .order_by(_c.c.updated_at)
+        .limit(limit)
+    )
+    return [CommandRecord.from_row(row) for row in rows]
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(_c.c.status, func.count()).group_by(_c.c.status))
+    return {status: count for status, count in rows}

@@ -1,0 +1,114 @@
+"""Engines: PostgreSQL with bounded waits on every connection, or embedded SQLite.
+
+SQLite writers are serialised with BEGIN IMMEDIATE, so a read-then-debit cannot race.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+
+from services.settings import Settings, get_settings
+
+__all__ = ["make_engine", "get_engine", "dispose_engines", "schema_is_current", "upgrade"]
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def make_engine(settings: Settings, **kwargs: Any) -> Engine:
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, **kwargs)
+    options = (
+        f"-c lock_timeout={settings.lock_timeout_ms} "
+        f"-c statement_timeout={settings.statement_timeout_ms} "
+        "-c idle_in_transaction_session_timeout=60000"
+    )
+    connect_args = {"options": options, "connect_timeout": 10, "application_name": "walletq"}
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_size=kwargs.pop("pool_size", 10),
+        max_overflow=kwargs.pop("max_overflow", 20),
+        isolation_level="READ COMMITTED",
+        **kwargs,
+    )
+
+
+def _make_sqlite_folder(url: str) -> None:
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite") else ""
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
+    _make_sqlite_folder(url)
+    kwargs.pop("pool_size", None)
+    kwargs.pop("max_overflow", None)
+    engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None}, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Take the write lock at BEGIN: the balance read and the debit see one state.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    """One engine per database URL per process (disposed after a fork by the worker)."""
+    settings = settings or get_settings()
+    with _lock:
+        engine = _engines.get(settings.database_url)
+        if engine is None:
+            engine = _engines[settings.database_url] = make_engine(settings)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Drop pooled connections: a forked child must never share its parent's sockets."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)
+        _engines.clear()
+
+
+def alembic_config(database_url: str) -> Any:
+    from alembic.config import Config
+
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(settings: Settings | None = None, revision: str = "head") -> None:
+    from alembic import command
+
+    settings = settings or get_settings()
+    _make_sqlite_folder(settings.database_url)
+    command.upgrade(alembic_config(settings.database_url), revision)
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether the migrations have been applied (every table present)."""
+    from services.schema import metadata
+
+    names = set(inspect(engine).get_table_names())
+    return all(table in names for table in metadata.tables)

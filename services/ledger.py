@@ -1,0 +1,210 @@
+"""The double-entry ledger: accounts, row locks in one global order, and transfers.
+
+Money moves only through `make_transfer` (both legs from one constructor) and
+`post_transfers` (the balance check under the row lock, then both balance updates and
+the transfer row). `apply_balance_deltas` is the one function that writes a balance,
+so a hot account can later be spread over several rows without touching the operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, column, insert, select, update, values
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import BigInteger
+
+from services import schema
+from services.atomic_transaction_manager import (
+    TransactionIntegrityError,
+    UnknownUserError,
+    validate_balance_integrity,
+)
+
+__all__ = [
+    "AccountSpec",
+    "LockedAccount",
+    "Transfer",
+    "TREASURY",
+    "FEES",
+    "ISSUANCE",
+    "EXTERNAL",
+    "user_available",
+    "user_escrow",
+    "account_spec",
+    "lock_accounts",
+    "make_transfer",
+    "post_transfers",
+    "apply_balance_deltas",
+    "insert_ignoring_conflicts",
+]
+
+
+@dataclass(frozen=True)
+class AccountSpec:
+    code: str
+    kind: str
+    user_id: str | None
+    may_go_negative: bool
+
+    def row(self) -> dict[str, Any]:
+        return {"code": self.code, "kind": self.kind, "user_id": self.user_id,
+                "may_go_negative": self.may_go_negative, "balance_minor": 0}
+
+
+TREASURY = AccountSpec("platform:treasury", "treasury", None, False)
+FEES = AccountSpec("platform:fees", "fees", None, False)
+ISSUANCE = AccountSpec("system:issuance", "issuance", None, True)
+EXTERNAL = AccountSpec("system:external", "external", None, True)
+_FIXED = {spec.code: spec for spec in (TREASURY, FEES, ISSUANCE, EXTERNAL)}
+
+
+def user_available(user: str) -> AccountSpec:
+    return AccountSpec(f"user:{user}:available", "user_available", user, False)
+
+
+def user_escrow(user: str) -> AccountSpec:
+    return AccountSpec(f"user:{user}:escrow", "user_escrow", user, False)
+
+
+def account_spec(code: str) -> AccountSpec | None:
+    """The spec an account code names, or None if it names no walletq account."""
+    if code in _FIXED:
+        return _FIXED[code]
+    parts = code.split(":")
+    if len(parts) == 3 and parts[0] == "user" and parts[1]:
+        if parts[2] == "available":
+            return user_available(parts[1])
+        if parts[2] == "escrow":
+            return user_escrow(parts[1])
+    return None
+
+
+@dataclass
+class LockedAccount:
+    """An account row locked FOR UPDATE in this transaction; its balance tracks our writes."""
+
+    id: int
+    code: str
+    user_id: str | None
+    balance_minor: int
+    may_go_negative: bool
+
+
+def insert_ignoring_conflicts(
+    conn: Connection, table: Any, rows: Sequence[dict[str, Any]], index_elements: list[str]
+) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING, on PostgreSQL and SQLite alike; rows inserted."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=index_elements)
+    if len(rows) == 1:
+        return conn.execute(stmt.values(**rows[0])).rowcount
+    return conn.execute(stmt, list(rows)).rowcount
+
+
+def lock_accounts(
+    conn: Connection, specs: Iterable[AccountSpec], *, open_missing: Collection[str] = ()
+) -> dict[str, LockedAccount]:
+    """Lock the accounts by ascending id (the global order); open those allowed to be new.
+
+    An account that is missing and may not be opened belongs to an unknown user.
+    """
+    wanted = {spec.code: spec for spec in specs}
+    to_open = [wanted[code].row() for code in sorted(open_missing) if code in wanted]
+    if to_open:
+        insert_ignoring_conflicts(conn, schema.accounts, to_open, ["code"])
+    a = schema.accounts
+    rows = conn.execute(
+        select(a.c.id, a.c.code, a.c.user_id, a.c.balance_minor, a.c.may_go_negative)
+        .where(a.c.code.in_(sorted(wanted)))
+        .order_by(a.c.id)
+        .with_for_update()
+    ).all()
+    locked = {row.code: LockedAccount(*row) for row in rows}
+    for code, spec in sorted(wanted.items()):
+        if code not in locked:
+            if spec.user_id is None:
+                raise TransactionIntegrityError(f"system account {code} is missing", account=code)
+            raise UnknownUserError(f"user {spec.user_id!r} has no wallet", user=spec.user_id)
+    return locked
+
+
+@dataclass(frozen=True)
+class Transfer:
+    debit: LockedAccount
+    credit: LockedAccount
+    amount_minor: int
+    kind: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"debit": self.debit.code, "credit": self.credit.code,
+                "amount_minor": self.amount_minor, "kind": self.kind}
+
+
+def make_transfer(
+    debit: LockedAccount, credit: LockedAccount, amount_minor: int, kind: str
+) -> Transfer:
+    """Both legs of one movement: the debit's loss is exactly the credit's gain."""
+    if type(amount_minor) is not int or amount_minor <= 0:
+        raise TransactionIntegrityError(f"transfer amount {amount_minor!r} is not a positive int")
+    if debit.id == credit.id:
+        raise TransactionIntegrityError(f"transfer from {debit.code} to itself")
+    transfer = Transfer(debit, credit, amount_minor, kind)
+    legs = (-transfer.amount_minor, +transfer.amount_minor)
+    assert sum(legs) == 0, "legs of a transfer must balance"
+    return transfer
+
+
+def post_transfers(conn: Connection, command_id: int, transfers: Sequence[Transfer]) -> None:
+    """Check each debit under its lock, then move the money; all in the caller's transaction."""
+    for transfer in transfers:
+        _post_one(conn, command_id, transfer)
+
+
+def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
+    debit, credit = transfer.debit, transfer.credit
+    validate_balance_integrity(
+        account_code=debit.code,
+        balance_minor=debit.balance_minor,
+        debit_minor=transfer.amount_minor,
+        may_go_negative=debit.may_go_negative,
+    )
+    apply_balance_deltas(conn, {debit.id: -transfer.amount_minor, credit.id: transfer.amount_minor})
+    debit.balance_minor -= transfer.amount_minor
+    credit.balance_minor += transfer.amount_minor
+    conn.execute(
+        insert(schema.transfers).values(
+            command_id=command_id,
+            debit_account_id=debit.id,
+            credit_account_id=credit.id,
+            amount_minor=transfer.amount_minor,
+            kind=transfer.kind,
+        )
+    )
+
+
+_VALUES_THRESHOLD = 8
+
+
+def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
+    """The only writer of balances: add each delta to its account, in ascending id order."""
+    items = sorted((account_id, delta) for account_id, delta in deltas.items() if delta)
+    if not items:
+        return
+    a = schema.accounts
+    if conn.dialect.name == "postgresql" and len(items) > _VALUES_THRESHOLD:
+        # One statement for many accounts (payout chunks): an UPDATE ... FROM (VALUES ...).
+        v = values(column("id", BigInteger), column("delta", BigInteger), name="v").data(items)
+        conn.execute(
+            update(a).where(a.c.id == v.c.id).values(balance_minor=a.c.balance_minor + v.c.delta)
+        )
+        return
+    conn.execute(
+        update(a)
+        .where(a.c.id == bindparam("b_id"))
+        .values(balance_minor=a.c.balance_minor + bindparam("b_delta")),
+        [{"b_id": account_id, "b_delta": delta} for account_id, delta in items],
+    )

@@ -1,0 +1,75 @@
+"""Money at the edges: decimal strings in, integer minor units inside, never a float.
+
+Pure functions, no database: parsing refuses rather than rounds, and the fee split
+rounds once, with its mode named, so payee + fee always equals the amount.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import ROUND_HALF_EVEN, Decimal
+
+__all__ = ["AmountError", "parse_amount", "to_minor", "to_decimal", "format_minor", "split_fee"]
+
+# Plain decimal notation only: no sign, no exponent, no spaces, no leading zeros.
+_AMOUNT_RE = re.compile(r"(?:0|[1-9][0-9]{0,17})(?:\.([0-9]{1,18}))?")
+
+
+class AmountError(ValueError):
+    """Raised when a value is not an acceptable amount; the message says why."""
+
+
+def parse_amount(value: object, *, scale: int, max_minor: int) -> int:
+    """A decimal string → positive integer minor units, or AmountError."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise AmountError(
+            f"must be a decimal string such as \"12.50\", not a JSON {_json_kind(value)}"
+        )
+    match = _AMOUNT_RE.fullmatch(value)
+    if match is None:
+        raise AmountError(f"{value[:40]!r} is not a plain decimal number (digits and one '.')")
+    places = match.group(1) or ""
+    if len(places) > scale:
+        raise AmountError(f"{value!r} has {len(places)} decimal places; at most {scale} allowed")
+    minor = to_minor(Decimal(value), scale)
+    if minor <= 0:
+        raise AmountError(f"{value!r} must be greater than zero")
+    if minor > max_minor:
+        raise AmountError(f"{value!r} exceeds the maximum {format_minor(max_minor, scale)}")
+    return minor
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return type(value).__name__
+
+
+def to_minor(amount: Decimal, scale: int) -> int:
+    """Exact conversion; an amount with more places than the scale is a bug here."""
+    minor = amount.scaleb(scale)
+    if minor != minor.to_integral_value():
+        raise AmountError(f"{amount} is not a whole number of minor units at scale {scale}")
+    return int(minor)
+
+
+def to_decimal(minor: int, scale: int) -> Decimal:
+    return Decimal(minor).scaleb(-scale).quantize(Decimal(1).scaleb(-scale))
+
+
+def format_minor(minor: int, scale: int) -> str:
+    return str(to_decimal(minor, scale))
+
+
+def split_fee(amount_minor: int, fee_rate: Decimal) -> tuple[int, int]:
+    """(payee_minor, fee_minor): the fee rounded half-even to a whole minor unit, once."""
+    if not Decimal(0) <= fee_rate <= Decimal(1):
+        raise AmountError(f"fee rate {fee_rate} must lie between 0 and 1")
+    fee_minor = int((Decimal(amount_minor) * fee_rate).quantize(Decimal(1), ROUND_HALF_EVEN))
+    payee_minor = amount_minor - fee_minor
+    assert 0 <= fee_minor <= amount_minor and payee_minor + fee_minor == amount_minor
+    return payee_minor, fee_minor

@@ -1,0 +1,149 @@
+"""The tables, as SQLAlchemy Core metadata (the migrations create them; this reads them).
+
+Amounts are BIGINT minor units. What must never happen is refused by the database
+itself: negative balances where not allowed, non-positive transfers, self-transfers,
+duplicate idempotency keys, over-long text.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+)
+
+__all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events"]
+
+ID_LENGTH_MAX = 200
+ACCOUNT_CODE_LENGTH_MAX = 220
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+def _now() -> Column:  # type: ignore[type-arg]
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("code", String(ACCOUNT_CODE_LENGTH_MAX), nullable=False, unique=True),
+    Column("kind", String(20), nullable=False),
+    Column("user_id", String(ID_LENGTH_MAX)),
+    Column("may_go_negative", Boolean, nullable=False),
+    Column("balance_minor", BigInteger, nullable=False, server_default="0"),
+    _now(),
+    CheckConstraint("may_go_negative OR balance_minor >= 0", name="balance_nonnegative"),
+    CheckConstraint(
+        "kind IN ('user_available', 'user_escrow', 'treasury', 'fees', 'issuance', 'external')",
+        name="kind",
+    ),
+    CheckConstraint("length(code) >= 1", name="code_length"),
+)
+
+COMMAND_STATUSES = ("accepted", "processing", "succeeded", "rejected", "failed")
+
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(ID_LENGTH_MAX), nullable=False, unique=True),
+    Column("type", String(40), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("payload_hash", String(64), nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("result", JSON),
+    Column("error_code", String(40)),
+    Column("error_message", String(2000)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("completed_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('accepted', 'processing', 'succeeded', 'rejected', 'failed')", name="status"
+    ),
+    CheckConstraint("length(idempotency_key) >= 1", name="key_length"),
+    CheckConstraint("length(payload) <= 4194304", name="payload_length"),
+    CheckConstraint(
+        "(status IN ('rejected', 'failed')) = (error_code IS NOT NULL)", name="error_iff_refused"
+    ),
+)
+Index("ix_commands_status_updated", commands.c.status, commands.c.updated_at)
+
+transfers = Table(
+    "transfers",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("command_id", BigId, ForeignKey("commands.id"), nullable=False, index=True),
+    Column("debit_account_id", BigId, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("credit_account_id", BigId, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("kind", String(30), nullable=False),
+    _now(),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint("debit_account_id <> credit_account_id", name="distinct_accounts"),
+)
+
+HOLD_STATUSES = ("held", "released", "refunded")
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("hold_id", String(ID_LENGTH_MAX), nullable=False, unique=True),
+    Column("payer", String(ID_LENGTH_MAX), nullable=False),
+    Column("payee", String(ID_LENGTH_MAX), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("status", String(10), nullable=False),
+    Column("fee_minor", BigInteger),
+    Column("fee_rate", String(20)),
+    Column("opened_by", BigId, ForeignKey("commands.id"), nullable=False),
+    Column("closed_by", BigId, ForeignKey("commands.id")),
+    _now(),
+    Column("closed_at", DateTime(timezone=True)),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint("payer <> payee", name="distinct_users"),
+    CheckConstraint("status IN ('held', 'released', 'refunded')", name="status"),
+    CheckConstraint("fee_minor IS NULL OR (fee_minor >= 0 AND fee_minor <= amount_minor)",
+                    name="fee_range"),
+    CheckConstraint("(status = 'held') = (closed_by IS NULL)", name="closed_iff_not_held"),
+)
+Index("ix_holds_payer_status", holds.c.payer, holds.c.status)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("command_id", BigId, ForeignKey("commands.id"), index=True),
+    Column("idempotency_key", String(ID_LENGTH_MAX)),
+    Column("command_type", String(60), nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("error_code", String(40)),
+    Column("accounts", JSON, nullable=False),
+    Column("amounts", JSON, nullable=False),
+    Column("detail", JSON, nullable=False),
+    _now(),
+)

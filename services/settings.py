@@ -1,0 +1,163 @@
+"""Settings read from the WALLETQ_* environment, in one place.
+
+With no WALLETQ_DATABASE_URL, walletq runs embedded: a SQLite file under
+WALLETQ_HOME (default ~/.walletq), so a fresh machine needs no server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings"]
+
+
+class SettingsError(ValueError):
+    """Raised when a WALLETQ_* variable cannot be understood: fail at start, not mid-command."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    broker_url: str
+    embedded: bool
+    asset_code: str = "TOKEN"
+    asset_scale: int = 2
+    fee_rate: Decimal = Decimal("0.10")
+    # Largest single amount, in minor units; keeps sums far from BIGINT's 9.2e18.
+    amount_max_minor: int = 10**14
+    # In-process retry of a whole transaction (deadlock, serialization, lock timeout, lost link).
+    retry_attempts: int = 3
+    retry_backoff_s: float = 0.1
+    retry_backoff_s_max: float = 2.0
+    # Every PostgreSQL connection: waits and statements are bounded.
+    lock_timeout_ms: int = 5_000
+    statement_timeout_ms: int = 30_000
+    # Celery autoretry once in-process retries are exhausted.
+    task_retries_max: int = 5
+    task_backoff_s_max: int = 60
+    task_time_limit_s: int = 300
+    # The sweep: how often beat runs it, how old a non-terminal command must be.
+    sweep_interval_s: float = 30.0
+    sweep_grace_s: float = 60.0
+    sweep_batch_max: int = 500
+    payout_items_max: int = 10_000
+    payout_chunk_items: int = 500
+    # Test-only: sleep this long inside each command's transaction (fault tests).
+    test_delay_s: float = 0.0
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith("postgresql")
+
+
+_INT_FIELDS = {
+    "WALLETQ_ASSET_SCALE": "asset_scale",
+    "WALLETQ_RETRY_ATTEMPTS": "retry_attempts",
+    "WALLETQ_LOCK_TIMEOUT_MS": "lock_timeout_ms",
+    "WALLETQ_STATEMENT_TIMEOUT_MS": "statement_timeout_ms",
+    "WALLETQ_TASK_RETRIES_MAX": "task_retries_max",
+    "WALLETQ_TASK_BACKOFF_S_MAX": "task_backoff_s_max",
+    "WALLETQ_TASK_TIME_LIMIT_S": "task_time_limit_s",
+    "WALLETQ_SWEEP_BATCH_MAX": "sweep_batch_max",
+    "WALLETQ_PAYOUT_ITEMS_MAX": "payout_items_max",
+    "WALLETQ_PAYOUT_CHUNK_ITEMS": "payout_chunk_items",
+}
+_FLOAT_FIELDS = {
+    "WALLETQ_RETRY_BACKOFF_S": "retry_backoff_s",
+    "WALLETQ_RETRY_BACKOFF_S_MAX": "retry_backoff_s_max",
+    "WALLETQ_SWEEP_INTERVAL_S": "sweep_interval_s",
+    "WALLETQ_SWEEP_GRACE_S": "sweep_grace_s",
+    "WALLETQ_TEST_DELAY_S": "test_delay_s",
+}
+
+
+def _number(env: Mapping[str, str], name: str, kind: type) -> int | float | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def _fee_rate(env: Mapping[str, str]) -> Decimal | None:
+    raw = env.get("WALLETQ_FEE_RATE")
+    if not raw:
+        return None
+    try:
+        rate = Decimal(raw)
+    except InvalidOperation:
+        raise SettingsError(f"WALLETQ_FEE_RATE={raw!r} is not a decimal") from None
+    if not rate.is_finite() or not Decimal(0) <= rate <= Decimal(1):
+        raise SettingsError(f"WALLETQ_FEE_RATE={raw!r} must lie between 0 and 1")
+    return rate
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    home = Path(env.get("WALLETQ_HOME") or Path.home() / ".walletq").expanduser()
+    database_url = env.get("WALLETQ_DATABASE_URL", "")
+    broker_url = env.get("WALLETQ_BROKER_URL", "")
+    embedded = not database_url
+    values: dict[str, object] = {
+        "home": home,
+        "database_url": database_url or f"sqlite:///{home / 'walletq.db'}",
+        "broker_url": broker_url or "filesystem://",
+        "embedded": embedded,
+    }
+    for name, field in _INT_FIELDS.items():
+        number = _number(env, name, int)
+        if number is not None:
+            values[field] = number
+    for name, field in _FLOAT_FIELDS.items():
+        number = _number(env, name, float)
+        if number is not None:
+            values[field] = number
+    rate = _fee_rate(env)
+    if rate is not None:
+        values["fee_rate"] = rate
+    if env.get("WALLETQ_AMOUNT_MAX"):
+        values["amount_max_minor"] = _amount_max_minor(
+            env["WALLETQ_AMOUNT_MAX"], int(values.get("asset_scale", 2))  # type: ignore[call-overload]
+        )
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.asset_scale > 8:
+        raise SettingsError("WALLETQ_ASSET_SCALE must be at most 8")
+    if settings.retry_attempts < 1:
+        raise SettingsError("WALLETQ_RETRY_ATTEMPTS must be at least 1")
+    return settings
+
+
+def _amount_max_minor(raw: str, scale: int) -> int:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise SettingsError(f"WALLETQ_AMOUNT_MAX={raw!r} is not a decimal") from None
+    if not value.is_finite() or value <= 0 or value * 10**scale > 10**17:
+        raise SettingsError(f"WALLETQ_AMOUNT_MAX={raw!r} is out of range")
+    return int(value * 10**scale)
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read once; tests call reset_settings() after changing the env."""
+    global _settings
+    if _settings is None:
+        _settings = load_settings()
+    return _settings
+
+
+def reset_settings() -> None:
+    global _settings
+    _settings = None

@@ -1,0 +1,170 @@
+"""The six ledger invariants of DESIGN.md, checked against the database with plain SQL.
+
+Each check names the accounts or commands that break it (a few, then a count).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+
+__all__ = ["Check", "verify_ledger", "EXPECTED_TRANSFERS", "BATCH_CHECKS"]
+
+_SHOWN_MAX = 10
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def _offenders(names: list[str], what: str) -> str:
+    shown = ", ".join(names[:_SHOWN_MAX])
+    more = f" and {len(names) - _SHOWN_MAX} more" if len(names) > _SHOWN_MAX else ""
+    return f"{len(names)} {what}: {shown}{more}"
+
+
+def _sum_zero(conn: Connection) -> Check:
+    total = conn.execute(text("SELECT COALESCE(SUM(balance_minor), 0) FROM accounts")).scalar_one()
+    return Check("sum_of_balances_is_zero", total == 0, f"sum of all balances = {total} minor units")
+
+
+def _no_negative(conn: Connection) -> Check:
+    rows = conn.execute(text(
+        "SELECT code, balance_minor FROM accounts WHERE NOT may_go_negative AND balance_minor < 0"
+        " ORDER BY code")).all()
+    names = [f"{code} ({minor})" for code, minor in rows]
+    return Check("no_forbidden_negative_balance", not rows,
+                 _offenders(names, "accounts below zero") if rows else "no account below zero")
+
+
+def _balances_match_transfers(conn: Connection) -> Check:
+    rows = conn.execute(text("""
+        SELECT a.code, a.balance_minor, COALESCE(cr.total, 0) - COALESCE(dr.total, 0) AS derived
+        FROM accounts a
+        LEFT JOIN (SELECT credit_account_id AS id, SUM(amount_minor) AS total FROM transfers
+                   GROUP BY credit_account_id) cr ON cr.id = a.id
+        LEFT JOIN (SELECT debit_account_id AS id, SUM(amount_minor) AS total FROM transfers
+                   GROUP BY debit_account_id) dr ON dr.id = a.id
+        WHERE a.balance_minor <> COALESCE(cr.total, 0) - COALESCE(dr.total, 0)
+        ORDER BY a.code""")).all()
+    count = conn.execute(text("SELECT COUNT(*) FROM accounts")).scalar_one()
+    names = [f"{code} (balance {bal}, transfers {derived})" for code, bal, derived in rows]
+    return Check("balance_equals_transfers", not rows,
+                 _offenders(names, "accounts disagree") if rows
+                 else f"{count} accounts agree with their transfers")
+
+
+def _escrow_matches_holds(conn: Connection) -> Check:
+    rows = conn.execute(text("""
+        SELECT u.user_id, COALESCE(e.balance_minor, 0), COALESCE(h.total, 0)
+        FROM (SELECT user_id FROM accounts WHERE kind = 'user_escrow'
+              UNION SELECT payer FROM holds WHERE status = 'held') u
+        LEFT JOIN accounts e ON e.kind = 'user_escrow' AND e.user_id = u.user_id
+        LEFT JOIN (SELECT payer, SUM(amount_minor) AS total FROM holds WHERE status = 'held'
+                   GROUP BY payer) h ON h.payer = u.user_id
+        WHERE COALESCE(e.balance_minor, 0) <> COALESCE(h.total, 0)
+        ORDER BY u.user_id""")).all()
+    names = [f"{user} (escrow {bal}, open holds {held})" for user, bal, held in rows]
+    return Check("escrow_equals_open_holds", not rows,
+                 _offenders(names, "users disagree") if rows
+                 else "every escrow balance equals its open holds")
+
+
+# What a succeeded command's transfers must be, from its payload p and the count n and
+# sum s (minor units) of its transfers; release's fee leg is absent when the fee is zero.
+def _expect_amount(p: dict[str, Any], n: int, s: int, scale: int) -> bool:
+    return n == 1 and s == int(Decimal(p["amount"]).scaleb(scale))
+
+
+EXPECTED_TRANSFERS: dict[str, Callable[[dict[str, Any], int, int, int], bool]] = {
+    "credit_wallet": _expect_amount,
+    "debit_wallet": _expect_amount,
+    "transfer_tokens_between_users": _expect_amount,
+    "transfer_to_escrow": _expect_amount,
+    "admin_create_tokens": _expect_amount,
+    "admin_sell_tokens_to_user": _expect_amount,
+    "user_sell_tokens_to_admin": _expect_amount,
+    # The hold's amount is checked against these transfers in _amount_mismatches.
+    "refund_from_escrow": lambda p, n, s, scale: n == 1,
+    "release_from_escrow": lambda p, n, s, scale: n in (1, 2),
+}
+#: Batch command types register a check of their own (payouts: their items paid).
+BATCH_CHECKS: dict[str, Callable[[Connection, int, int, int], str | None]] = {}
+
+
+def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
+    rows = conn.execute(text("""
+        SELECT c.id, c.idempotency_key, c.type, c.status, c.payload,
+               COALESCE(x.n, 0), COALESCE(x.s, 0)
+        FROM commands c
+        LEFT JOIN (SELECT command_id, COUNT(*) AS n, SUM(amount_minor) AS s FROM transfers
+                   GROUP BY command_id) x ON x.command_id = c.id
+        ORDER BY c.id""")).yield_per(5_000)
+    names, total = [], 0
+    for command_id, key, type_, status, payload, n, s in rows:
+        total += 1
+        if type_ in BATCH_CHECKS:
+            problem = BATCH_CHECKS[type_](conn, command_id, n, s)
+        elif status != "succeeded":
+            problem = f"{n} transfers" if n else None
+        else:
+            ok = EXPECTED_TRANSFERS[type_](json.loads(payload), n, s, scale)
+            problem = None if ok else f"{n} transfers of {s} minor units"
+        if problem:
+            names.append(f"{key} ({type_} {status}: {problem})")
+    names += _amount_mismatches(conn)
+    return Check("commands_have_their_transfers", not names,
+                 _offenders(names, "commands disagree") if names
+                 else f"{total} commands have exactly the transfers their outcome implies")
+
+
+def _amount_mismatches(conn: Connection) -> list[str]:
+    """Escrow holds: what a hold opened, and what its release or refund moved, is its amount."""
+    rows = conn.execute(text("""
+        SELECT h.hold_id, h.amount_minor,
+               (SELECT COALESCE(SUM(amount_minor), 0) FROM transfers WHERE command_id = h.opened_by),
+               (SELECT COALESCE(SUM(amount_minor), 0) FROM transfers WHERE command_id = h.closed_by),
+               h.status
+        FROM holds h""")).all()
+    bad = []
+    for hold_id, amount, opened, closed, status in rows:
+        if opened != amount or (status != "held" and closed != amount):
+            bad.append(f"hold {hold_id} (amount {amount}, opened {opened}, closed {closed})")
+    return bad
+
+
+def _keys_unique(conn: Connection) -> Check:
+    rows = conn.execute(text(
+        "SELECT idempotency_key, COUNT(*) FROM commands GROUP BY idempotency_key"
+        " HAVING COUNT(*) > 1")).all()
+    names = [f"{key} ({n} times)" for key, n in rows]
+    return Check("idempotency_keys_unique", not rows,
+                 _offenders(names, "keys repeated") if rows else "every key exists once")
+
+
+def verify_ledger(engine: Engine, scale: int) -> list[Check]:
+    """Run every check in one repeatable-read snapshot, so they see one state of the ledger."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            return [
+                _sum_zero(conn),
+                _no_negative(conn),
+                _balances_match_transfers(conn),
+                _escrow_matches_holds(conn),
+                _commands_have_their_transfers(conn, scale),
+                _keys_unique(conn),
+            ]

@@ -1,0 +1,210 @@
+"""WalletService: the nine operations and the reads, for a web request, a script or a test.
+
+Every method is a command: it runs through the same idempotent executor the worker calls,
+so a direct call leaves the same transfers, command record and audit row. Pass an
+idempotency key to make a retry of the call safe; without one, a fresh key is made.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.engine import Engine
+
+from services import schema
+from services.atomic_transaction_manager import (
+    ConcurrentOperationError,
+    FinancialIntegrityError,
+    ForbiddenError,
+    HoldExistsError,
+    HoldNotOpenError,
+    IdempotencyConflictError,
+    InsufficientBalanceError,
+    InvalidCommandError,
+    UnknownHoldError,
+    UnknownUserError,
+)
+from services.command_executor import execute_command
+from services.command_store import CommandRecord, iso
+from services.db import get_engine
+from services.ledger import user_available, user_escrow
+from services.money import to_decimal
+from services.settings import Settings, get_settings
+
+__all__ = ["WalletService", "Balance", "raise_for_outcome"]
+
+_ERRORS: dict[str, type[FinancialIntegrityError]] = {
+    cls.code: cls
+    for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
+                HoldNotOpenError, HoldExistsError, ForbiddenError, IdempotencyConflictError,
+                ConcurrentOperationError)
+}
+
+
+def raise_for_outcome(record: CommandRecord) -> dict[str, Any]:
+    """The result of a succeeded command, or its refusal raised as the typed error."""
+    if record.status == "succeeded":
+        return dict(record.result or {})
+    error = record.error or {"code": "internal", "message": f"command is {record.status}"}
+    cls = _ERRORS.get(error["code"], FinancialIntegrityError)
+    raise cls(error["message"], idempotency_key=record.idempotency_key)
+
+
+@dataclass(frozen=True)
+class Balance:
+    user: str
+    available: Decimal
+    escrow: Decimal
+
+    def to_dict(self) -> dict[str, str]:
+        return {"user": self.user, "available": str(self.available), "escrow": str(self.escrow)}
+
+
+class WalletService:
+    def __init__(self, engine: Engine | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.engine = engine or get_engine(self.settings)
+
+    # --- the entry point ------------------------------------------------------------
+
+    def execute(self, command: Any) -> CommandRecord:
+        """Apply a command (model, dict or JSON) once; returns its stored outcome."""
+        return execute_command(command, engine=self.engine, settings=self.settings)
+
+    def _run(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:
+        data = {"type": type_, "idempotency_key": key or f"direct:{uuid.uuid4().hex}"}
+        data.update({k: _edge(v) for k, v in fields.items() if v is not None})
+        return raise_for_outcome(self.execute(data))
+
+    # --- the nine operations ----------------------------------------------------------
+
+    def credit_wallet(self, user: str, amount: Decimal | str, *, idempotency_key: str | None = None,
+                      memo: str | None = None) -> dict[str, Any]:
+        return self._run("credit_wallet", idempotency_key, user=user, amount=amount, memo=memo)
+
+    def debit_wallet(self, user: str, amount: Decimal | str, *, idempotency_key: str | None = None,
+                     memo: str | None = None) -> dict[str, Any]:
+        return self._run("debit_wallet", idempotency_key, user=user, amount=amount, memo=memo)
+
+    def transfer_tokens_between_users(
+        self, from_user: str, to_user: str, amount: Decimal | str, *,
+        idempotency_key: str | None = None, memo: str | None = None,
+    ) -> dict[str, Any]:
+        return self._run("transfer_tokens_between_users", idempotency_key, from_user=from_user,
+                         to_user=to_user, amount=amount, memo=memo)
+
+    def transfer_to_escrow(
+        self, hold_id: str, payer: str, payee: str, amount: Decimal | str, *,
+        idempotency_key: str | None = None, memo: str | None = None,
+    ) -> dict[str, Any]:
+        return self._run("transfer_to_escrow", idempotency_key, hold_id=hold_id, payer=payer,
+                         payee=payee, amount=amount, memo=memo)
+
+    def release_from_escrow(
+        self, hold_id: str, *, fee_rate: Decimal | str | None = None,
+        idempotency_key: str | None = None, memo: str | None = None,
+    ) -> dict[str, Any]:
+        return self._run("release_from_escrow", idempotency_key, hold_id=hold_id,
+                         fee_rate=fee_rate, memo=memo)
+
+    def refund_from_escrow(self, hold_id: str, *, idempotency_key: str | None = None,
+                           memo: str | None = None) -> dict[str, Any]:
+        return self._run("refund_from_escrow", idempotency_key, hold_id=hold_id, memo=memo)
+
+    def admin_create_tokens(self, amount: Decimal | str, *, idempotency_key: str | None = None,
+                            memo: str | None = None) -> dict[str, Any]:
+        return self._run("admin_create_tokens", idempotency_key, amount=amount, memo=memo)
+
+    def admin_sell_tokens_to_user(
+        self, user: str, amount: Decimal | str, *, idempotency_key: str | None = None,
+        memo: str | None = None,
+    ) -> dict[str, Any]:
+        return self._run("admin_sell_tokens_to_user", idempotency_key, user=user, amount=amount,
+                         memo=memo)
+
+    def user_sell_tokens_to_admin(
+        self, user: str, amount: Decimal | str, *, idempotency_key: str | None = None,
+        memo: str | None = None,
+    ) -> dict[str, Any]:
+        return self._run("user_sell_tokens_to_admin", idempotency_key, user=user, amount=amount,
+                         memo=memo)
+
+    # --- reads ------------------------------------------------------------------------
+
+    def balance(self, user: str) -> Balance:
+        """A user's available and escrow balances; an unknown user is an error, not zero."""
+        a = schema.accounts
+        codes = [user_available(user).code, user_escrow(user).code]
+        with self.engine.connect() as conn:
+            rows = dict(conn.execute(select(a.c.code, a.c.balance_minor)
+                                     .where(a.c.code.in_(codes))).all())
+        if not rows:
+            raise UnknownUserError(f"user {user!r} has no wallet", user=user)
+        scale = self.settings.asset_scale
+        return Balance(user, to_decimal(rows.get(codes[0], 0), scale),
+                       to_decimal(rows.get(codes[1], 0), scale))
+
+    def balances(self) -> list[dict[str, Any]]:
+        a = schema.accounts
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(a.c.code, a.c.balance_minor).order_by(a.c.code)).all()
+        scale = self.settings.asset_scale
+        return [{"account": code, "balance": to_decimal(minor, scale)} for code, minor in rows]
+
+    def history(self, account: str, limit: int = 50) -> list[dict[str, Any]]:
+        """An account's transfers, newest first, each signed from the account's side."""
+        a, t, c = schema.accounts, schema.transfers, schema.commands
+        debit, credit = a.alias("debit"), a.alias("credit")
+        with self.engine.connect() as conn:
+            account_id = conn.execute(select(a.c.id).where(a.c.code == account)).scalar()
+            if account_id is None:
+                raise UnknownUserError(f"no account {account!r}", account=account)
+            rows = conn.execute(
+                select(t.c.id, t.c.amount_minor, t.c.kind, t.c.created_at, debit.c.code,
+                       credit.c.code, c.c.idempotency_key)
+                .join(debit, debit.c.id == t.c.debit_account_id)
+                .join(credit, credit.c.id == t.c.credit_account_id)
+                .join(c, c.c.id == t.c.command_id)
+                .where(or_(t.c.debit_account_id == account_id,
+                           t.c.credit_account_id == account_id))
+                .order_by(t.c.id.desc())
+                .limit(min(limit, 10_000))
+            ).all()
+        scale = self.settings.asset_scale
+        return [
+            {"transfer_id": row.id, "at": iso(row.created_at), "kind": row.kind,
+             "debit": row[4], "credit": row[5],
+             "amount": to_decimal(row.amount_minor if row[5] == account else -row.amount_minor,
+                                  scale),
+             "idempotency_key": row.idempotency_key}
+            for row in rows
+        ]
+
+    def open_holds(self, user: str) -> list[dict[str, Any]]:
+        h = schema.holds
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(h).where(and_(h.c.payer == user, h.c.status == "held"))
+                                .order_by(h.c.id)).all()
+        scale = self.settings.asset_scale
+        return [{"hold_id": r.hold_id, "payee": r.payee,
+                 "amount": to_decimal(r.amount_minor, scale)} for r in rows]
+
+    def total_supply(self) -> Decimal:
+        a = schema.accounts
+        with self.engine.connect() as conn:
+            minor = conn.execute(select(func.coalesce(func.sum(a.c.balance_minor), 0))
+                                 .where(a.c.code == "system:issuance")).scalar_one()
+        return to_decimal(-int(minor), self.settings.asset_scale)
+
+
+def _edge(value: Any) -> Any:
+    """Decimals cross into a command as strings; a float never does."""
+    if isinstance(value, float):
+        raise InvalidCommandError("amounts are Decimal or decimal strings, never float")
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return value

@@ -1,0 +1,121 @@
+"""Fixtures: a fresh PostgreSQL database per test (cloned from a migrated template), settings
+pointing at it, and the services. Tests never depend on state left by another."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+from services import settings as settings_module
+from services.db import dispose_engines, get_engine, upgrade
+from services.settings import Settings, load_settings
+from services.wallet_service import WalletService
+from tests import servers
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for problem in (servers.ensure_postgres(), servers.ensure_redis()):
+        if problem:
+            pytest.exit(problem, returncode=3)
+
+
+def _admin_engine() -> Engine:
+    url = make_url(servers.PG_URL)
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=1)
+
+
+def _drop(admin: Engine, name: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    admin = _admin_engine()
+    yield admin
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database migrated once; each test gets a copy (CREATE DATABASE ... TEMPLATE)."""
+    name = f"walletq_tpl_{uuid.uuid4().hex[:10]}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(servers.PG_URL).set(database=name)
+    env = {"WALLETQ_DATABASE_URL": url.render_as_string(hide_password=False),
+           "WALLETQ_HOME": str(tmp_path_factory.mktemp("tpl"))}
+    upgrade(load_settings(env))
+    yield name
+    _drop(pg_admin, name)
+
+
+def pg_clone(pg_admin: Engine, template: str) -> str:
+    name = f"walletq_test_{uuid.uuid4().hex[:12]}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    return name
+
+
+@pytest.fixture
+def pg_url(pg_admin: Engine, pg_template: str) -> Iterator[str]:
+    name = pg_clone(pg_admin, pg_template)
+    yield make_url(servers.PG_URL).set(database=name).render_as_string(hide_password=False)
+    dispose_engines()
+    _drop(pg_admin, name)
+
+
+@pytest.fixture
+def walletq_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The WALLETQ_* environment of a test: its own database, fast in-process retries."""
+    for key in list(os.environ):
+        if key.startswith("WALLETQ_"):
+            monkeypatch.delenv(key)
+    env = {
+        "WALLETQ_DATABASE_URL": pg_url,
+        "WALLETQ_HOME": str(tmp_path / "home"),
+        "WALLETQ_RETRY_BACKOFF_S": "0.02",
+        "WALLETQ_RETRY_BACKOFF_S_MAX": "0.2",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings_module.reset_settings()
+    yield env
+    settings_module.reset_settings()
+    dispose_engines()
+
+
+@pytest.fixture
+def settings(walletq_env: dict[str, str]) -> Settings:
+    return settings_module.get_settings()
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Engine:
+    return get_engine(settings)
+
+
+@pytest.fixture
+def service(settings: Settings, engine: Engine) -> WalletService:
+    return WalletService(engine, settings)
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Embedded mode: no WALLETQ_DATABASE_URL, a SQLite file under a temporary home."""
+    for key in list(os.environ):
+        if key.startswith("WALLETQ_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("WALLETQ_HOME", str(tmp_path / "home"))
+    settings_module.reset_settings()
+    settings = settings_module.get_settings()
+    upgrade(settings)
+    yield settings
+    settings_module.reset_settings()
+    dispose_engines()

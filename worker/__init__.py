@@ -1,0 +1,1 @@
+"""The Celery app, the producer client, the CLI and the settings that wire them."""

@@ -1,0 +1,109 @@
+"""Ledger commands: schema, reads, verify, and the command schema for producers."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from services.commands import command_json_schema
+from services.db import get_engine, upgrade
+from services.settings import get_settings
+from services.verify import verify_ledger
+from services.wallet_service import WalletService
+from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
+
+
+@cli.group()
+def db() -> None:
+    """The database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@json_option
+@pass_output
+def db_upgrade(out: Output, revision: str) -> None:
+    """Create or upgrade the schema."""
+    settings = get_settings()
+    upgrade(settings, revision)
+    where = settings.database_url.split("@")[-1]
+    if out.as_json:
+        out.json({"ok": True, "revision": revision, "database": where})
+    else:
+        out.say(f"schema at {revision}: {where}")
+
+
+@cli.command()
+@click.argument("user")
+@json_option
+@pass_output
+def balance(out: Output, user: str) -> None:
+    """A user's available and escrow balances."""
+    ensure_schema()
+    result = WalletService().balance(user)
+    if out.as_json:
+        out.json(result.to_dict())
+    else:
+        out.table(None, ["user", "available", "escrow"],
+                  [[user, result.available, result.escrow]], right=["available", "escrow"])
+
+
+@cli.command()
+@json_option
+@pass_output
+def balances(out: Output) -> None:
+    """Every account and its balance."""
+    ensure_schema()
+    rows = WalletService().balances()
+    if out.as_json:
+        for row in rows:
+            out.json(row)
+        return
+    out.table("balances", ["account", "balance"],
+              [[r["account"], r["balance"]] for r in rows], right=["balance"])
+
+
+@cli.command()
+@click.argument("account")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+@pass_output
+def history(out: Output, account: str, limit: int) -> None:
+    """An account's transfers, newest first (ACCOUNT is a code, or a user's name)."""
+    ensure_schema()
+    code = account if ":" in account else f"user:{account}:available"
+    rows = WalletService().history(code, limit)
+    if out.as_json:
+        for row in rows:
+            out.json(row)
+        return
+    out.table(f"history of {code}", ["at", "kind", "amount", "debit", "credit", "command"],
+              [[r["at"], r["kind"], r["amount"], r["debit"], r["credit"], r["idempotency_key"]]
+               for r in rows], right=["amount"])
+
+
+@cli.command()
+@json_option
+@pass_output
+def verify(out: Output) -> None:
+    """Check every ledger invariant; exit 1 naming what fails."""
+    ensure_schema()
+    settings = get_settings()
+    checks = verify_ledger(get_engine(settings), settings.asset_scale)
+    ok = all(check.ok for check in checks)
+    if out.as_json:
+        out.json({"ok": ok, "checks": [check.to_dict() for check in checks]})
+    else:
+        out.table("ledger invariants", ["check", "ok", "detail"],
+                  [[c.name, "ok" if c.ok else "FAILED", c.detail] for c in checks])
+        out.say("[green]all invariants hold[/green]" if ok else "[red]invariants broken[/red]")
+    if not ok:
+        raise SystemExit(1)
+
+
+@cli.command("schema")
+@pass_output
+def schema_(out: Output) -> None:
+    """Print the JSON Schema of the commands, for producers in other languages."""
+    click.echo(json.dumps(command_json_schema(), indent=2))
