@@ -15,6 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -24,7 +25,8 @@ from sqlalchemy import (
     func,
 )
 
-__all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events"]
+__all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events",
+           "payout_batches", "payout_items", "payout_references"]
 
 ID_LENGTH_MAX = 200
 ACCOUNT_CODE_LENGTH_MAX = 220
@@ -146,4 +148,86 @@ audit_events = Table(
     Column("amounts", JSON, nullable=False),
     Column("detail", JSON, nullable=False),
     _now(),
+)
+
+
+# --- payout batches (migration 0002) ----------------------------------------------------
+
+PAYOUT_BATCH_STATUSES = ("running", "succeeded", "rejected")
+PAYOUT_OUTCOMES = ("paid", "rejected", "duplicate")
+
+# One row per payout_batch command: its progress, committed with each chunk it applies.
+payout_batches = Table(
+    "payout_batches",
+    metadata,
+    Column("command_id", BigId, ForeignKey("commands.id"), primary_key=True, autoincrement=False),
+    Column("from_account", String(ACCOUNT_CODE_LENGTH_MAX), nullable=False),
+    Column("atomic", Boolean, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("items_total", Integer, nullable=False),
+    Column("amount_total_minor", BigInteger, nullable=False),
+    Column("chunk_items", Integer, nullable=False),
+    Column("chunks_total", Integer, nullable=False),
+    Column("chunks_done", Integer, nullable=False, server_default="0"),
+    Column("items_paid", Integer, nullable=False, server_default="0"),
+    Column("items_rejected", Integer, nullable=False, server_default="0"),
+    Column("items_duplicate", Integer, nullable=False, server_default="0"),
+    Column("amount_paid_minor", BigInteger, nullable=False, server_default="0"),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("completed_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('running', 'succeeded', 'rejected')", name="status"),
+    CheckConstraint("items_total >= 1 AND items_total <= 1000000", name="items_total_range"),
+    CheckConstraint("amount_total_minor > 0", name="amount_total_positive"),
+    CheckConstraint("chunk_items >= 1 AND chunks_total >= 1", name="chunks_positive"),
+    CheckConstraint("chunks_done >= 0 AND chunks_done <= chunks_total", name="chunks_done_range"),
+    CheckConstraint(
+        "items_paid >= 0 AND items_rejected >= 0 AND items_duplicate >= 0 AND "
+        "items_paid + items_rejected + items_duplicate <= items_total",
+        name="items_range",
+    ),
+    CheckConstraint("amount_paid_minor >= 0 AND amount_paid_minor <= amount_total_minor",
+                    name="amount_paid_range"),
+    CheckConstraint("(items_paid = 0) = (amount_paid_minor = 0)", name="paid_iff_amount"),
+    CheckConstraint(
+        "status <> 'succeeded' OR (chunks_done = chunks_total AND "
+        "items_paid + items_rejected + items_duplicate = items_total)",
+        name="succeeded_iff_complete",
+    ),
+    CheckConstraint("status <> 'rejected' OR items_paid = 0", name="rejected_pays_nothing"),
+    CheckConstraint("length(from_account) >= 1", name="from_account_length"),
+)
+
+# One row per item applied (appended with its chunk); items not yet reached have no row.
+payout_items = Table(
+    "payout_items",
+    metadata,
+    Column("command_id", BigId, ForeignKey("payout_batches.command_id"), primary_key=True,
+           autoincrement=False),
+    Column("item_index", Integer, primary_key=True, autoincrement=False),
+    Column("user_id", String(ID_LENGTH_MAX), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("reference", String(ID_LENGTH_MAX), nullable=False),
+    Column("outcome", String(10), nullable=False),
+    Column("error_code", String(40)),
+    CheckConstraint("item_index >= 0", name="index_nonnegative"),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint("outcome IN ('paid', 'rejected', 'duplicate')", name="outcome"),
+    CheckConstraint("(outcome = 'rejected') = (error_code IS NOT NULL)", name="error_iff_rejected"),
+    CheckConstraint("length(user_id) >= 1 AND length(reference) >= 1", name="ids_length"),
+)
+
+# A reference is paid at most once per funding account, across every batch: the primary key.
+payout_references = Table(
+    "payout_references",
+    metadata,
+    Column("funding_account_id", BigId, ForeignKey("accounts.id"), primary_key=True,
+           autoincrement=False),
+    Column("reference", String(ID_LENGTH_MAX), primary_key=True),
+    Column("command_id", BigId, nullable=False),
+    Column("item_index", Integer, nullable=False),
+    ForeignKeyConstraint(["command_id", "item_index"],
+                         ["payout_items.command_id", "payout_items.item_index"],
+                         name="fk_payout_references_item_payout_items"),
+    CheckConstraint("length(reference) >= 1", name="reference_length"),
 )
