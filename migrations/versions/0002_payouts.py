@@ -19,6 +19,10 @@ depends_on = None
 BigId = sa.BigInteger().with_variant(sa.Integer(), 'sqlite')
 
 
+def _ck(table: str, name: str, sql: str) -> sa.CheckConstraint:
+    return sa.CheckConstraint(sql, name=op.f(f'ck_{table}_{name}'))
+
+
 def upgrade() -> None:
     op.create_table('payout_batches',
     sa.Column('command_id', BigId, autoincrement=False, nullable=False),
@@ -37,23 +41,32 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column('completed_at', sa.DateTime(timezone=True), nullable=True),
-    sa.CheckConstraint("status IN ('running', 'succeeded', 'rejected')", name=op.f('ck_payout_batches_status')),
-    sa.CheckConstraint('items_total >= 1 AND items_total <= 1000000', name=op.f('ck_payout_batches_items_total_range')),
-    sa.CheckConstraint('amount_total_minor > 0', name=op.f('ck_payout_batches_amount_total_positive')),
-    sa.CheckConstraint('chunk_items >= 1 AND chunks_total >= 1', name=op.f('ck_payout_batches_chunks_positive')),
-    sa.CheckConstraint('chunks_done >= 0 AND chunks_done <= chunks_total', name=op.f('ck_payout_batches_chunks_done_range')),
-    sa.CheckConstraint('items_paid >= 0 AND items_rejected >= 0 AND items_duplicate >= 0 AND '
-                       'items_paid + items_rejected + items_duplicate <= items_total',
-                       name=op.f('ck_payout_batches_items_range')),
-    sa.CheckConstraint('amount_paid_minor >= 0 AND amount_paid_minor <= amount_total_minor',
-                       name=op.f('ck_payout_batches_amount_paid_range')),
-    sa.CheckConstraint('(items_paid = 0) = (amount_paid_minor = 0)', name=op.f('ck_payout_batches_paid_iff_amount')),
-    sa.CheckConstraint("status <> 'succeeded' OR (chunks_done = chunks_total AND "
-                       "items_paid + items_rejected + items_duplicate = items_total)",
-                       name=op.f('ck_payout_batches_succeeded_iff_complete')),
-    sa.CheckConstraint("status <> 'rejected' OR items_paid = 0", name=op.f('ck_payout_batches_rejected_pays_nothing')),
-    sa.CheckConstraint('length(from_account) >= 1', name=op.f('ck_payout_batches_from_account_length')),
-    sa.ForeignKeyConstraint(['command_id'], ['commands.id'], name=op.f('fk_payout_batches_command_id_commands')),
+    _ck('payout_batches', 'status',
+        "status IN ('running', 'succeeded', 'rejected')"),
+    _ck('payout_batches', 'items_total_range',
+        'items_total >= 1 AND items_total <= 1000000'),
+    _ck('payout_batches', 'amount_total_positive',
+        'amount_total_minor > 0'),
+    _ck('payout_batches', 'chunks_positive',
+        'chunk_items >= 1 AND chunks_total >= 1'),
+    _ck('payout_batches', 'chunks_done_range',
+        'chunks_done >= 0 AND chunks_done <= chunks_total'),
+    _ck('payout_batches', 'items_range',
+        'items_paid >= 0 AND items_rejected >= 0 AND items_duplicate >= 0 AND '
+        'items_paid + items_rejected + items_duplicate <= items_total'),
+    _ck('payout_batches', 'amount_paid_range',
+        'amount_paid_minor >= 0 AND amount_paid_minor <= amount_total_minor'),
+    _ck('payout_batches', 'paid_iff_amount',
+        '(items_paid = 0) = (amount_paid_minor = 0)'),
+    _ck('payout_batches', 'succeeded_iff_complete',
+        "status <> 'succeeded' OR (chunks_done = chunks_total AND "
+        "items_paid + items_rejected + items_duplicate = items_total)"),
+    _ck('payout_batches', 'rejected_pays_nothing',
+        "status <> 'rejected' OR items_paid = 0"),
+    _ck('payout_batches', 'from_account_length',
+        'length(from_account) >= 1'),
+    sa.ForeignKeyConstraint(['command_id'], ['commands.id'],
+                            name=op.f('fk_payout_batches_command_id_commands')),
     sa.PrimaryKeyConstraint('command_id', name=op.f('pk_payout_batches'))
     )
     op.create_table('payout_items',
@@ -64,12 +77,18 @@ def upgrade() -> None:
     sa.Column('reference', sa.String(length=200), nullable=False),
     sa.Column('outcome', sa.String(length=10), nullable=False),
     sa.Column('error_code', sa.String(length=40), nullable=True),
-    sa.CheckConstraint('item_index >= 0', name=op.f('ck_payout_items_index_nonnegative')),
-    sa.CheckConstraint('amount_minor > 0', name=op.f('ck_payout_items_amount_positive')),
-    sa.CheckConstraint("outcome IN ('paid', 'rejected', 'duplicate')", name=op.f('ck_payout_items_outcome')),
-    sa.CheckConstraint("(outcome = 'rejected') = (error_code IS NOT NULL)", name=op.f('ck_payout_items_error_iff_rejected')),
-    sa.CheckConstraint('length(user_id) >= 1 AND length(reference) >= 1', name=op.f('ck_payout_items_ids_length')),
-    sa.ForeignKeyConstraint(['command_id'], ['payout_batches.command_id'], name=op.f('fk_payout_items_command_id_payout_batches')),
+    _ck('payout_items', 'index_nonnegative',
+        'item_index >= 0'),
+    _ck('payout_items', 'amount_positive',
+        'amount_minor > 0'),
+    _ck('payout_items', 'outcome',
+        "outcome IN ('paid', 'rejected', 'duplicate')"),
+    _ck('payout_items', 'error_iff_rejected',
+        "(outcome = 'rejected') = (error_code IS NOT NULL)"),
+    _ck('payout_items', 'ids_length',
+        'length(user_id) >= 1 AND length(reference) >= 1'),
+    sa.ForeignKeyConstraint(['command_id'], ['payout_batches.command_id'],
+                            name=op.f('fk_payout_items_command_id_payout_batches')),
     sa.PrimaryKeyConstraint('command_id', 'item_index', name=op.f('pk_payout_items'))
     )
     op.create_table('payout_references',
@@ -77,9 +96,13 @@ def upgrade() -> None:
     sa.Column('reference', sa.String(length=200), nullable=False),
     sa.Column('command_id', BigId, nullable=False),
     sa.Column('item_index', sa.Integer(), nullable=False),
-    sa.CheckConstraint('length(reference) >= 1', name=op.f('ck_payout_references_reference_length')),
-    sa.ForeignKeyConstraint(['funding_account_id'], ['accounts.id'], name=op.f('fk_payout_references_funding_account_id_accounts')),
-    sa.ForeignKeyConstraint(['command_id', 'item_index'], ['payout_items.command_id', 'payout_items.item_index'], name='fk_payout_references_item_payout_items'),
+    _ck('payout_references', 'reference_length',
+        'length(reference) >= 1'),
+    sa.ForeignKeyConstraint(['funding_account_id'], ['accounts.id'],
+                            name=op.f('fk_payout_references_funding_account_id_accounts')),
+    sa.ForeignKeyConstraint(['command_id', 'item_index'],
+                            ['payout_items.command_id', 'payout_items.item_index'],
+                            name='fk_payout_references_item_payout_items'),
     sa.PrimaryKeyConstraint('funding_account_id', 'reference', name=op.f('pk_payout_references'))
     )
     _append_only('payout_items')
