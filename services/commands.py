@@ -22,7 +22,9 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -61,8 +63,24 @@ AccountCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,220}
 Memo = Annotated[str, StringConstraints(max_length=500)]
 
 
+class JsonNumber:
+    """A JSON float, NaN or Infinity, kept as text so the field it sits in can refuse it by name."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"JsonNumber({self.text})"
+
+
 def _validate_amount(value: Any) -> Decimal:
     settings = get_settings()
+    if isinstance(value, JsonNumber):
+        raise ValueError(
+            f"must be a decimal string such as \"12.50\", not the JSON number {value.text[:40]}"
+        )
     try:
         minor = parse_amount(value, scale=settings.asset_scale, max_minor=settings.amount_max_minor)
     except AmountError as exc:
@@ -134,11 +152,12 @@ class TransferTokensBetweenUsers(_Command):
     to_user: Ident
     amount: Amount
 
-    @model_validator(mode="after")
-    def _distinct_users(self) -> TransferTokensBetweenUsers:
-        if self.from_user == self.to_user:
-            raise ValueError("from_user and to_user must differ: a transfer to oneself")
-        return self
+    @field_validator("to_user")
+    @classmethod
+    def _distinct_users(cls, to_user: str, info: ValidationInfo) -> str:
+        if to_user == info.data.get("from_user"):
+            raise ValueError("must differ from from_user: a transfer to oneself")
+        return to_user
 
 
 class TransferToEscrow(_Command):
@@ -148,11 +167,12 @@ class TransferToEscrow(_Command):
     payee: Ident
     amount: Amount
 
-    @model_validator(mode="after")
-    def _distinct_users(self) -> TransferToEscrow:
-        if self.payer == self.payee:
-            raise ValueError("payer and payee must differ: a hold to oneself")
-        return self
+    @field_validator("payee")
+    @classmethod
+    def _distinct_users(cls, payee: str, info: ValidationInfo) -> str:
+        if payee == info.data.get("payer"):
+            raise ValueError("must differ from payer: a hold to oneself")
+        return payee
 
 
 class ReleaseFromEscrow(_Command):
@@ -248,7 +268,7 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel) -> Command:
         return raw  # type: ignore[return-value]
     data = _load_json(raw) if isinstance(raw, str | bytes) else raw
     if not isinstance(data, dict):
-        raise InvalidCommandError(f"a command is a JSON object, not a {type(data).__name__}")
+        raise InvalidCommandError(f"a command must be a JSON object, not a JSON {_json_kind(data)}")
     key = data.get("idempotency_key")
     key = key if isinstance(key, str) and len(key) <= 200 else None
     try:
@@ -266,18 +286,19 @@ def _load_json(raw: str | bytes) -> Any:
     if len(raw) > PAYLOAD_BYTES_MAX:
         raise InvalidCommandError(f"command is {len(raw)} bytes; at most {PAYLOAD_BYTES_MAX}")
     try:
-        # Floats and non-finite literals are refused at the parser: money is never a float.
-        return json.loads(raw, parse_float=_refuse_float, parse_constant=_refuse_float)
-    except InvalidCommandError:
-        raise
+        # Floats and non-finite literals never become floats: money is never a float. They
+        # stay JsonNumber, which every field refuses, so the error names the field.
+        return json.loads(raw, parse_float=JsonNumber, parse_constant=JsonNumber)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidCommandError(f"malformed JSON: {exc}") from None
 
 
-def _refuse_float(text: str) -> Any:
-    raise InvalidCommandError(
-        f"JSON number {text} where walletq expects a decimal string; send amounts as \"12.50\""
-    )
+def _json_kind(data: Any) -> str:
+    if isinstance(data, bool):
+        return "boolean"
+    if isinstance(data, int | JsonNumber):
+        return "number"
+    return {list: "array", str: "string", type(None): "null"}.get(type(data), type(data).__name__)
 
 
 def _field_error(err: Any) -> dict[str, str]:
