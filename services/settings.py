@@ -6,6 +6,7 @@ WALLETQ_HOME (default ~/.walletq), so a fresh machine needs no server.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,8 +85,8 @@ def _number(env: Mapping[str, str], name: str, kind: type) -> int | float | None
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
-    if value < 0:
-        raise SettingsError(f"{name}={raw!r} must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"{name}={raw!r} must be a finite number, not negative")
     return value
 
 
@@ -144,7 +145,11 @@ def _amount_max_minor(raw: str, scale: int) -> int:
         raise SettingsError(f"WALLETQ_AMOUNT_MAX={raw!r} is not a decimal") from None
     if not value.is_finite() or value <= 0 or value * 10**scale > 10**17:
         raise SettingsError(f"WALLETQ_AMOUNT_MAX={raw!r} is out of range")
-    return int(value * 10**scale)
+    minor = value.scaleb(scale)
+    # Truncating would silently lower the maximum, to zero for a value below one minor unit.
+    if minor != minor.to_integral_value():
+        raise SettingsError(f"WALLETQ_AMOUNT_MAX={raw!r} has more than {scale} decimal places")
+    return int(minor)
 
 
 _settings: Settings | None = None

@@ -1,0 +1,96 @@
+"""Settings: read once from WALLETQ_*, refused at start when they make no sense."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from services.settings import SettingsError, load_settings
+
+
+def test_with_nothing_set_walletq_runs_embedded_on_a_sqlite_file_under_its_home() -> None:
+    settings = load_settings({"WALLETQ_HOME": "/tmp/wq-home"})
+    assert settings.embedded and not settings.is_postgres
+    assert settings.database_url == "sqlite:////tmp/wq-home/walletq.db"
+    assert settings.broker_url == "filesystem://"
+    assert settings.home == Path("/tmp/wq-home")
+
+
+def test_the_defaults_are_those_of_the_design() -> None:
+    settings = load_settings({})
+    assert settings.home == Path.home() / ".walletq"
+    assert settings.asset_code == "TOKEN" and settings.asset_scale == 2
+    assert settings.fee_rate == Decimal("0.10")
+    assert (settings.retry_attempts, settings.retry_backoff_s, settings.retry_backoff_s_max) == (
+        3, 0.1, 2.0)
+    assert settings.amount_max_minor == 10**14
+
+
+def test_a_database_url_means_server_mode() -> None:
+    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/walletq"
+    settings = load_settings({"WALLETQ_DATABASE_URL": url, "WALLETQ_BROKER_URL": "redis://x:6379"})
+    assert not settings.embedded and settings.is_postgres
+    assert settings.database_url == url and settings.broker_url == "redis://x:6379"
+
+
+def test_numbers_are_read_from_the_environment() -> None:
+    settings = load_settings({
+        "WALLETQ_ASSET_SCALE": "4", "WALLETQ_FEE_RATE": "0.025", "WALLETQ_RETRY_ATTEMPTS": "7",
+        "WALLETQ_RETRY_BACKOFF_S": "0.05", "WALLETQ_RETRY_BACKOFF_S_MAX": "1.5",
+        "WALLETQ_SWEEP_INTERVAL_S": "10", "WALLETQ_SWEEP_GRACE_S": "20",
+        "WALLETQ_LOCK_TIMEOUT_MS": "100", "WALLETQ_AMOUNT_MAX": "500.0001",
+    })
+    assert settings.asset_scale == 4 and settings.fee_rate == Decimal("0.025")
+    assert settings.retry_attempts == 7 and settings.retry_backoff_s == 0.05
+    assert settings.retry_backoff_s_max == 1.5
+    assert settings.sweep_interval_s == 10.0 and settings.sweep_grace_s == 20.0
+    assert settings.lock_timeout_ms == 100
+    assert settings.amount_max_minor == 5_000_001
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    settings = load_settings({"WALLETQ_ASSET_SCALE": "", "WALLETQ_FEE_RATE": "",
+                              "WALLETQ_DATABASE_URL": ""})
+    assert settings.asset_scale == 2 and settings.fee_rate == Decimal("0.10") and settings.embedded
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"WALLETQ_ASSET_SCALE": "two"}, "is not a int"),
+        ({"WALLETQ_ASSET_SCALE": "2.5"}, "is not a int"),
+        ({"WALLETQ_ASSET_SCALE": "-1"}, "not negative"),
+        ({"WALLETQ_ASSET_SCALE": "9"}, "at most 8"),
+        ({"WALLETQ_RETRY_ATTEMPTS": "0"}, "at least 1"),
+        ({"WALLETQ_RETRY_BACKOFF_S": "fast"}, "is not a float"),
+        ({"WALLETQ_RETRY_BACKOFF_S": "-0.1"}, "not negative"),
+        ({"WALLETQ_RETRY_BACKOFF_S": "nan"}, "finite"),
+        ({"WALLETQ_RETRY_BACKOFF_S_MAX": "inf"}, "finite"),
+        ({"WALLETQ_SWEEP_GRACE_S": "-inf"}, "finite"),
+        ({"WALLETQ_FEE_RATE": "ten percent"}, "not a decimal"),
+        ({"WALLETQ_FEE_RATE": "1.5"}, "between 0 and 1"),
+        ({"WALLETQ_FEE_RATE": "-0.1"}, "between 0 and 1"),
+        ({"WALLETQ_FEE_RATE": "NaN"}, "between 0 and 1"),
+        ({"WALLETQ_FEE_RATE": "Infinity"}, "between 0 and 1"),
+        ({"WALLETQ_AMOUNT_MAX": "lots"}, "not a decimal"),
+        ({"WALLETQ_AMOUNT_MAX": "0"}, "out of range"),
+        ({"WALLETQ_AMOUNT_MAX": "-5"}, "out of range"),
+        ({"WALLETQ_AMOUNT_MAX": "1e16"}, "out of range"),
+        ({"WALLETQ_AMOUNT_MAX": "0.001"}, "more than 2 decimal places"),
+        ({"WALLETQ_AMOUNT_MAX": "10.005"}, "more than 2 decimal places"),
+    ],
+)
+def test_a_setting_that_makes_no_sense_is_refused_at_start_naming_the_variable(
+    env: dict[str, str], reason: str
+) -> None:
+    with pytest.raises(SettingsError, match=reason) as caught:
+        load_settings(env)
+    assert next(iter(env)) in str(caught.value)
+
+
+def test_settings_are_immutable() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.asset_scale = 3  # type: ignore[misc]
