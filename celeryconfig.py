@@ -1,0 +1,150 @@
+"""Celery settings for walletq, read from the WALLETQ_* environment (services.settings).
+
+`celery -A worker worker` loads these through worker.celery_app. Everything here follows
+DESIGN.md's "Concurrency and retries": JSON only, late acks, a lost worker's message goes
+back to the queue, one message prefetched at a time, time limits well below the broker's
+visibility timeout, and no result backend (the outcome lives in the database).
+
+Extra variables read here (besides services.settings):
+- WALLETQ_QUEUE_PREFIX: prepended to every queue and exchange name, so that parallel test
+  runs (or two deployments) on one Redis never share queues. Default: none.
+- WALLETQ_BROKER_VISIBILITY_TIMEOUT_S: how long Redis waits before re-delivering a message
+  that was taken and never acknowledged (a worker killed outright). Default: one hour, and
+  at least twice the task time limit; the outbox sweep recovers such commands much sooner.
+- WALLETQ_WORKER_CONCURRENCY: worker processes (default: Celery's, the number of CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from services.settings import Settings, SettingsError, load_settings
+
+__all__ = ["build_config", "queue_names", "QueueNames"]
+
+
+class QueueNames:
+    """The three queues, named for their work, with the deployment's prefix."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.commands = f"{prefix}commands"
+        self.payouts = f"{prefix}payouts"
+        self.maintenance = f"{prefix}maintenance"
+
+    def for_command_type(self, command_type: object) -> str:
+        # A payout batch runs for seconds and must not hold up single commands behind it.
+        return self.payouts if command_type == "payout_batch" else self.commands
+
+    def all(self) -> list[str]:
+        return [self.commands, self.payouts, self.maintenance]
+
+
+def queue_names(env: Mapping[str, str] | None = None) -> QueueNames:
+    env = os.environ if env is None else env
+    return QueueNames(env.get("WALLETQ_QUEUE_PREFIX", ""))
+
+
+def _visibility_timeout_s(env: Mapping[str, str], settings: Settings) -> int:
+    raw = env.get("WALLETQ_BROKER_VISIBILITY_TIMEOUT_S", "")
+    floor_s = 2 * settings.task_time_limit_s + 60
+    try:
+        value = int(raw) if raw else max(3600, floor_s)
+    except ValueError:
+        raise SettingsError(f"WALLETQ_BROKER_VISIBILITY_TIMEOUT_S={raw!r} is not an int") from None
+    if value < floor_s:
+        # A message re-delivered while its task still runs would run twice at once.
+        raise SettingsError(
+            f"WALLETQ_BROKER_VISIBILITY_TIMEOUT_S={value} must be at least twice the task time "
+            f"limit plus a minute ({floor_s})"
+        )
+    return value
+
+
+def _filesystem_options(home: Path) -> dict[str, Any]:
+    """The server-less broker: one folder of message files per deployment, under WALLETQ_HOME."""
+    root = home / "broker"
+    folders = {"queue": root / "queue", "processed": root / "processed",
+               "control": root / "control"}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(folders["queue"]),
+        "data_folder_out": str(folders["queue"]),
+        "processed_folder": str(folders["processed"]),
+        "control_folder": str(folders["control"]),
+        "store_processed": False,
+        # Kombu polls virtual transports; the default second would slow the demo down.
+        "polling_interval": 0.1,
+    }
+
+
+def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The Celery configuration for this environment, as a plain dict."""
+    env = os.environ if env is None else env
+    settings = load_settings(env)
+    names = queue_names(env)
+    exchange = Exchange(f"{names.prefix}walletq", type="direct")
+    time_limit_s = settings.task_time_limit_s
+    visibility_timeout_s = _visibility_timeout_s(env, settings)
+    transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s}
+    if settings.broker_url.startswith("filesystem"):
+        transport_options.update(_filesystem_options(settings.home))
+    elif settings.broker_url.startswith(("redis", "rediss")) and names.prefix:
+        # Every key (queues, unacked messages, bindings) under the prefix: no shared state.
+        transport_options["global_keyprefix"] = names.prefix
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # JSON only: a pickled message could run code; it is refused and acknowledged.
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        # Ack after the task ran; a worker that dies mid-task leaves the message to another.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": time_limit_s,
+        "task_soft_time_limit": max(1, time_limit_s - max(5, time_limit_s // 10)),
+        "task_queues": [Queue(name, exchange, routing_key=name) for name in names.all()],
+        "task_default_queue": names.commands,
+        "task_default_exchange": exchange.name,
+        "task_default_routing_key": names.commands,
+        "task_routes": ("worker.celery_app.route_task",),
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0,
+                                      "interval_step": 0.2, "interval_max": 1.0},
+        "control_exchange": f"{names.prefix}celery",
+        "event_exchange": f"{names.prefix}celeryev",
+        "worker_hijack_root_logger": True,
+        "worker_send_task_events": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "imports": ["tasks.commands", "tasks.maintenance"],
+        "beat_schedule": {
+            "walletq-sweep": {
+                "task": "walletq.sweep",
+                "schedule": settings.sweep_interval_s,
+                # A sweep that waited longer than one interval is superseded by the next.
+                "options": {"queue": names.maintenance, "expires": settings.sweep_interval_s},
+            },
+        },
+        "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+    concurrency = env.get("WALLETQ_WORKER_CONCURRENCY")
+    if concurrency:
+        config["worker_concurrency"] = int(concurrency)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return config

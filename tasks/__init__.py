@@ -1,0 +1,1 @@
+"""Celery tasks: thin — take the message, call a service, record the outcome."""

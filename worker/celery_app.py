@@ -1,0 +1,74 @@
+"""The Celery app: `celery -A worker worker` and `celery -A worker beat` find it here.
+
+Configured from celeryconfig.build_config() (the WALLETQ_* environment). A forked worker
+process drops the SQLAlchemy engines it inherited: sockets are never shared across a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+import celeryconfig
+from services.db import dispose_engines
+from services.settings import reset_settings
+
+__all__ = ["app", "make_app", "route_task", "EXECUTE_TASK", "SWEEP_TASK"]
+
+log = logging.getLogger("walletq.worker")
+
+EXECUTE_TASK = "walletq.execute_command"
+SWEEP_TASK = "walletq.sweep"
+
+
+def make_app(env: Mapping[str, str] | None = None) -> Celery:
+    """A Celery app for this environment (the producer client builds its own from the env)."""
+    celery_app = Celery("walletq", set_as_current=env is None)
+    celery_app.conf.update(celeryconfig.build_config(env))
+    return celery_app
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+               **_kw: Any) -> dict[str, str] | None:
+    """Payout batches to the payouts queue, the sweep to maintenance, the rest to commands."""
+    names = celeryconfig.queue_names()
+    if name == SWEEP_TASK:
+        return {"queue": names.maintenance, "routing_key": names.maintenance}
+    if name == EXECUTE_TASK:
+        payload = (args or [None])[0] if args else (kwargs or {}).get("command")
+        command_type = payload.get("type") if isinstance(payload, dict) else None
+        queue = names.for_command_type(command_type)
+        return {"queue": queue, "routing_key": queue}
+    return None
+
+
+@worker_process_init.connect
+def _after_fork(**_kwargs: Any) -> None:
+    # The parent's pooled connections belong to the parent; a child opens its own.
+    reset_settings()
+    dispose_engines()
+
+
+@worker_ready.connect
+def _announce_ready(**_kwargs: Any) -> None:
+    # For supervisors and tests: a file that exists once the worker consumes its queues.
+    ready_file = os.environ.get("WALLETQ_WORKER_READY_FILE")
+    if ready_file:
+        Path(ready_file).write_text(str(os.getpid()))
+    log.info("walletq worker ready (pid %d)", os.getpid())
+
+
+@worker_shutdown.connect
+def _announce_shutdown(**_kwargs: Any) -> None:
+    ready_file = os.environ.get("WALLETQ_WORKER_READY_FILE")
+    if ready_file:
+        Path(ready_file).unlink(missing_ok=True)
+
+
+app = make_app()

@@ -1,0 +1,201 @@
+"""WalletClient: how a web tier, a script or a batch job submits commands to walletq.
+
+`submit` validates the command, records it as `accepted` in the database (the outbox)
+and then publishes it to the workers; it answers at once with the command record. A
+duplicate (same key, same payload) returns the existing record and publishes nothing,
+unless that record is stuck (left `accepted`/`processing` past WALLETQ_SWEEP_GRACE_S),
+when it is published again. A key reused for another payload raises
+IdempotencyConflictError; an invalid command raises InvalidCommandError and records
+nothing. When the broker cannot be reached after the record committed, `submit` still
+returns the accepted record: the sweep delivers it later.
+
+In a Flask view::
+
+    from flask import Flask, jsonify, request
+    from services.atomic_transaction_manager import FinancialIntegrityError
+    from worker.client import WalletClient
+
+    app = Flask(__name__)
+    wallet = WalletClient.from_env()          # once per process: it pools its connections
+
+    @app.post("/deposits")
+    def deposit():
+        try:
+            record = wallet.submit({"type": "credit_wallet",
+                                    "idempotency_key": request.headers["Idempotency-Key"],
+                                    "user": request.json["user"],
+                                    "amount": request.json["amount"]})   # a string: "10.00"
+        except FinancialIntegrityError as exc:  # invalid_command, idempotency_conflict
+            return jsonify(error=exc.to_dict()), 409 if exc.code == "idempotency_conflict" else 422
+        return jsonify(record.to_dict()), 202   # poll GET /commands/<key>, or wallet.wait(key)
+
+In Django the same body goes in a view; create the client once at module level (or in
+AppConfig.ready()) and return `JsonResponse(record.to_dict(), status=202)`. Never call
+`submit` inside the view's own database transaction (ATOMIC_REQUESTS): the command is
+committed by walletq in walletq's database, independently of the request's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.engine import Connection, Engine
+
+from services import command_store, schema
+from services.atomic_transaction_manager import BusinessRuleError, InvalidCommandError
+from services.command_store import CommandRecord
+from services.commands import Command, parse_command
+from services.db import get_engine
+from services.outbox import Accepted, is_stuck, record_accepted, record_accepted_many
+from services.settings import Settings, load_settings
+from services.wallet_service import WalletService
+from worker.celery_app import make_app
+from worker.publisher import Publisher
+
+__all__ = ["WalletClient", "ENDED"]
+
+log = logging.getLogger("walletq.client")
+
+#: Statuses after which `wait` stops: the terminal ones and `failed` (until a redrive).
+ENDED = frozenset({"succeeded", "rejected", "failed"})
+_POLL_S_MIN, _POLL_S_MAX = 0.02, 0.5
+# SQLite allows 32,766 bound parameters; PostgreSQL far more. One query per thousand keys.
+_KEYS_PER_QUERY_MAX = 1000
+
+
+class WalletClient:
+    """Submit commands and read their outcomes; safe to share between threads."""
+
+    def __init__(self, settings: Settings, app: Celery, env: Mapping[str, str] | None = None,
+                 engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or get_engine(settings)
+        self.publisher = Publisher(app, env)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WalletClient:
+        """A client configured from the WALLETQ_* environment (or the mapping given)."""
+        env = dict(os.environ if env is None else env)
+        return cls(load_settings(env), make_app(env), env)
+
+    def close(self) -> None:
+        """Release the broker connections (the database engine is shared per process)."""
+        self.publisher.app.close()
+
+    # --- submitting ------------------------------------------------------------------
+
+    def submit(self, command: Any) -> CommandRecord:
+        """Validate, record as accepted, publish; returns the command record at once."""
+        parsed = parse_command(command)
+        accepted = record_accepted(parsed, engine=self.engine, settings=self.settings)
+        if self._needs_publish(accepted):
+            self._publish_logged(accepted.record)
+        return accepted.record
+
+    def submit_many(self, commands: Iterable[Any]) -> list[CommandRecord | BusinessRuleError]:
+        """Submit many commands; one answer per command, in order: its record or its refusal.
+
+        Valid commands are recorded in chunked transactions and published over one producer
+        connection; a refused command (invalid, or an idempotency conflict) records nothing.
+        """
+        answers: list[CommandRecord | BusinessRuleError | None] = []
+        parsed: list[Command] = []
+        slots: list[int] = []
+        for raw in commands:
+            try:
+                parsed.append(parse_command(raw))
+                slots.append(len(answers))
+                answers.append(None)
+            except InvalidCommandError as exc:
+                answers.append(exc)
+        outcomes = record_accepted_many(parsed, engine=self.engine, settings=self.settings)
+        to_publish: list[CommandRecord] = []
+        for slot, outcome in zip(slots, outcomes, strict=True):
+            if isinstance(outcome, Accepted):
+                answers[slot] = outcome.record
+                if self._needs_publish(outcome):
+                    to_publish.append(outcome.record)
+            else:
+                answers[slot] = outcome
+        self._publish_many_logged(to_publish)
+        return [answer for answer in answers if answer is not None]
+
+    def _needs_publish(self, accepted: Accepted) -> bool:
+        return accepted.created or is_stuck(accepted.record, self.settings.sweep_grace_s)
+
+    def _publish_logged(self, record: CommandRecord) -> None:
+        try:
+            self.publisher.publish_record(record)
+        except Exception:  # noqa: BLE001 - recorded already: the sweep will deliver it
+            log.warning("could not publish %s; it stays accepted for the sweep",
+                        record.idempotency_key, exc_info=True)
+
+    def _publish_many_logged(self, records: list[CommandRecord]) -> None:
+        if not records:
+            return
+        outcomes = self.publisher.publish_many([r.payload_dict() for r in records])
+        failed = [r.idempotency_key for r, exc in zip(records, outcomes, strict=True) if exc]
+        if failed:
+            log.warning("could not publish %d commands (first %s); they stay accepted for the "
+                        "sweep: %s", len(failed), failed[0], next(e for e in outcomes if e))
+
+    def publish_again(self, record: CommandRecord) -> None:
+        """Publish a recorded command (sweep, redrive); raises when the broker is unreachable."""
+        self.publisher.publish_record(record)
+
+    # --- reading ---------------------------------------------------------------------
+
+    def status(self, key: str) -> CommandRecord | None:
+        """The command's record, or None for an unknown key."""
+        with self.engine.connect() as conn:
+            return command_store.get_record(conn, key)
+
+    def wait(self, key: str, timeout: float = 10.0) -> CommandRecord | None:
+        """Poll until the command succeeded, was rejected or failed, or `timeout` seconds passed.
+
+        Returns the latest record either way (check `record.status`); None for an unknown key.
+        """
+        deadline = time.monotonic() + timeout
+        delay_s = _POLL_S_MIN
+        while True:
+            record = self.status(key)
+            if record is None or record.status in ENDED or time.monotonic() >= deadline:
+                return record
+            time.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
+            delay_s = min(delay_s * 2, _POLL_S_MAX)
+
+    def wait_all(self, keys: Iterable[str], timeout: float = 60.0) -> dict[str, CommandRecord]:
+        """Poll until every key has ended or `timeout` passed; the latest record of each."""
+        pending = list(dict.fromkeys(keys))
+        latest: dict[str, CommandRecord] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.engine.connect() as conn:
+                rows = _records(conn, pending)
+            latest.update({r.idempotency_key: r for r in rows})
+            pending = [k for k in pending if k not in latest or latest[k].status not in ENDED]
+            if not pending or time.monotonic() >= deadline:
+                return latest
+            time.sleep(0.05)
+
+    def balance(self, user: str) -> dict[str, Decimal]:
+        """{"available": Decimal, "escrow": Decimal}; UnknownUserError for a user with no wallet."""
+        result = WalletService(self.engine, self.settings).balance(user)
+        return {"available": result.available, "escrow": result.escrow}
+
+
+def _records(conn: Connection, keys: list[str]) -> list[CommandRecord]:
+    c = schema.commands
+    rows: list[CommandRecord] = []
+    for start in range(0, len(keys), _KEYS_PER_QUERY_MAX):
+        chunk = keys[start:start + _KEYS_PER_QUERY_MAX]
+        rows += [CommandRecord.from_row(row)
+                 for row in conn.execute(select(c).where(c.c.idempotency_key.in_(chunk)))]
+    return rows
