@@ -166,3 +166,8 @@ def record_failure(
         return _reload(conn, record)
 
     return run_transaction(engine, settings, f"fail {key}", body)
+
+
+# Batch executors register themselves on import; import them here so that they are present
+# wherever a command can be executed.
+from services import payouts as _payouts  # noqa: E402, F401

@@ -156,6 +156,8 @@ def _keys_unique(conn: Connection) -> Check:
 
 def verify_ledger(engine: Engine, scale: int) -> list[Check]:
     """Run every check in one repeatable-read snapshot, so they see one state of the ledger."""
+    from services import payouts  # noqa: F401  (registers its BATCH_CHECKS entry)
+
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
