@@ -194,19 +194,19 @@ def record_refused(
 
 def mark_redriven(
     key: str, *, engine: Engine | None = None, settings: Settings | None = None
-) -> CommandRecord | None:
+) -> tuple[CommandRecord | None, bool]:
     """Move a `failed` command back to `accepted` (the sweep covers a lost redrive message).
 
-    Returns the record as it now is; None when the key is unknown. A command that is not
-    `failed` is returned unchanged: the caller refuses to re-drive it.
+    Returns the record as it now is (None for an unknown key) and whether it moved; a
+    command that is not `failed` is left unchanged, and the caller refuses to re-drive it.
     """
     settings = settings or get_settings()
     engine = engine or get_engine(settings)
 
-    def body(conn: Connection) -> CommandRecord | None:
+    def body(conn: Connection) -> tuple[CommandRecord | None, bool]:
         record = command_store.lock_record(conn, key)
         if record is None or record.status != "failed":
-            return record
+            return record, False
         conn.execute(update(_c).where(_c.c.id == record.id).values(
             status="accepted", error_code=None, error_message=None,
             updated_at=datetime.now(UTC)))
@@ -214,6 +214,6 @@ def mark_redriven(
             conn, command_id=record.id, idempotency_key=key, command_type=record.type,
             outcome="redriven", error=record.error, detail={"attempts": record.attempts},
         )
-        return command_store.get_record(conn, key)
+        return command_store.get_record(conn, key), True
 
     return run_transaction(engine, settings, f"redrive {key}", body)  # type: ignore[no-any-return]

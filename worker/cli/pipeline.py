@@ -1,0 +1,217 @@
+"""Pipeline commands: submit, status, commands, sweep, redrive, demo.
+
+Exit codes: 0 ok; 1 a refusal (invalid command, idempotency conflict, unknown key, a
+command that is not failed given to redrive, a line of `submit -` refused); 2 bad usage;
+3 `status --wait` timed out before the command ended (the record is printed anyway).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import click
+
+from services import command_store, outbox, sweep
+from services.atomic_transaction_manager import BusinessRuleError
+from services.command_store import CommandRecord
+from services.db import get_engine
+from services.settings import get_settings
+from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
+
+__all__ = ["submit", "status", "commands", "sweep_command", "redrive", "demo"]
+
+STATUSES = ("accepted", "processing", "succeeded", "rejected", "failed")
+#: Lines of `submit -` recorded and published together: one transaction chunk, one connection.
+SUBMIT_LINES_PER_BATCH = 1000
+_COLUMNS = ["key", "type", "status", "error", "attempts", "created", "completed"]
+
+
+def _client() -> Any:
+    from worker.client import WalletClient
+
+    return WalletClient.from_env()
+
+
+def _row(record: CommandRecord) -> list[Any]:
+    error = record.error
+    return [record.idempotency_key, record.type, record.status,
+            f"{error['code']}: {error['message']}"[:80] if error else "",
+            record.attempts, command_store.iso(record.created_at),
+            command_store.iso(record.completed_at)]
+
+
+def _show_records(out: Output, title: str, records: list[CommandRecord]) -> None:
+    if out.as_json:
+        for record in records:
+            out.json(record.to_dict())
+    else:
+        out.table(title, _COLUMNS, [_row(r) for r in records], right=["attempts"])
+
+
+def _show_record(out: Output, record: CommandRecord) -> None:
+    if out.as_json:
+        out.json(record.to_dict())
+        return
+    _show_records(out, None, [record])  # type: ignore[arg-type]
+    if record.result:
+        out.say(f"result: {json.dumps(record.result)}")
+
+
+@cli.command()
+@click.argument("command_json", metavar="JSON|-")
+@json_option
+@pass_output
+def submit(out: Output, command_json: str) -> None:
+    """Submit one command (JSON), or JSON lines from stdin with `-`: one answer per line."""
+    ensure_schema()
+    client = _client()
+    try:
+        if command_json == "-":
+            ok = _submit_lines(out, client, click.get_text_stream("stdin"))
+            if not ok:
+                raise SystemExit(1)
+            return
+        _show_record(out, client.submit(command_json))
+    finally:
+        client.close()
+
+
+def _batches(stream: TextIO) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue  # a blank line is no command, and gets no answer
+        batch.append((number, line))
+        if len(batch) >= SUBMIT_LINES_PER_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _submit_lines(out: Output, client: Any, stream: TextIO) -> bool:
+    all_ok = True
+    for batch in _batches(stream):
+        answers = client.submit_many([line for _, line in batch])
+        rows = []
+        for (number, _), answer in zip(batch, answers, strict=True):
+            if isinstance(answer, BusinessRuleError):
+                all_ok = False
+                error = {"code": answer.code, "message": answer.message}
+                if out.as_json:
+                    out.json({"line": number, "error": error})
+                rows.append([number, answer.ids.get("idempotency_key", ""), "refused",
+                             f"{answer.code}: {answer.message}"[:100]])
+            else:
+                if out.as_json:
+                    out.json(answer.to_dict())
+                rows.append([number, answer.idempotency_key, answer.status, ""])
+        if not out.as_json:
+            out.table(None, ["line", "key", "status", "error"], rows, right=["line"])
+    return all_ok
+
+
+@cli.command()
+@click.argument("key")
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=None, metavar="SECONDS",
+              help="wait up to SECONDS for the command to succeed, be rejected or fail")
+@json_option
+@pass_output
+def status(out: Output, key: str, wait_s: float | None) -> None:
+    """A command's status, result and error."""
+    ensure_schema()
+    from worker.client import ENDED, WalletClient
+
+    client = WalletClient.from_env()
+    try:
+        record = client.status(key) if wait_s is None else client.wait(key, timeout=wait_s)
+    finally:
+        client.close()
+    if record is None:
+        out.fail(f"no command with idempotency key {key!r}", 1, "not_found")
+        return
+    _show_record(out, record)
+    if wait_s is not None and record.status not in ENDED:
+        if not out.as_json:
+            out.err.print(f"still {record.status} after {wait_s:g} s")
+        raise SystemExit(3)
+
+
+@cli.command()
+@click.option("--status", "status_", type=click.Choice(STATUSES), default=None)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+@pass_output
+def commands(out: Output, status_: str | None, limit: int) -> None:
+    """List commands, oldest first."""
+    ensure_schema()
+    with get_engine().connect() as conn:
+        records = command_store.list_records(conn, status=status_, limit=limit)
+    _show_records(out, f"commands{f' ({status_})' if status_ else ''}", records)
+
+
+@cli.command("sweep")
+@click.option("--grace", "grace_s", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="republish commands untouched for this long (default WALLETQ_SWEEP_GRACE_S)")
+@json_option
+@pass_output
+def sweep_command(out: Output, grace_s: float | None) -> None:
+    """Republish commands stuck before a terminal status (what beat runs)."""
+    ensure_schema()
+    client = _client()
+    try:
+        counts = sweep.run_once(client.publish_again, engine=client.engine,
+                                settings=client.settings, grace_s=grace_s)
+    finally:
+        client.close()
+    if out.as_json:
+        out.json(counts.to_dict())
+    else:
+        data = counts.to_dict()
+        out.table("sweep", list(data), [list(data.values())], right=list(data))
+    if counts.publish_failed:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("key")
+@json_option
+@pass_output
+def redrive(out: Output, key: str) -> None:
+    """Send a failed command again, under the same key."""
+    ensure_schema()
+    settings = get_settings()
+    record, moved = outbox.mark_redriven(key, settings=settings)
+    if record is None:
+        out.fail(f"no command with idempotency key {key!r}", 1, "not_found")
+        return
+    if not moved:
+        out.fail(f"{key} is {record.status}, not failed: only a failed command is re-driven",
+                 1, "not_failed")
+        return
+    client = _client()
+    try:
+        client.publish_again(record)
+    except Exception as exc:  # noqa: BLE001 - it is accepted now: the sweep delivers it
+        if not out.as_json:
+            out.err.print(f"could not publish ({exc}); the sweep will deliver it")
+    finally:
+        client.close()
+    _show_record(out, record)
+
+
+@cli.command()
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 600), default=45.0,
+              show_default=True, help="give up when the worker has not finished by then")
+@json_option
+@pass_output
+def demo(out: Output, timeout_s: float) -> None:
+    """Run a marketplace scenario end to end, with a worker of its own."""
+    from worker import demo as demo_module
+
+    ok = demo_module.run(out, timeout_s=timeout_s)
+    if not ok:
+        raise SystemExit(1)
+
