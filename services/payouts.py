@@ -480,15 +480,18 @@ def payout_progress(conn: Connection, key: str, scale: int) -> dict[str, Any] | 
     return out
 
 
-def payout_item_rows(conn: Connection, key: str, scale: int, *, limit: int = 100_000
-                     ) -> list[dict[str, Any]]:
+def payout_item_rows(conn: Connection, key: str, scale: int, *, outcome: str | None = None,
+                     limit: int = 100_000) -> list[dict[str, Any]]:
     """A payout's per-item outcomes, by index (items not yet reached have none)."""
     i, c = schema.payout_items, schema.commands
-    rows = conn.execute(
+    query = (
         select(i.c.item_index, i.c.user_id, i.c.amount_minor, i.c.reference, i.c.outcome,
                i.c.error_code)
         .join(c, c.c.id == i.c.command_id).where(c.c.idempotency_key == key)
         .order_by(i.c.item_index).limit(limit))
+    if outcome is not None:
+        query = query.where(i.c.outcome == outcome)
+    rows = conn.execute(query)
     return [{"index": r.item_index, "user": r.user_id, "amount": format_minor(r.amount_minor, scale),
              "reference": r.reference, "outcome": r.outcome, "error": r.error_code} for r in rows]
 
