@@ -74,15 +74,15 @@ def read_payout_csv(path: Path, settings: Settings) -> PayoutFile:
     """Every row validated up front; PayoutFileError names each bad one by its line."""
     data = path.read_bytes()
     if len(data) > FILE_BYTES_MAX:
-        raise PayoutFileError([f"{path}: {len(data)} bytes; at most {FILE_BYTES_MAX}"])
+        raise PayoutFileError([f"{len(data)} bytes; at most {FILE_BYTES_MAX}"])
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise PayoutFileError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+        raise PayoutFileError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next((fields for fields in reader if any(f.strip() for f in fields)), None)
     if header is None:
-        raise PayoutFileError([f"{path}: empty file; expected a header line "
+        raise PayoutFileError(["empty file; expected a header line "
                                f"{','.join(CSV_COLUMNS)} and one row per payout"])
     columns = _columns(header, reader.line_num)
     rows, lines, problems = [], [], []
@@ -104,7 +104,7 @@ def read_payout_csv(path: Path, settings: Settings) -> PayoutFile:
     if problems:
         raise PayoutFileError(problems)
     if not rows:
-        raise PayoutFileError([f"{path}: empty file; a header and no rows"])
+        raise PayoutFileError(["empty file: a header and no rows"])
     return PayoutFile(rows, lines, hashlib.sha256(data).hexdigest())
 
 
@@ -258,13 +258,16 @@ def _rejected_items(states: Sequence[dict[str, Any]], settings: Settings,
 
 
 def _show_batches(out: Output, title: str, states: Sequence[dict[str, Any]]) -> None:
-    out.table(title, ["batch", "status", "items", "done", "paid", "rejected", "duplicate",
-                      "amount paid", "error"],
-              [[s["idempotency_key"], s["status"], s.get("items"), s.get("done"), s.get("paid"),
-                s.get("rejected"), s.get("duplicate"), s.get("amount_paid"),
-                f"{s['error']['code']}: {s['error']['message']}"[:90] if s.get("error") else ""]
+    out.table(title, ["batch", "status", "decided", "paid", "rejected", "duplicate",
+                      "amount paid"],
+              [[s["idempotency_key"], s["status"], f"{s.get('done')}/{s.get('items')}",
+                s.get("paid"), s.get("rejected"), s.get("duplicate"), s.get("amount_paid")]
                for s in states],
-              right=["items", "done", "paid", "rejected", "duplicate", "amount paid"])
+              right=["decided", "paid", "rejected", "duplicate", "amount paid"])
+    for s in states:
+        if s.get("error"):
+            out.say(f"[red]{s['idempotency_key']} {s['status']}:[/red] {s['error']['code']}: "
+                    f"{s['error']['message']}")
 
 
 def _report(out: Output, source: str, from_account: str, states: list[dict[str, Any]],
