@@ -160,13 +160,15 @@ class WalletClient:
     def wait(self, key: str, timeout: float = 10.0) -> CommandRecord | None:
         """Poll until the command succeeded, was rejected or failed, or `timeout` seconds passed.
 
-        Returns the latest record either way (check `record.status`); None for an unknown key.
+        Returns the latest record either way (check `record.status`); None when the key is
+        still unknown at the deadline (a foreign producer's message the worker has not
+        recorded yet, or a key never submitted).
         """
         deadline = time.monotonic() + timeout
         delay_s = _POLL_S_MIN
         while True:
             record = self.status(key)
-            if record is None or record.status in ENDED or time.monotonic() >= deadline:
+            if (record is not None and record.status in ENDED) or time.monotonic() >= deadline:
                 return record
             time.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
             delay_s = min(delay_s * 2, _POLL_S_MAX)

@@ -1,0 +1,44 @@
+"""Small helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from services import schema
+from services.db import get_engine
+
+WALLETQ = str(Path(sys.executable).parent / "walletq")
+
+
+def walletq(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+            timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real `walletq` console script with the test's environment."""
+    return subprocess.run([WALLETQ, *args], input=stdin, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout_s, check=False)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def transfers_of(key: str) -> int:
+    c, t = schema.commands, schema.transfers
+    with get_engine().connect() as conn:
+        return conn.execute(select(func.count()).select_from(t.join(c, c.c.id == t.c.command_id))
+                            .where(c.c.idempotency_key == key)).scalar_one()
+
+
+def audit_outcomes(key: str | None = None) -> list[tuple[str, str | None]]:
+    a = schema.audit_events
+    query = select(a.c.outcome, a.c.error_code).order_by(a.c.id)
+    if key is not None:
+        query = query.where(a.c.idempotency_key == key)
+    with get_engine().connect() as conn:
+        return [(row.outcome, row.error_code) for row in conn.execute(query)]
