@@ -54,9 +54,11 @@ def _show_record(out: Output, record: CommandRecord) -> None:
     if out.as_json:
         out.json(record.to_dict())
         return
-    _show_records(out, None, [record])  # type: ignore[arg-type]
-    if record.result:
-        out.say(f"result: {json.dumps(record.result)}")
+    data = record.to_dict()
+    error = data.pop("error")
+    data["error"] = f"{error['code']}: {error['message']}" if error else ""
+    data["result"] = json.dumps(data["result"]) if data["result"] is not None else ""
+    out.table(None, ["field", "value"], list(data.items()))
 
 
 @cli.command()
