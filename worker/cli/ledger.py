@@ -103,7 +103,8 @@ def verify(out: Output) -> None:
 
 
 @cli.command("schema")
+@json_option
 @pass_output
 def schema_(out: Output) -> None:
-    """Print the JSON Schema of the commands, for producers in other languages."""
+    """Print the JSON Schema of the commands, for producers in other languages (always JSON)."""
     click.echo(json.dumps(command_json_schema(), indent=2))

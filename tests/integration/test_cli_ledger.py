@@ -1,0 +1,237 @@
+"""The `walletq` ledger commands, on PostgreSQL and on embedded SQLite:
+db upgrade, balance, balances, history, verify, schema; --json before or after the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import text
+from sqlalchemy.engine import Engine, make_url
+
+from services import settings as settings_module
+from services.db import dispose_engines, get_engine
+from services.settings import get_settings
+from services.wallet_service import WalletService
+from tests import servers
+from worker.cli import cli
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def ledger(request: pytest.FixtureRequest) -> WalletService:
+    """A small ledger on either database: alice bought 100.00, paid bob 2.50, holds 5.00 for bob."""
+    if request.param == "postgresql":
+        request.getfixturevalue("walletq_env")
+    else:
+        request.getfixturevalue("sqlite_env")
+    service = WalletService(get_engine(get_settings()), get_settings())
+    service.admin_create_tokens("1000.00", idempotency_key="mint")
+    service.admin_sell_tokens_to_user("alice", "100.00", idempotency_key="sale")
+    service.transfer_tokens_between_users("alice", "bob", "2.50", idempotency_key="t-1")
+    service.transfer_to_escrow("o-1", "alice", "bob", "5.00", idempotency_key="h-1")
+    return service
+
+
+def walletq(*args: str) -> Result:
+    return CliRunner(env={"COLUMNS": "200"}).invoke(cli, list(args), catch_exceptions=False)
+
+
+def json_lines(result: Result) -> list[Any]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_balance_prints_available_and_escrow_as_json_with_json_before_or_after(
+    ledger: WalletService, where: str
+) -> None:
+    args = ["--json", "balance", "alice"] if where == "before" else ["balance", "alice", "--json"]
+    result = walletq(*args)
+    assert result.exit_code == 0, result.output
+    assert json_lines(result) == [{"user": "alice", "available": "92.50", "escrow": "5.00"}]
+
+
+def test_balance_prints_a_table_for_people(ledger: WalletService) -> None:
+    result = walletq("balance", "bob")
+    assert result.exit_code == 0
+    assert "available" in result.stdout and "escrow" in result.stdout
+    assert "2.50" in result.stdout and "0.00" in result.stdout
+
+
+def test_the_balance_of_an_unknown_user_exits_1_with_the_error_code(ledger: WalletService) -> None:
+    result = walletq("balance", "nobody", "--json")
+    assert result.exit_code == 1
+    [error] = json_lines(result)
+    assert error["error"]["code"] == "unknown_user" and "nobody" in error["error"]["message"]
+    plain = walletq("balance", "nobody")
+    assert plain.exit_code == 1 and "nobody" in plain.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_balances_prints_one_json_object_per_account(ledger: WalletService, where: str) -> None:
+    args = ["--json", "balances"] if where == "before" else ["balances", "--json"]
+    result = walletq(*args)
+    assert result.exit_code == 0
+    assert json_lines(result) == [
+        {"account": "platform:treasury", "balance": "900.00"},
+        {"account": "system:issuance", "balance": "-1000.00"},
+        {"account": "user:alice:available", "balance": "92.50"},
+        {"account": "user:alice:escrow", "balance": "5.00"},
+        {"account": "user:bob:available", "balance": "2.50"},
+    ]
+
+
+def test_balances_prints_a_table_for_people(ledger: WalletService) -> None:
+    result = walletq("balances")
+    assert result.exit_code == 0
+    assert "platform:treasury" in result.stdout and "-1000.00" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_history_prints_an_accounts_transfers_newest_first(ledger: WalletService, where: str) -> None:
+    args = ["--json", "history", "alice"] if where == "before" else ["history", "alice", "--json"]
+    rows = json_lines(walletq(*args))
+    assert [(r["idempotency_key"], r["kind"], r["amount"]) for r in rows] == [
+        ("h-1", "hold", "-5.00"), ("t-1", "transfer", "-2.50"), ("sale", "sale", "100.00")]
+    assert set(rows[0]) == {"transfer_id", "at", "kind", "debit", "credit", "amount",
+                            "idempotency_key"}
+
+
+def test_history_takes_an_account_code_and_a_limit(ledger: WalletService) -> None:
+    rows = json_lines(walletq("history", "user:alice:escrow", "--limit", "1", "--json"))
+    assert [(r["kind"], r["amount"]) for r in rows] == [("hold", "5.00")]
+    assert walletq("history", "alice", "--limit", "0").exit_code == 2
+    table = walletq("history", "bob")
+    assert table.exit_code == 0 and "t-1" in table.stdout
+
+
+def test_history_of_an_unknown_account_exits_1(ledger: WalletService) -> None:
+    result = walletq("--json", "history", "nobody")
+    assert result.exit_code == 1 and json_lines(result)[0]["error"]["code"] == "unknown_user"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(
+    ledger: WalletService, where: str
+) -> None:
+    args = ["--json", "verify"] if where == "before" else ["verify", "--json"]
+    result = walletq(*args)
+    assert result.exit_code == 0
+    [report] = json_lines(result)
+    assert report["ok"] is True
+    assert len(report["checks"]) == 6
+    assert all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in report["checks"])
+
+
+def test_verify_prints_a_table_for_people(ledger: WalletService) -> None:
+    result = walletq("verify")
+    assert result.exit_code == 0
+    assert "sum_of_balances_is_zero" in result.stdout and "all invariants hold" in result.stdout
+
+
+def test_verify_exits_non_zero_naming_the_account_whose_balance_was_corrupted(
+    ledger: WalletService,
+) -> None:
+    with ledger.engine.begin() as conn:
+        conn.execute(text("UPDATE accounts SET balance_minor = balance_minor - 7"
+                          " WHERE code = 'user:bob:available'"))
+    result = walletq("verify", "--json")
+    assert result.exit_code == 1
+    [report] = json_lines(result)
+    assert report["ok"] is False
+    failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers"}
+    assert "user:bob:available (balance 243, transfers 250)" in failed["balance_equals_transfers"]
+    assert "-7" in failed["sum_of_balances_is_zero"]
+    table = walletq("verify")
+    assert table.exit_code == 1
+    assert "FAILED" in table.stdout and "user:bob:available" in table.stdout
+    assert "invariants broken" in table.stdout
+
+
+def test_verify_names_the_escrow_that_disagrees_with_its_holds(ledger: WalletService) -> None:
+    with ledger.engine.begin() as conn:
+        conn.execute(text("UPDATE holds SET status = 'refunded', closed_by = opened_by"))
+    [report] = json_lines(walletq("--json", "verify"))
+    failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    assert set(failed) == {"escrow_equals_open_holds"}
+    assert "1 users disagree: alice (escrow 500, open holds 0)" == failed["escrow_equals_open_holds"]
+
+
+@pytest.mark.parametrize("args", [["schema"], ["--json", "schema"], ["schema", "--json"]])
+def test_schema_prints_the_json_schema_of_the_commands(
+    ledger: WalletService, args: list[str]
+) -> None:
+    result = walletq(*args)
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "walletq command"
+    assert "credit_wallet" in schema["discriminator"]["mapping"]
+
+
+def test_an_embedded_home_gets_its_schema_on_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("WALLETQ_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("WALLETQ_HOME", str(tmp_path / "fresh"))
+    settings_module.reset_settings()
+    try:
+        result = walletq("--json", "balances")
+        assert result.exit_code == 0 and result.stdout == ""
+        assert (tmp_path / "fresh" / "walletq.db").exists()
+        assert json_lines(walletq("--json", "verify"))[0]["ok"] is True
+    finally:
+        settings_module.reset_settings()
+        dispose_engines()
+
+
+def test_a_server_database_without_schema_asks_for_db_upgrade_which_creates_it(
+    pg_admin: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"walletq_empty_{uuid.uuid4().hex[:10]}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(servers.PG_URL).set(database=name).render_as_string(hide_password=False)
+    for key in list(os.environ):
+        if key.startswith("WALLETQ_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("WALLETQ_DATABASE_URL", url)
+    monkeypatch.setenv("WALLETQ_HOME", str(tmp_path))
+    settings_module.reset_settings()
+    try:
+        refused = walletq("balances")
+        assert refused.exit_code == 1 and "walletq db upgrade" in refused.stderr
+        upgraded = walletq("db", "upgrade", "--json")
+        assert upgraded.exit_code == 0, upgraded.output
+        assert json_lines(upgraded)[0]["ok"] is True
+        assert walletq("--json", "db", "upgrade").exit_code == 0  # twice is harmless
+        assert json_lines(walletq("verify", "--json"))[0]["ok"] is True
+    finally:
+        settings_module.reset_settings()
+        dispose_engines()
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_the_installed_walletq_command_runs_verify_in_its_own_process(ledger: WalletService) -> None:
+    settings = get_settings()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALLETQ_")}
+    env["WALLETQ_HOME"] = str(settings.home)
+    if not settings.embedded:
+        env["WALLETQ_DATABASE_URL"] = settings.database_url
+    walletq_bin = Path(sys.executable).parent / "walletq"
+    done = subprocess.run([str(walletq_bin), "verify", "--json"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+    balance = subprocess.run([str(walletq_bin), "--json", "balance", "alice"], env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert json.loads(balance.stdout) == {"user": "alice", "available": "92.50", "escrow": "5.00"}
