@@ -12,10 +12,9 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, column, insert, select, update, values
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.types import BigInteger
 
 from services import schema
 from services.atomic_transaction_manager import (
@@ -187,6 +186,11 @@ def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
 
 
 _VALUES_THRESHOLD = 8
+_UPDATE_FROM_ARRAYS = text(
+    "UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
+    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
+    "WHERE accounts.id = v.id"
+)
 
 
 def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
@@ -196,11 +200,11 @@ def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
         return
     a = schema.accounts
     if conn.dialect.name == "postgresql" and len(items) > _VALUES_THRESHOLD:
-        # One statement for many accounts (payout chunks): an UPDATE ... FROM (VALUES ...).
-        v = values(column("id", BigInteger), column("delta", BigInteger), name="v").data(items)
-        conn.execute(
-            update(a).where(a.c.id == v.c.id).values(balance_minor=a.c.balance_minor + v.c.delta)
-        )
+        # One statement for many accounts (payout chunks), its text the same whatever their
+        # number: two arrays unnested. (A VALUES list of 500 rows costs SQLAlchemy ~0.1 s
+        # to compile, every time: its text changes with its length.)
+        conn.execute(_UPDATE_FROM_ARRAYS, {"ids": [i for i, _ in items],
+                                           "deltas": [d for _, d in items]})
         return
     conn.execute(
         update(a)

@@ -14,6 +14,7 @@ impossible. The command stays `processing` until the last chunk writes `succeede
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import BigInteger, Boolean, Integer, Table, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import TextClause
 
 from services import command_store, schema
 from services.atomic_transaction_manager import (
@@ -194,6 +196,37 @@ def _funding_refusal(conn: Connection, from_account: str) -> BusinessRuleError |
 # --- one chunk --------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _unnest_insert(table: Table, names: tuple[str, ...], conflict: str) -> TextClause:
+    def array_type(name: str) -> str:
+        type_ = table.c[name].type
+        for kind, sql in ((BigInteger, "BIGINT"), (Integer, "INTEGER"), (Boolean, "BOOLEAN")):
+            if isinstance(type_, kind):
+                return f"{sql}[]"
+        return "TEXT[]"
+
+    arrays = ", ".join(f"CAST(:{name} AS {array_type(name)})" for name in names)
+    return text(f"INSERT INTO {table.name} ({', '.join(names)}) "
+                f"SELECT * FROM unnest({arrays}) {conflict}")
+
+
+def _insert_rows(conn: Connection, table: Table, columns: dict[str, list[Any]], *,
+                 conflict: str = "") -> None:
+    """Many rows in one statement whose text does not depend on their number (PostgreSQL:
+    one array per column, unnested), so it is compiled once and sent in one round trip."""
+    if not next(iter(columns.values())):
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(_unnest_insert(table, tuple(columns), conflict), columns)
+        return
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    if conflict:
+        insert_ignoring_conflicts(conn, table, rows, ["code"])
+    else:
+        conn.execute(insert(table), rows)
+
+
+
 @dataclass(frozen=True)
 class ChunkOutcome:
     paid: int
@@ -226,7 +259,11 @@ def _paid_before(conn: Connection, funding_id: int, references: list[str]) -> se
 def _open_wallets(conn: Connection, users: set[str]) -> dict[str, LockedAccount]:
     """New recipients' available accounts: opened (new rows sort last by id), then locked."""
     specs = [user_available(user) for user in sorted(users)]
-    insert_ignoring_conflicts(conn, schema.accounts, [spec.row() for spec in specs], ["code"])
+    _insert_rows(conn, schema.accounts, {
+        "code": [spec.code for spec in specs], "kind": [spec.kind for spec in specs],
+        "user_id": [spec.user_id for spec in specs],
+        "may_go_negative": [spec.may_go_negative for spec in specs],
+        "balance_minor": [0] * len(specs)}, conflict="ON CONFLICT (code) DO NOTHING")
     return _lock_existing(conn, [spec.code for spec in specs])
 
 
@@ -265,11 +302,12 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item]) -> Chunk
                                TRANSFER_KIND) for item in paid]
     started = TIMINGS.add("decide", started)
     _insert_outcomes(conn, batch, decisions, funding.id)
-    if transfers:
-        conn.execute(insert(schema.transfers), [
-            {"command_id": batch.command_id, "debit_account_id": t.debit.id,
-             "credit_account_id": t.credit.id, "amount_minor": t.amount_minor, "kind": t.kind}
-            for t in transfers])
+    _insert_rows(conn, schema.transfers, {
+        "command_id": [batch.command_id] * len(transfers),
+        "debit_account_id": [t.debit.id for t in transfers],
+        "credit_account_id": [t.credit.id for t in transfers],
+        "amount_minor": [t.amount_minor for t in transfers],
+        "kind": [t.kind for t in transfers]})
     started = TIMINGS.add("insert", started)
     deltas: dict[int, int] = {}
     for t in transfers:
@@ -285,17 +323,21 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item]) -> Chunk
 
 def _insert_outcomes(conn: Connection, batch: Batch, decisions: Sequence[Decision],
                      funding_id: int) -> None:
-    conn.execute(insert(schema.payout_items), [
-        {"command_id": batch.command_id, "item_index": d.item.index, "user_id": d.item.user,
-         "amount_minor": d.item.amount_minor, "reference": d.item.reference,
-         "outcome": d.outcome, "error_code": d.error_code}
-        for d in decisions])
-    references = [{"funding_account_id": funding_id, "reference": d.item.reference,
-                   "command_id": batch.command_id, "item_index": d.item.index}
-                  for d in decisions if d.outcome == "paid"]
-    if references:
-        # A reference paid before, by any batch, violates the primary key: loud, never twice.
-        conn.execute(insert(schema.payout_references), references)
+    _insert_rows(conn, schema.payout_items, {
+        "command_id": [batch.command_id] * len(decisions),
+        "item_index": [d.item.index for d in decisions],
+        "user_id": [d.item.user for d in decisions],
+        "amount_minor": [d.item.amount_minor for d in decisions],
+        "reference": [d.item.reference for d in decisions],
+        "outcome": [d.outcome for d in decisions],
+        "error_code": [d.error_code for d in decisions]})
+    paid = [d.item for d in decisions if d.outcome == "paid"]
+    # A reference paid before, by any batch, violates the primary key: loud, never twice.
+    _insert_rows(conn, schema.payout_references, {
+        "funding_account_id": [funding_id] * len(paid),
+        "reference": [item.reference for item in paid],
+        "command_id": [batch.command_id] * len(paid),
+        "item_index": [item.index for item in paid]})
 
 
 # --- progress, outcome, audit -----------------------------------------------------------
