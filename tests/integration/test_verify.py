@@ -1,0 +1,135 @@
+"""verify_ledger: each of the six invariants of DESIGN.md, and the account or command that breaks it."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from services.verify import verify_ledger
+from services.wallet_service import WalletService
+
+CHECKS = ["sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
+          "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique"]
+
+
+@pytest.fixture
+def busy(service: WalletService) -> WalletService:
+    """Every operation once, and a refusal."""
+    service.admin_create_tokens("1000.00", idempotency_key="mint")
+    service.admin_sell_tokens_to_user("alice", "100.00", idempotency_key="sale")
+    service.credit_wallet("bob", "10.00", idempotency_key="dep")
+    service.debit_wallet("bob", "1.00", idempotency_key="wd")
+    service.transfer_tokens_between_users("alice", "bob", "5.00", idempotency_key="t-1")
+    service.transfer_to_escrow("o-1", "alice", "bob", "20.00", idempotency_key="h-1")
+    service.transfer_to_escrow("o-2", "alice", "carol", "7.00", idempotency_key="h-2")
+    service.transfer_to_escrow("o-3", "bob", "alice", "3.00", idempotency_key="h-3")
+    service.release_from_escrow("o-1", idempotency_key="r-1")
+    service.refund_from_escrow("o-2", idempotency_key="f-2")
+    service.user_sell_tokens_to_admin("alice", "1.00", idempotency_key="cash")
+    with pytest.raises(Exception, match="holds"):
+        service.debit_wallet("bob", "1000.00", idempotency_key="wd-too-much")
+    return service
+
+
+def failures(engine: Engine) -> dict[str, str]:
+    return {c.name: c.detail for c in verify_ledger(engine, 2) if not c.ok}
+
+
+def sql(engine: Engine, *statements: str) -> None:
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+
+
+def test_a_ledger_after_every_operation_passes_all_six_checks(busy: WalletService, engine: Engine) -> None:
+    checks = verify_ledger(engine, 2)
+    assert [c.name for c in checks] == CHECKS
+    assert all(c.ok for c in checks), checks
+    details = {c.name: c.detail for c in checks}
+    assert details["sum_of_balances_is_zero"] == "sum of all balances = 0 minor units"
+    assert details["commands_have_their_transfers"] == (
+        "12 commands have exactly the transfers their outcome implies")
+
+
+def test_an_empty_ledger_passes(engine: Engine) -> None:
+    assert all(c.ok for c in verify_ledger(engine, 2))
+
+
+def test_a_balance_edited_behind_the_ledgers_back_is_named(busy: WalletService, engine: Engine) -> None:
+    sql(engine, "UPDATE accounts SET balance_minor = balance_minor + 5 WHERE code = 'platform:fees'")
+    failed = failures(engine)
+    assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers"}
+    assert failed["sum_of_balances_is_zero"] == "sum of all balances = 5 minor units"
+    assert failed["balance_equals_transfers"] == (
+        "1 accounts disagree: platform:fees (balance 205, transfers 200)")
+
+
+def test_a_negative_balance_that_got_past_a_dropped_constraint_is_named(
+    busy: WalletService, engine: Engine
+) -> None:
+    sql(engine, "ALTER TABLE accounts DROP CONSTRAINT ck_accounts_balance_nonnegative",
+        "UPDATE accounts SET balance_minor = -1 WHERE code = 'user:bob:available'")
+    failed = failures(engine)
+    assert failed["no_forbidden_negative_balance"] == (
+        "1 accounts below zero: user:bob:available (-1)")
+
+
+def test_an_escrow_that_disagrees_with_its_open_holds_is_named(
+    busy: WalletService, engine: Engine
+) -> None:
+    sql(engine, "UPDATE holds SET status = 'released', closed_by = opened_by WHERE hold_id = 'o-3'")
+    assert failures(engine) == {
+        "escrow_equals_open_holds": "1 users disagree: bob (escrow 300, open holds 0)"}
+
+
+def test_a_succeeded_command_whose_transfers_do_not_match_its_payload_is_named(
+    busy: WalletService, engine: Engine
+) -> None:
+    sql(engine, "UPDATE commands SET payload = replace(payload, '\"5.00\"', '\"6.00\"')"
+                " WHERE idempotency_key = 't-1'")
+    assert failures(engine) == {"commands_have_their_transfers": (
+        "1 commands disagree: t-1 (transfer_tokens_between_users succeeded: "
+        "1 transfers of 500 minor units)")}
+
+
+def test_a_refused_command_with_transfers_is_named(busy: WalletService, engine: Engine) -> None:
+    sql(engine, "UPDATE commands SET status = 'rejected', error_code = 'internal'"
+                " WHERE idempotency_key = 'dep'")
+    detail = failures(engine)["commands_have_their_transfers"]
+    assert detail == "1 commands disagree: dep (credit_wallet rejected: 1 transfers)"
+
+
+def test_a_succeeded_command_without_its_transfers_is_named(busy: WalletService, engine: Engine) -> None:
+    sql(engine, "UPDATE commands SET status = 'succeeded', error_code = NULL"
+                " WHERE idempotency_key = 'wd-too-much'")
+    assert "wd-too-much (debit_wallet succeeded: 0 transfers of 0 minor units)" in (
+        failures(engine)["commands_have_their_transfers"])
+
+
+def test_a_release_that_moved_less_than_its_hold_is_named(busy: WalletService, engine: Engine) -> None:
+    sql(engine, "UPDATE holds SET amount_minor = 2100 WHERE hold_id = 'o-1'")
+    assert "hold o-1 (amount 2100, opened 2000, closed 2000)" in (
+        failures(engine)["commands_have_their_transfers"])
+
+
+def test_a_repeated_idempotency_key_that_got_past_a_dropped_constraint_is_named(
+    busy: WalletService, engine: Engine
+) -> None:
+    sql(engine, "ALTER TABLE commands DROP CONSTRAINT uq_commands_idempotency_key",
+        "INSERT INTO commands (idempotency_key, type, payload, payload_hash, status)"
+        " SELECT idempotency_key, type, payload, payload_hash, 'processing' FROM commands"
+        " WHERE idempotency_key = 'mint'")
+    assert failures(engine) == {"idempotency_keys_unique": "1 keys repeated: mint (2 times)"}
+
+
+def test_many_offenders_are_named_ten_at_a_time_and_then_counted(
+    service: WalletService, engine: Engine
+) -> None:
+    for i in range(13):
+        service.credit_wallet(f"user{i:02d}", "1.00", idempotency_key=f"dep-{i}")
+    sql(engine, "UPDATE accounts SET balance_minor = 7 WHERE code LIKE 'user:%'")
+    detail = failures(engine)["balance_equals_transfers"]
+    assert detail.startswith("13 accounts disagree: user:user00:available (balance 7, transfers 100)")
+    assert detail.endswith("and 3 more")
+    assert "user:user09:available" in detail and "user:user10:available" not in detail
