@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import update
@@ -103,11 +104,12 @@ def record_accepted_many(
     for start in range(0, len(commands), CHUNK_COMMANDS_MAX):
         chunk = commands[start:start + CHUNK_COMMANDS_MAX]
         answers.extend(run_transaction(engine, settings, f"accept {len(chunk)} commands",
-                                       lambda conn, chunk=chunk: _accept_chunk(conn, chunk)))
+                                       partial(_accept_chunk, chunk=chunk)))
     return answers
 
 
-def _accept_chunk(conn: Connection, chunk: Sequence[Command]) -> list[Accepted | BusinessRuleError]:
+def _accept_chunk(conn: Connection, *, chunk: Sequence[Command]
+                  ) -> list[Accepted | BusinessRuleError]:
     answers: list[Accepted | BusinessRuleError] = []
     for command in chunk:
         try:
