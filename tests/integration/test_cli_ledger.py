@@ -47,14 +47,19 @@ def json_lines(result: Result) -> list[Any]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
+def both_orders(*args: str) -> list[Any]:
+    """The command's JSON lines, the same with --json before the command and after it."""
+    before, after = walletq("--json", *args), walletq(*args, "--json")
+    assert before.exit_code == after.exit_code == 0, (before.output, after.output)
+    assert before.stdout == after.stdout
+    return json_lines(before)
+
+
 def test_balance_prints_available_and_escrow_as_json_with_json_before_or_after(
-    ledger: WalletService, where: str
+    ledger: WalletService,
 ) -> None:
-    args = ["--json", "balance", "alice"] if where == "before" else ["balance", "alice", "--json"]
-    result = walletq(*args)
-    assert result.exit_code == 0, result.output
-    assert json_lines(result) == [{"user": "alice", "available": "92.50", "escrow": "5.00"}]
+    assert both_orders("balance", "alice") == [
+        {"user": "alice", "available": "92.50", "escrow": "5.00"}]
 
 
 def test_balance_prints_a_table_for_people(ledger: WalletService) -> None:
@@ -73,12 +78,8 @@ def test_the_balance_of_an_unknown_user_exits_1_with_the_error_code(ledger: Wall
     assert plain.exit_code == 1 and "nobody" in plain.stderr
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_balances_prints_one_json_object_per_account(ledger: WalletService, where: str) -> None:
-    args = ["--json", "balances"] if where == "before" else ["balances", "--json"]
-    result = walletq(*args)
-    assert result.exit_code == 0
-    assert json_lines(result) == [
+def test_balances_prints_one_json_object_per_account(ledger: WalletService) -> None:
+    assert both_orders("balances") == [
         {"account": "platform:treasury", "balance": "900.00"},
         {"account": "system:issuance", "balance": "-1000.00"},
         {"account": "user:alice:available", "balance": "92.50"},
@@ -93,10 +94,8 @@ def test_balances_prints_a_table_for_people(ledger: WalletService) -> None:
     assert "platform:treasury" in result.stdout and "-1000.00" in result.stdout
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_history_prints_an_accounts_transfers_newest_first(ledger: WalletService, where: str) -> None:
-    args = ["--json", "history", "alice"] if where == "before" else ["history", "alice", "--json"]
-    rows = json_lines(walletq(*args))
+def test_history_prints_an_accounts_transfers_newest_first(ledger: WalletService) -> None:
+    rows = both_orders("history", "alice")
     assert [(r["idempotency_key"], r["kind"], r["amount"]) for r in rows] == [
         ("h-1", "hold", "-5.00"), ("t-1", "transfer", "-2.50"), ("sale", "sale", "100.00")]
     assert set(rows[0]) == {"transfer_id", "at", "kind", "debit", "credit", "amount",
@@ -116,14 +115,8 @@ def test_history_of_an_unknown_account_exits_1(ledger: WalletService) -> None:
     assert result.exit_code == 1 and json_lines(result)[0]["error"]["code"] == "unknown_user"
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(
-    ledger: WalletService, where: str
-) -> None:
-    args = ["--json", "verify"] if where == "before" else ["verify", "--json"]
-    result = walletq(*args)
-    assert result.exit_code == 0
-    [report] = json_lines(result)
+def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(ledger: WalletService) -> None:
+    [report] = both_orders("verify")
     assert report["ok"] is True
     assert len(report["checks"]) == 6
     assert all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in report["checks"])
@@ -164,12 +157,11 @@ def test_verify_names_the_escrow_that_disagrees_with_its_holds(ledger: WalletSer
     assert "1 users disagree: alice (escrow 500, open holds 0)" == failed["escrow_equals_open_holds"]
 
 
-@pytest.mark.parametrize("args", [["schema"], ["--json", "schema"], ["schema", "--json"]])
-def test_schema_prints_the_json_schema_of_the_commands(
-    ledger: WalletService, args: list[str]
-) -> None:
-    result = walletq(*args)
+def test_schema_prints_the_json_schema_of_the_commands(ledger: WalletService) -> None:
+    result = walletq("schema")
     assert result.exit_code == 0, result.output
+    for args in (["--json", "schema"], ["schema", "--json"]):
+        assert walletq(*args).stdout == result.stdout
     schema = json.loads(result.stdout)
     assert schema["title"] == "walletq command"
     assert "credit_wallet" in schema["discriminator"]["mapping"]
@@ -221,12 +213,15 @@ def test_a_server_database_without_schema_asks_for_db_upgrade_which_creates_it(
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def test_the_installed_walletq_command_runs_verify_in_its_own_process(ledger: WalletService) -> None:
-    settings = get_settings()
+def test_the_installed_walletq_command_runs_verify_in_its_own_process(
+    walletq_env: dict[str, str],
+) -> None:
+    service = WalletService(get_engine(get_settings()), get_settings())
+    service.credit_wallet("alice", "92.50")
+    service.transfer_to_escrow("o-1", "alice", "bob", "5.00")
+    service.credit_wallet("alice", "5.00")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALLETQ_")}
-    env["WALLETQ_HOME"] = str(settings.home)
-    if not settings.embedded:
-        env["WALLETQ_DATABASE_URL"] = settings.database_url
+    env.update(walletq_env)
     walletq_bin = Path(sys.executable).parent / "walletq"
     done = subprocess.run([str(walletq_bin), "verify", "--json"], env=env, capture_output=True,
                           text=True, timeout=60, check=False)

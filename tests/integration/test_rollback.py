@@ -150,18 +150,15 @@ def test_the_check_constraint_refuses_a_negative_balance_when_the_services_check
 
 
 @pytest.mark.parametrize("table", ["transfers", "audit_events"])
-@pytest.mark.parametrize(
-    "statement",
-    ["UPDATE {table} SET created_at = now()", "DELETE FROM {table}",
-     "DELETE FROM {table} WHERE id = (SELECT max(id) FROM {table})"],
-)
 def test_transfers_and_audit_events_are_append_only(
-    held: WalletService, engine: Engine, table: str, statement: str
+    held: WalletService, engine: Engine, table: str
 ) -> None:
     rows_before = count(engine, table)
     assert rows_before > 0
-    with pytest.raises(DBAPIError, match=f"{table} is append-only"), engine.begin() as conn:
-        conn.execute(text(statement.format(table=table)))
+    for statement in ("UPDATE {table} SET created_at = now()", "DELETE FROM {table}",
+                      "DELETE FROM {table} WHERE id = (SELECT max(id) FROM {table})"):
+        with pytest.raises(DBAPIError, match=f"{table} is append-only"), engine.begin() as conn:
+            conn.execute(text(statement.format(table=table)))
     assert count(engine, table) == rows_before
 
 
