@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
+from celery.exceptions import InvalidTaskError
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.worker.request import Request
 
 import celeryconfig
 from services.db import dispose_engines
@@ -27,9 +29,32 @@ EXECUTE_TASK = "walletq.execute_command"
 SWEEP_TASK = "walletq.sweep"
 
 
+class CheckedRequest(Request):
+    """A task request whose malformed envelope is refused instead of killing the worker.
+
+    Celery builds the request in the worker's main process; a body that is not
+    `[args, kwargs, embed]` (or a header of the wrong type) raises ValueError/TypeError
+    there, which Celery treats as unrecoverable: the worker stops and the message goes
+    back to the queue to stop the next worker too. As InvalidTaskError it is logged,
+    rejected without requeue (acknowledged), and the worker goes on.
+    """
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidTaskError(f"malformed task message: {exc!r}") from exc
+
+
+class WalletqTask(Task):
+    """The base of every walletq task (see CheckedRequest)."""
+
+    Request = CheckedRequest
+
+
 def make_app(env: Mapping[str, str] | None = None) -> Celery:
     """A Celery app for this environment (the producer client builds its own from the env)."""
-    celery_app = Celery("walletq", set_as_current=env is None)
+    celery_app = Celery("walletq", set_as_current=env is None, task_cls=WalletqTask)
     celery_app.conf.update(celeryconfig.build_config(env))
     return celery_app
 
