@@ -100,6 +100,9 @@ def _fee_rate(env: Mapping[str, str]) -> Decimal | None:
         raise SettingsError(f"WALLETQ_FEE_RATE={raw!r} is not a decimal") from None
     if not rate.is_finite() or not Decimal(0) <= rate <= Decimal(1):
         raise SettingsError(f"WALLETQ_FEE_RATE={raw!r} must lie between 0 and 1")
+    # As a command's fee_rate: a hold stores the rate as text of at most 20 characters.
+    if rate.as_tuple().exponent < -6:  # type: ignore[operator]
+        raise SettingsError(f"WALLETQ_FEE_RATE={raw!r} has more than 6 decimal places")
     return rate
 
 

@@ -416,3 +416,20 @@ def test_history_lists_an_accounts_transfers_newest_first_signed_from_its_side(
     assert len(funded.history(avail("alice"), limit=1)) == 1
     with pytest.raises(UnknownUserError):
         funded.history("user:nobody:available")
+
+
+def test_release_without_a_fee_rate_uses_the_configured_walletq_fee_rate(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services import settings as settings_module
+
+    monkeypatch.setenv("WALLETQ_FEE_RATE", "0.035")
+    settings_module.reset_settings()
+    service = WalletService(engine, settings_module.get_settings())
+    service.credit_wallet("alice", "100.00", idempotency_key="dep")
+    service.transfer_to_escrow("o-1", "alice", "bob", "10.50", idempotency_key="hold")
+    result = service.release_from_escrow("o-1", idempotency_key="done")
+    # 3.5% of 10.50 is 0.3675 → 0.37 (nearest; no tie), and 10.13 + 0.37 = 10.50.
+    assert (result["fee_rate"], result["fee"], result["payee_amount"]) == ("0.035", "0.37", "10.13")
+    assert hold(engine, "o-1")["fee_rate"] == "0.035"  # type: ignore[index]
+    assert_ledger_holds(engine)

@@ -74,6 +74,8 @@ def test_an_empty_variable_counts_as_unset() -> None:
         ({"WALLETQ_FEE_RATE": "-0.1"}, "between 0 and 1"),
         ({"WALLETQ_FEE_RATE": "NaN"}, "between 0 and 1"),
         ({"WALLETQ_FEE_RATE": "Infinity"}, "between 0 and 1"),
+        ({"WALLETQ_FEE_RATE": "0.1234567"}, "more than 6 decimal places"),
+        ({"WALLETQ_FEE_RATE": "0.100000000000000000001"}, "more than 6 decimal places"),
         ({"WALLETQ_AMOUNT_MAX": "lots"}, "not a decimal"),
         ({"WALLETQ_AMOUNT_MAX": "0"}, "out of range"),
         ({"WALLETQ_AMOUNT_MAX": "-5"}, "out of range"),
