@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
+from services import settings as settings_module
 from services.atomic_transaction_manager import (
     FinancialIntegrityError,
     HoldExistsError,
@@ -421,8 +422,6 @@ def test_history_lists_an_accounts_transfers_newest_first_signed_from_its_side(
 def test_release_without_a_fee_rate_uses_the_configured_walletq_fee_rate(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from services import settings as settings_module
-
     monkeypatch.setenv("WALLETQ_FEE_RATE", "0.035")
     settings_module.reset_settings()
     service = WalletService(engine, settings_module.get_settings())
