@@ -302,6 +302,9 @@ def validate_balance_integrity(
         )
 
 
+_INSERT_AUDIT = insert(schema.audit_events)
+
+
 def log_financial_operation(
     conn: Connection,
     *,
@@ -325,5 +328,5 @@ def log_financial_operation(
         "error_code": (error or {}).get("code"),
         "detail": {**(detail or {}), **({"error": error} if error else {})},
     }
-    conn.execute(insert(schema.audit_events).values(**row))
+    conn.execute(_INSERT_AUDIT, row)
     audit_log.info(json.dumps({"event": "financial_operation", **row}, default=str))

@@ -72,7 +72,7 @@ def execute_command(
     command = parse_command(raw)
     key = command.idempotency_key
     record = run_transaction(
-        engine, settings, f"claim {key}", lambda conn: command_store.lock_or_create(conn, command)
+        engine, settings, f"claim {key}", lambda conn: command_store.claim(conn, command)
     )
     if record.terminal:
         return record
@@ -99,22 +99,16 @@ def _apply(conn: Connection, command: Command, settings: Settings) -> CommandRec
         return _reject(conn, record, exc)
     except IntegrityError as exc:
         raise _integrity_failure(exc, command) from exc
-    command_store.finish(conn, record.id, "succeeded", result=effect.result)
+    finished = command_store.finish(conn, record.id, "succeeded", result=effect.result)
     _audit(conn, record, "succeeded", effect)
-    return _reload(conn, record)
+    return finished
 
 
 def _reject(conn: Connection, record: CommandRecord, exc: BusinessRuleError) -> CommandRecord:
     error = exc.to_dict()
-    command_store.finish(conn, record.id, "rejected", error=error)
+    finished = command_store.finish(conn, record.id, "rejected", error=error)
     _audit(conn, record, "rejected", None, error=error, ids=exc.ids)
-    return _reload(conn, record)
-
-
-def _reload(conn: Connection, record: CommandRecord) -> CommandRecord:
-    fresh = command_store.get_record(conn, record.idempotency_key)
-    assert fresh is not None
-    return fresh
+    return finished
 
 
 def _audit(conn: Connection, record: CommandRecord, outcome: str, effect: Effect | None,
@@ -161,9 +155,9 @@ def record_failure(
         record = command_store.lock_record(conn, key)
         if record is None or record.terminal:
             return record
-        command_store.finish(conn, record.id, "failed", error=error_dict)
+        failed = command_store.finish(conn, record.id, "failed", error=error_dict)
         _audit(conn, record, "failed", None, error=error_dict)
-        return _reload(conn, record)
+        return failed
 
     return run_transaction(engine, settings, f"fail {key}", body)
 

@@ -6,13 +6,15 @@ forward (accepted → processing → succeeded | rejected | failed; failed may r
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import DateTime, and_, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from services import schema
@@ -23,6 +25,7 @@ from services.ledger import insert_ignoring_conflicts
 __all__ = [
     "TERMINAL",
     "CommandRecord",
+    "claim",
     "lock_or_create",
     "finish",
     "get_record",
@@ -118,11 +121,7 @@ def lock_or_create(
     )
     record = _locked(conn, command.idempotency_key)
     if record.payload_hash != digest:
-        raise IdempotencyConflictError(
-            f"idempotency key {command.idempotency_key!r} was used for another payload "
-            f"({record.type}, {record.status})",
-            idempotency_key=command.idempotency_key,
-        )
+        raise _conflict(command, record)
     if record.terminal:
         return record
     changes: dict[str, Any] = {"updated_at": _now()}
@@ -134,16 +133,77 @@ def lock_or_create(
     return _locked(conn, command.idempotency_key)
 
 
+@functools.cache
+def _claim_statement(dialect_name: str) -> Any:
+    """Built once per dialect: statement construction costs more than its round trip."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    now = bindparam("now", type_=DateTime(timezone=True))
+    stmt = dialect.insert(_c).values(
+        idempotency_key=bindparam("key"), type=bindparam("type"), payload=bindparam("payload"),
+        payload_hash=bindparam("digest"), status="processing", attempts=1, created_at=now,
+        updated_at=now,
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=["idempotency_key"],
+        set_={"status": "processing", "attempts": _c.c.attempts + 1, "updated_at": now},
+        where=and_(_c.c.payload_hash == stmt.excluded.payload_hash,
+                   _c.c.status.not_in(sorted(TERMINAL))),
+    ).returning(*_c.c)
+
+
+def claim(conn: Connection, command: Command) -> CommandRecord:
+    """Record the command (or find it) as `processing`, count the attempt, lock its row.
+
+    One INSERT ... ON CONFLICT DO UPDATE ... RETURNING on the common path; the update is
+    skipped (and the row read back unlocked) when the key holds another payload, raised
+    as IdempotencyConflictError, or a terminal outcome, which is returned as stored.
+    """
+    canonical = canonical_payload(command)
+    digest = payload_hash(canonical)
+    row = conn.execute(
+        _claim_statement(conn.dialect.name),
+        {"key": command.idempotency_key, "type": command.type, "payload": canonical,
+         "digest": digest, "now": _now()},
+    ).one_or_none()
+    if row is not None:
+        return CommandRecord.from_row(row)
+    record = get_record(conn, command.idempotency_key)
+    assert record is not None, "a key that conflicted has no row"
+    if record.payload_hash != digest:
+        raise _conflict(command, record)
+    assert record.terminal, "an upsert skipped a non-terminal command"
+    return record
+
+
+def _conflict(command: Command, record: CommandRecord) -> IdempotencyConflictError:
+    return IdempotencyConflictError(
+        f"idempotency key {command.idempotency_key!r} was used for another payload "
+        f"({record.type}, {record.status})",
+        idempotency_key=command.idempotency_key,
+    )
+
+
+_LOCK_BY_KEY = select(_c).where(_c.c.idempotency_key == bindparam("key")).with_for_update()
+
+
 def _locked(conn: Connection, key: str) -> CommandRecord:
-    row = conn.execute(select(_c).where(_c.c.idempotency_key == key).with_for_update()).one()
-    return CommandRecord.from_row(row)
+    return CommandRecord.from_row(conn.execute(_LOCK_BY_KEY, {"key": key}).one())
 
 
 def lock_record(conn: Connection, key: str) -> CommandRecord | None:
-    row = conn.execute(
-        select(_c).where(_c.c.idempotency_key == key).with_for_update()
-    ).one_or_none()
+    row = conn.execute(_LOCK_BY_KEY, {"key": key}).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
+
+
+_FINISH = (
+    update(_c)
+    .where(_c.c.id == bindparam("command_id"), _c.c.status.not_in(sorted(TERMINAL)))
+    .values(status=bindparam("status"), result=bindparam("result", type_=_c.c.result.type),
+            error_code=bindparam("error_code"), error_message=bindparam("error_message"),
+            updated_at=bindparam("now", type_=DateTime(timezone=True)),
+            completed_at=bindparam("completed_at", type_=DateTime(timezone=True)))
+    .returning(*_c.c)
+)
 
 
 def finish(
@@ -153,23 +213,21 @@ def finish(
     *,
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
-) -> None:
+) -> CommandRecord:
     """Write a command's outcome; in the transaction of its effects, so both or neither."""
     now = _now()
-    done = conn.execute(
-        update(_c)
-        .where(_c.c.id == command_id, _c.c.status.not_in(sorted(TERMINAL)))
-        .values(
-            status=status,
-            result=result,
-            error_code=None if error is None else error["code"],
-            error_message=None if error is None else str(error["message"])[:2000],
-            updated_at=now,
-            completed_at=now if status in TERMINAL else None,
-        )
-    )
-    if done.rowcount != 1:
+    row = conn.execute(_FINISH, {
+        "command_id": command_id,
+        "status": status,
+        "result": result,
+        "error_code": None if error is None else error["code"],
+        "error_message": None if error is None else str(error["message"])[:2000],
+        "now": now,
+        "completed_at": now if status in TERMINAL else None,
+    }).one_or_none()
+    if row is None:
         raise AssertionError(f"Bug! command {command_id} finished twice")
+    return CommandRecord.from_row(row)
 
 
 def get_record(conn: Connection, key: str) -> CommandRecord | None:

@@ -33,7 +33,9 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     return create_engine(
         url,
         connect_args=connect_args,
-        pool_pre_ping=True,
+        # No pre-ping round trip per checkout: a connection found dead mid-transaction is
+        # invalidated and the whole transaction re-run by execute_with_retry.
+        pool_recycle=1800,
         pool_size=kwargs.pop("pool_size", 10),
         max_overflow=kwargs.pop("max_overflow", 20),
         isolation_level="READ COMMITTED",

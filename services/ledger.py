@@ -112,23 +112,38 @@ def lock_accounts(
     An account that is missing and may not be opened belongs to an unknown user.
     """
     wanted = {spec.code: spec for spec in specs}
-    to_open = [wanted[code].row() for code in sorted(open_missing) if code in wanted]
+    locked = _select_for_update(conn, sorted(wanted))
+    # Open what is missing (usually nothing), then lock the whole set again in id order.
+    to_open = [wanted[code].row() for code in sorted(open_missing)
+               if code in wanted and code not in locked]
     if to_open:
         insert_ignoring_conflicts(conn, schema.accounts, to_open, ["code"])
-    a = schema.accounts
-    rows = conn.execute(
-        select(a.c.id, a.c.code, a.c.user_id, a.c.balance_minor, a.c.may_go_negative)
-        .where(a.c.code.in_(sorted(wanted)))
-        .order_by(a.c.id)
-        .with_for_update()
-    ).all()
-    locked = {row.code: LockedAccount(*row) for row in rows}
+        locked = _select_for_update(conn, sorted(wanted))
     for code, spec in sorted(wanted.items()):
         if code not in locked:
             if spec.user_id is None:
                 raise TransactionIntegrityError(f"system account {code} is missing", account=code)
             raise UnknownUserError(f"user {spec.user_id!r} has no wallet", user=spec.user_id)
     return locked
+
+
+_a = schema.accounts
+_LOCK_ACCOUNTS = (
+    select(_a.c.id, _a.c.code, _a.c.user_id, _a.c.balance_minor, _a.c.may_go_negative)
+    .where(_a.c.code.in_(bindparam("codes", expanding=True)))
+    .order_by(_a.c.id)
+    .with_for_update()
+)
+_INSERT_TRANSFER = insert(schema.transfers).values(
+    command_id=bindparam("command_id"), debit_account_id=bindparam("debit_id"),
+    credit_account_id=bindparam("credit_id"), amount_minor=bindparam("amount_minor"),
+    kind=bindparam("kind"),
+)
+
+
+def _select_for_update(conn: Connection, codes: list[str]) -> dict[str, LockedAccount]:
+    rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
+    return {row.code: LockedAccount(*row) for row in rows}
 
 
 @dataclass(frozen=True)
@@ -174,18 +189,11 @@ def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
     apply_balance_deltas(conn, {debit.id: -transfer.amount_minor, credit.id: transfer.amount_minor})
     debit.balance_minor -= transfer.amount_minor
     credit.balance_minor += transfer.amount_minor
-    conn.execute(
-        insert(schema.transfers).values(
-            command_id=command_id,
-            debit_account_id=debit.id,
-            credit_account_id=credit.id,
-            amount_minor=transfer.amount_minor,
-            kind=transfer.kind,
-        )
-    )
+    conn.execute(_INSERT_TRANSFER, {"command_id": command_id, "debit_id": debit.id,
+                                    "credit_id": credit.id, "amount_minor": transfer.amount_minor,
+                                    "kind": transfer.kind})
 
 
-_VALUES_THRESHOLD = 8
 _UPDATE_FROM_ARRAYS = text(
     "UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
     "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
@@ -199,10 +207,10 @@ def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     if not items:
         return
     a = schema.accounts
-    if conn.dialect.name == "postgresql" and len(items) > _VALUES_THRESHOLD:
-        # One statement for many accounts (payout chunks), its text the same whatever their
-        # number: two arrays unnested. (A VALUES list of 500 rows costs SQLAlchemy ~0.1 s
-        # to compile, every time: its text changes with its length.)
+    if conn.dialect.name == "postgresql" and len(items) > 1:
+        # One statement (one round trip) for both legs of a transfer or a payout chunk's
+        # many accounts, its text the same whatever their number: two arrays unnested.
+        # (A VALUES list of 500 rows costs SQLAlchemy ~0.1 s to compile, every time.)
         conn.execute(_UPDATE_FROM_ARRAYS, {"ids": [i for i, _ in items],
                                            "deltas": [d for _, d in items]})
         return
