@@ -15,8 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
-    ForeignKeyConstraint,
-    Index,
+        Index,
     Integer,
     MetaData,
     String,
@@ -26,7 +25,7 @@ from sqlalchemy import (
 )
 
 __all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events",
-           "payout_batches", "payout_items", "payout_references"]
+           "payout_batches", "payout_items"]
 
 ID_LENGTH_MAX = 200
 ACCOUNT_CODE_LENGTH_MAX = 220
@@ -210,24 +209,15 @@ payout_items = Table(
     Column("reference", String(ID_LENGTH_MAX), nullable=False),
     Column("outcome", String(10), nullable=False),
     Column("error_code", String(40)),
+    # The batch's funding account (migration 0003): a reference is paid at most once per
+    # funding account, across every batch — the partial unique index below.
+    Column("funding_account_id", BigId, nullable=False),
     CheckConstraint("item_index >= 0", name="index_nonnegative"),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint("outcome IN ('paid', 'rejected', 'duplicate')", name="outcome"),
     CheckConstraint("(outcome = 'rejected') = (error_code IS NOT NULL)", name="error_iff_rejected"),
     CheckConstraint("length(user_id) >= 1 AND length(reference) >= 1", name="ids_length"),
 )
-
-# A reference is paid at most once per funding account, across every batch: the primary key.
-payout_references = Table(
-    "payout_references",
-    metadata,
-    Column("funding_account_id", BigId, ForeignKey("accounts.id"), primary_key=True,
-           autoincrement=False),
-    Column("reference", String(ID_LENGTH_MAX), primary_key=True),
-    Column("command_id", BigId, nullable=False),
-    Column("item_index", Integer, nullable=False),
-    ForeignKeyConstraint(["command_id", "item_index"],
-                         ["payout_items.command_id", "payout_items.item_index"],
-                         name="fk_payout_references_item_payout_items"),
-    CheckConstraint("length(reference) >= 1", name="reference_length"),
-)
+Index("uq_payout_items_paid_reference", payout_items.c.funding_account_id,
+      payout_items.c.reference, unique=True, postgresql_where=payout_items.c.outcome == "paid",
+      sqlite_where=payout_items.c.outcome == "paid")
