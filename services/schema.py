@@ -201,8 +201,9 @@ payout_batches = Table(
 payout_items = Table(
     "payout_items",
     metadata,
-    Column("command_id", BigId, ForeignKey("payout_batches.command_id"), primary_key=True,
-           autoincrement=False),
+    # No foreign key to payout_batches (migration 0003: ~8 us per item): only the chunk
+    # holding its batch's row writes items, and verify counts them against the batch.
+    Column("command_id", BigId, primary_key=True, autoincrement=False),
     Column("item_index", Integer, primary_key=True, autoincrement=False),
     Column("user_id", String(ID_LENGTH_MAX), nullable=False),
     Column("amount_minor", BigInteger, nullable=False),
