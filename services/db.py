@@ -33,8 +33,9 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     return create_engine(
         url,
         connect_args=connect_args,
-        # No pre-ping round trip per checkout: a connection found dead mid-transaction is
-        # invalidated and the whole transaction re-run by execute_with_retry.
+        # A pooled connection the server dropped (restart, pg_terminate_backend) is replaced
+        # at checkout: reads have no retry loop around them. One round trip per checkout.
+        pool_pre_ping=True,
         pool_recycle=1800,
         pool_size=kwargs.pop("pool_size", 10),
         max_overflow=kwargs.pop("max_overflow", 20),
