@@ -19,13 +19,14 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services.atomic_transaction_manager import (
     ConcurrentOperationError,
     FinancialIntegrityError,
     IdempotencyConflictError,
     InvalidCommandError,
+    is_transient,
 )
 from services.command_executor import execute_command, record_failure
 from services.commands import parse_command
@@ -80,6 +81,12 @@ def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         record_refused(raw, exc)
         return None
     except (ConcurrentOperationError, DBAPIError) as exc:
+        if not _retryable(exc):
+            # A missing table, a value out of range, a broken constraint: a bug or bad
+            # deployment that no retry mends. Recorded failed (internal), loudly.
+            log.error("%s failed on a permanent database error: %s", key, exc)
+            _give_up(key, exc)
+            return None
         if self.request.retries < self.max_retries:
             log.info("%s: %s; Celery retry %d of %d", key, exc, self.request.retries + 1,
                      self.max_retries)
@@ -93,13 +100,22 @@ def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
     return {"idempotency_key": key, "status": record.status}
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Transient by SQLSTATE, or the database unreachable (an outage outlives in-process retries)."""
+    if isinstance(exc, ConcurrentOperationError):
+        return True
+    return is_transient(exc) or isinstance(exc, OperationalError | InterfaceError)
+
+
 def _give_up(key: str, exc: BaseException) -> None:
     """Record the command `failed`; if even that is impossible, the sweep finds it later."""
     if isinstance(exc, FinancialIntegrityError):
         error: FinancialIntegrityError | dict[str, Any] = exc
-    elif isinstance(exc, DBAPIError):
+    elif isinstance(exc, DBAPIError) and _retryable(exc):
         error = {"code": "concurrent_operation",
                  "message": f"database error outlasted the retries: {str(exc.orig)[:500]}"}
+    elif isinstance(exc, DBAPIError):
+        error = {"code": "internal", "message": f"database refused: {str(exc.orig)[:500]}"}
     else:
         error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:500]}
     try:
