@@ -62,9 +62,10 @@ class Bench:
             "WALLETQ_BROKER_URL": BROKER_URL,
             "WALLETQ_QUEUE_PREFIX": f"bench{self.tag}.",
             "WALLETQ_HOME": str(self.folder / "home"),
-            "WALLETQ_PAYOUT_CHUNK_ITEMS": str(args.chunk),
             "WALLETQ_STATEMENT_TIMEOUT_MS": "120000",
         }
+        if args.chunk is not None:
+            self.env["WALLETQ_PAYOUT_CHUNK_ITEMS"] = str(args.chunk)
         self.worker: subprocess.Popen[bytes] | None = None
 
     # --- set-up and tear-down -----------------------------------------------------------
@@ -265,7 +266,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
-    parser.add_argument("--chunk", type=int, default=500)
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="items per chunk (default: WALLETQ_PAYOUT_CHUNK_ITEMS or its default)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--sync", action="store_true", help="no queue: run in this process")
     args = parser.parse_args()
@@ -276,6 +278,7 @@ def main() -> None:
         from services.settings import get_settings
 
         bench.items_max = get_settings().payout_items_max
+        args.chunk = get_settings().payout_chunk_items
         with get_engine().connect() as conn:
             sync_commit = conn.execute(text("SHOW synchronous_commit")).scalar_one()
         if not args.sync:
