@@ -293,15 +293,21 @@ def _paid_before(conn: Connection, funding_id: int, references: list[str]) -> se
     return {reference for (reference,) in rows}
 
 
+# One probe of the unique index per reference (LATERAL ... LIMIT 1 is never flattened into a
+# hash join): the cost follows the chunk, not how many items the account paid before; with
+# `reference = ANY(...)` and stale statistics the planner filters every earlier payment.
 _PAID_BEFORE = text(
-    "SELECT reference FROM payout_items WHERE funding_account_id = :f AND outcome = 'paid' "
-    "AND reference = ANY(CAST(:refs AS TEXT[]))")
+    "SELECT r.ref FROM unnest(CAST(:refs AS TEXT[])) AS r(ref), LATERAL (SELECT 1 FROM "
+    "payout_items i WHERE i.funding_account_id = :f AND i.outcome = 'paid' "
+    "AND i.reference = r.ref LIMIT 1) AS hit")
 
-# New wallets are opened with what this chunk credits them (the transfers inserted beside
-# them account for it); those found (or opened meanwhile by another transaction, which
-# ON CONFLICT skips) are credited by the UPDATE. One round trip.
+# One index probe per recipient (as above). New wallets are opened with what this chunk
+# credits them (the transfers inserted beside them account for it); those found (or opened
+# meanwhile by another transaction, which ON CONFLICT skips) are credited by the UPDATE.
+# One round trip.
 _OPEN_WALLETS = text(
-    "WITH found AS (SELECT id, code FROM accounts WHERE code = ANY(CAST(:codes AS TEXT[]))), "
+    "WITH found AS (SELECT a.id, a.code FROM unnest(CAST(:codes AS TEXT[])) AS c(code), "
+    "LATERAL (SELECT id, code FROM accounts WHERE code = c.code LIMIT 1) AS a), "
     "opened AS (INSERT INTO accounts (code, kind, user_id, may_go_negative, balance_minor) "
     "SELECT w.code, :kind, w.user_id, false, w.credit FROM unnest(CAST(:codes AS TEXT[]), "
     "CAST(:users AS TEXT[]), CAST(:credits AS BIGINT[])) AS w(code, user_id, credit) "

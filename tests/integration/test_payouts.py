@@ -9,6 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 
 from services import payouts, schema
 from services.atomic_transaction_manager import InvalidCommandError
@@ -79,6 +80,24 @@ def test_the_migrated_database_matches_the_schema_module(engine):
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
                                 schema.metadata)
     assert diff == []
+
+
+def test_the_database_refuses_a_second_payment_of_a_reference_from_one_account(
+        service, engine, settings):
+    service.admin_create_tokens("10.00")
+    execute_command(batch("once", [item("ann", "1.00", "once-1")]), engine=engine,
+                    settings=settings)
+    insert = text("INSERT INTO payout_items (command_id, item_index, user_id, amount_minor, "
+                  "reference, outcome, error_code, funding_account_id) SELECT command_id, 1, "
+                  "'bob', 100, reference, :outcome, :error, funding_account_id FROM payout_items")
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(insert, {"outcome": "paid", "error": None})
+    with engine.begin() as conn:  # a reference may be rejected or a duplicate any number of times
+        conn.execute(insert, {"outcome": "rejected", "error": "insufficient_balance"})
+    checks = {check.name: check for check in verify_ledger(engine, settings.asset_scale)}
+    assert not checks["commands_have_their_transfers"].ok  # an item the batch never decided
+    assert "2 items; the batch decided 1" in checks["commands_have_their_transfers"].detail
+    assert all(check.ok for name, check in checks.items() if name != "commands_have_their_transfers")
 
 
 # --- independent items ------------------------------------------------------------------
