@@ -301,39 +301,34 @@ _PAID_BEFORE = text(
     "payout_items i WHERE i.funding_account_id = :f AND i.outcome = 'paid' "
     "AND i.reference = r.ref LIMIT 1) AS hit")
 
-# One index probe per recipient (as above). New wallets are opened with what this chunk
-# credits them (the transfers inserted beside them account for it); those found (or opened
-# meanwhile by another transaction, which ON CONFLICT skips) are credited by the UPDATE.
-# One round trip.
+# One index probe per recipient (as above); missing wallets are opened at zero in the same
+# statement (those another transaction opens meanwhile are skipped by ON CONFLICT and found
+# afterwards). Every recipient is then credited by apply_balance_deltas, the one balance
+# writer. One round trip.
 _OPEN_WALLETS = text(
     "WITH found AS (SELECT a.id, a.code FROM unnest(CAST(:codes AS TEXT[])) AS c(code), "
     "LATERAL (SELECT id, code FROM accounts WHERE code = c.code LIMIT 1) AS a), "
     "opened AS (INSERT INTO accounts (code, kind, user_id, may_go_negative, balance_minor) "
-    "SELECT w.code, :kind, w.user_id, false, w.credit FROM unnest(CAST(:codes AS TEXT[]), "
-    "CAST(:users AS TEXT[]), CAST(:credits AS BIGINT[])) AS w(code, user_id, credit) "
+    "SELECT w.code, :kind, w.user_id, false, 0 FROM unnest(CAST(:codes AS TEXT[]), "
+    "CAST(:users AS TEXT[])) AS w(code, user_id) "
     "WHERE w.code NOT IN (SELECT code FROM found) ORDER BY w.code "
     "ON CONFLICT (code) DO NOTHING RETURNING id, code) "
-    "SELECT id, code, false FROM found UNION ALL SELECT id, code, true FROM opened")
+    "SELECT id, code FROM found UNION ALL SELECT id, code FROM opened")
 
 
-def _recipients(conn: Connection, credits: dict[str, int]) -> tuple[dict[str, int], set[str]]:
-    """Each recipient's account id, opening missing wallets; and the users whose wallet this
-    statement opened with their credit as its opening balance (they need no UPDATE)."""
-    users = sorted(credits)
+def _recipients(conn: Connection, users: Sequence[str]) -> dict[str, int]:
+    """Each recipient's account id, opening missing wallets (at a zero balance)."""
+    users = sorted(users)
     codes = [user_available(user).code for user in users]
     ids: dict[str, int] = {}
-    opened: set[str] = set()
     if conn.dialect.name == "postgresql":
         spec = user_available(users[0])
         assert not spec.may_go_negative
         rows = conn.execute(_OPEN_WALLETS, {
-            "codes": _pg_array(codes), "users": _pg_array(users),
-            "credits": _pg_array([credits[user] for user in users]), "kind": spec.kind})
+            "codes": _pg_array(codes), "users": _pg_array(users), "kind": spec.kind})
         user_of = dict(zip(codes, users, strict=True))
-        for account_id, code, new in rows:
+        for account_id, code in rows:
             ids[user_of[code]] = account_id
-            if new:
-                opened.add(user_of[code])
     else:
         _insert_rows(conn, schema.accounts, {
             "code": codes, "kind": [user_available(u).kind for u in users], "user_id": users,
@@ -347,7 +342,7 @@ def _recipients(conn: Connection, credits: dict[str, int]) -> tuple[dict[str, in
             ids[user] = account_id
     if len(ids) != len(users):
         raise TransactionIntegrityError(f"Bug! {len(users) - len(ids)} recipients have no wallet")
-    return ids, opened
+    return ids
 
 
 def _atomic_refusal(decisions: Sequence[Decision], funding: LockedAccount) -> BusinessRuleError:
@@ -382,7 +377,7 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item]) -> Chunk
     amount_paid = sum(credits.values())
     if amount_paid > funding.balance_minor:
         raise TransactionIntegrityError("Bug! a chunk overdraws its funding account")
-    ids, opened = _recipients(conn, credits) if credits else ({}, set())
+    ids = _recipients(conn, list(credits)) if credits else {}
     if funding.id in ids.values():
         raise TransactionIntegrityError(f"Bug! a payout from {funding.code} to itself")
     started = TIMINGS.add("decide", started)
@@ -402,7 +397,7 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item]) -> Chunk
         "amount_minor": [item.amount_minor for item in paid],
         "kind": [TRANSFER_KIND] * len(paid)})
     started = TIMINGS.add("insert", started)
-    deltas = {ids[user]: credit for user, credit in credits.items() if user not in opened}
+    deltas = {ids[user]: credit for user, credit in credits.items()}
     deltas[funding.id] = -amount_paid
     apply_balance_deltas(conn, deltas)
     TIMINGS.add("update", started)
