@@ -20,13 +20,12 @@ from sqlalchemy.engine import Connection, Row
 from services import schema
 from services.atomic_transaction_manager import IdempotencyConflictError
 from services.commands import Command, canonical_payload, payload_hash
-from services.ledger import insert_ignoring_conflicts
 
 __all__ = [
     "TERMINAL",
     "CommandRecord",
+    "accept",
     "claim",
-    "lock_or_create",
     "finish",
     "get_record",
     "list_records",
@@ -101,36 +100,36 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def lock_or_create(
-    conn: Connection, command: Command, *, status: str = "processing", count_attempt: bool = True
-) -> CommandRecord:
-    """Record the command (or find it), lock its row, and refuse another payload under its key.
+@functools.cache
+def _accept_statement(dialect_name: str) -> Any:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    now = bindparam("now", type_=DateTime(timezone=True))
+    return dialect.insert(_c).values(
+        idempotency_key=bindparam("key"), type=bindparam("type"), payload=bindparam("payload"),
+        payload_hash=bindparam("digest"), status="accepted", attempts=0, created_at=now,
+        updated_at=now,
+    ).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c)
 
-    A non-terminal command moves to `status` and, when it is an execution, counts an attempt.
+
+def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
+    """Record the command as `accepted` (the outbox), or find it: (record, newly recorded).
+
+    A duplicate is returned as it stands, locked and untouched (touching updated_at would
+    postpone the sweep); another payload under the key raises IdempotencyConflictError.
     """
     canonical = canonical_payload(command)
     digest = payload_hash(canonical)
-    now = _now()
-    insert_ignoring_conflicts(
-        conn,
-        _c,
-        [{"idempotency_key": command.idempotency_key, "type": command.type, "payload": canonical,
-          "payload_hash": digest, "status": status, "attempts": 0,
-          "created_at": now, "updated_at": now}],
-        ["idempotency_key"],
-    )
+    row = conn.execute(
+        _accept_statement(conn.dialect.name),
+        {"key": command.idempotency_key, "type": command.type, "payload": canonical,
+         "digest": digest, "now": _now()},
+    ).one_or_none()
+    if row is not None:
+        return CommandRecord.from_row(row), True
     record = _locked(conn, command.idempotency_key)
     if record.payload_hash != digest:
         raise _conflict(command, record)
-    if record.terminal:
-        return record
-    changes: dict[str, Any] = {"updated_at": _now()}
-    if status == "processing" or record.status == "failed":
-        changes["status"] = status
-    if count_attempt:
-        changes["attempts"] = _c.c.attempts + 1
-    conn.execute(update(_c).where(_c.c.id == record.id).values(**changes))
-    return _locked(conn, command.idempotency_key)
+    return record, False
 
 
 @functools.cache

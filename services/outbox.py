@@ -28,7 +28,7 @@ from services.atomic_transaction_manager import (
 )
 from services.command_executor import run_transaction
 from services.command_store import CommandRecord
-from services.commands import ID_PATTERN, Command, canonical_payload, payload_hash
+from services.commands import ID_PATTERN, Command, payload_hash
 from services.db import get_engine
 from services.ledger import insert_ignoring_conflicts
 from services.settings import Settings, get_settings
@@ -62,19 +62,7 @@ def is_stuck(record: CommandRecord, grace_s: float, now: datetime | None = None)
 
 def _accept_one(conn: Connection, command: Command) -> Accepted:
     """Record one command as accepted, or find it; IdempotencyConflictError writes nothing."""
-    existing = command_store.lock_record(conn, command.idempotency_key)
-    if existing is None:
-        record = command_store.lock_or_create(conn, command, status="accepted",
-                                              count_attempt=False)
-        return Accepted(record, True)
-    # A duplicate leaves its record as it is: touching updated_at would postpone the sweep.
-    if existing.payload_hash != payload_hash(canonical_payload(command)):
-        raise IdempotencyConflictError(
-            f"idempotency key {command.idempotency_key!r} was used for another payload "
-            f"({existing.type}, {existing.status})",
-            idempotency_key=command.idempotency_key,
-        )
-    return Accepted(existing, False)
+    return Accepted(*command_store.accept(conn, command))
 
 
 def record_accepted(

@@ -144,7 +144,7 @@ def test_a_conflict_with_a_command_still_processing_leaves_it_processing(
     service: WalletService, engine: Engine
 ) -> None:
     with atomic_financial_operation(engine) as conn:
-        command_store.lock_or_create(conn, parse_command(CREDIT))
+        command_store.claim(conn, parse_command(CREDIT))
     claimed = record(engine, "dep-81")
     with pytest.raises(IdempotencyConflictError):
         service.execute({**CREDIT, "amount": "99.00"})
@@ -171,7 +171,7 @@ def test_a_command_left_processing_by_a_crash_is_applied_once_when_run_again(
     service: WalletService, engine: Engine
 ) -> None:
     with atomic_financial_operation(engine) as conn:
-        command_store.lock_or_create(conn, parse_command(CREDIT))  # claimed, then the worker died
+        command_store.claim(conn, parse_command(CREDIT))  # claimed, then the worker died
     rec = execute_command(dict(CREDIT), engine=engine, settings=service.settings)
     assert rec.status == "succeeded" and rec.attempts == 2
     assert len(transfers(engine, "dep-81")) == 1
