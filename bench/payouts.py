@@ -129,28 +129,20 @@ class Bench:
         commands = batch_commands(PayoutFile(rows, list(range(n)), prefix), "platform:treasury",
                                   f"bench-{prefix}", False, get_settings().payout_items_max)
         keys = [c["idempotency_key"] for c in commands]
-        started = time.perf_counter()
-        if self.args.sync:
-            from services.command_executor import execute_command
-
-            for command in commands:
-                execute_command(command)
-            submitted = time.perf_counter()
-        else:
-            client = self.client()
-            for command in commands:
-                client.submit(command)
-            submitted = time.perf_counter()
-            self.wait(keys, poll_s=0.01)
-        elapsed = time.perf_counter() - started
-        return {"items": n, "seconds": elapsed, "submit_s": submitted - started,
-                "spans": self.batch_spans(keys), "paid": self.paid(keys)}
+        timing = self.pay(commands, keys, batch_size=1, poll_s=0.01)
+        return {"items": n, **timing, "spans": self.batch_spans(keys), "paid": self.paid(keys)}
 
     def run_singles(self, prefix: str, n: int) -> dict[str, Any]:
         """(b): one admin_sell_tokens_to_user command per payout."""
         rows = payout_rows(prefix, n)
         commands = [{"type": "admin_sell_tokens_to_user", "idempotency_key": f"bench-{r['reference']}",
                      "user": r["user"], "amount": r["amount"]} for r in rows]
+        keys = [c["idempotency_key"] for c in commands]
+        return {"items": n, **self.pay(commands, keys, batch_size=1000, poll_s=0.1)}
+
+    def pay(self, commands: list[dict[str, Any]], keys: list[str], *, batch_size: int,
+            poll_s: float) -> dict[str, float]:
+        """Execute in process (--sync), or submit (batch_size at a time) and wait for the worker."""
         started = time.perf_counter()
         if self.args.sync:
             from services.command_executor import execute_command
@@ -160,12 +152,15 @@ class Bench:
             submitted = time.perf_counter()
         else:
             client = self.client()
-            for start in range(0, n, 1000):
-                client.submit_many(commands[start:start + 1000])
+            for start in range(0, len(commands), batch_size):
+                chunk = commands[start:start + batch_size]
+                if batch_size == 1:
+                    client.submit(chunk[0])
+                else:
+                    client.submit_many(chunk)
             submitted = time.perf_counter()
-            self.wait([c["idempotency_key"] for c in commands], poll_s=0.1)
-        elapsed = time.perf_counter() - started
-        return {"items": n, "seconds": elapsed, "submit_s": submitted - started}
+            self.wait(keys, poll_s=poll_s)
+        return {"seconds": time.perf_counter() - started, "submit_s": submitted - started}
 
     def client(self) -> Any:
         from worker.client import WalletClient

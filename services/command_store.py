@@ -100,15 +100,29 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@functools.cache
-def _accept_statement(dialect_name: str) -> Any:
+_NOW = bindparam("now", type_=DateTime(timezone=True))
+
+
+def _insert(dialect_name: str, status: str, attempts: int) -> Any:
+    """A new command row from the parameters of _row_params; built once per use (cached)."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
-    now = bindparam("now", type_=DateTime(timezone=True))
     return dialect.insert(_c).values(
         idempotency_key=bindparam("key"), type=bindparam("type"), payload=bindparam("payload"),
-        payload_hash=bindparam("digest"), status="accepted", attempts=0, created_at=now,
-        updated_at=now,
-    ).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c)
+        payload_hash=bindparam("digest"), status=status, attempts=attempts, created_at=_NOW,
+        updated_at=_NOW,
+    )
+
+
+def _row_params(command: Command) -> dict[str, Any]:
+    canonical = canonical_payload(command)
+    return {"key": command.idempotency_key, "type": command.type, "payload": canonical,
+            "digest": payload_hash(canonical), "now": _now()}
+
+
+@functools.cache
+def _accept_statement(dialect_name: str) -> Any:
+    return (_insert(dialect_name, "accepted", 0)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
 
 
 def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
@@ -117,17 +131,12 @@ def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
     A duplicate is returned as it stands, locked and untouched (touching updated_at would
     postpone the sweep); another payload under the key raises IdempotencyConflictError.
     """
-    canonical = canonical_payload(command)
-    digest = payload_hash(canonical)
-    row = conn.execute(
-        _accept_statement(conn.dialect.name),
-        {"key": command.idempotency_key, "type": command.type, "payload": canonical,
-         "digest": digest, "now": _now()},
-    ).one_or_none()
+    params = _row_params(command)
+    row = conn.execute(_accept_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row), True
     record = _locked(conn, command.idempotency_key)
-    if record.payload_hash != digest:
+    if record.payload_hash != params["digest"]:
         raise _conflict(command, record)
     return record, False
 
@@ -135,16 +144,10 @@ def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
 @functools.cache
 def _claim_statement(dialect_name: str) -> Any:
     """Built once per dialect: statement construction costs more than its round trip."""
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    now = bindparam("now", type_=DateTime(timezone=True))
-    stmt = dialect.insert(_c).values(
-        idempotency_key=bindparam("key"), type=bindparam("type"), payload=bindparam("payload"),
-        payload_hash=bindparam("digest"), status="processing", attempts=1, created_at=now,
-        updated_at=now,
-    )
+    stmt = _insert(dialect_name, "processing", 1)
     return stmt.on_conflict_do_update(
         index_elements=["idempotency_key"],
-        set_={"status": "processing", "attempts": _c.c.attempts + 1, "updated_at": now},
+        set_={"status": "processing", "attempts": _c.c.attempts + 1, "updated_at": _NOW},
         where=and_(_c.c.payload_hash == stmt.excluded.payload_hash,
                    _c.c.status.not_in(sorted(TERMINAL))),
     ).returning(*_c.c)
@@ -157,18 +160,13 @@ def claim(conn: Connection, command: Command) -> CommandRecord:
     skipped (and the row read back unlocked) when the key holds another payload, raised
     as IdempotencyConflictError, or a terminal outcome, which is returned as stored.
     """
-    canonical = canonical_payload(command)
-    digest = payload_hash(canonical)
-    row = conn.execute(
-        _claim_statement(conn.dialect.name),
-        {"key": command.idempotency_key, "type": command.type, "payload": canonical,
-         "digest": digest, "now": _now()},
-    ).one_or_none()
+    params = _row_params(command)
+    row = conn.execute(_claim_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row)
     record = get_record(conn, command.idempotency_key)
     assert record is not None, "a key that conflicted has no row"
-    if record.payload_hash != digest:
+    if record.payload_hash != params["digest"]:
         raise _conflict(command, record)
     assert record.terminal, "an upsert skipped a non-terminal command"
     return record
@@ -199,7 +197,7 @@ _FINISH = (
     .where(_c.c.id == bindparam("command_id"), _c.c.status.not_in(sorted(TERMINAL)))
     .values(status=bindparam("status"), result=bindparam("result", type_=_c.c.result.type),
             error_code=bindparam("error_code"), error_message=bindparam("error_message"),
-            updated_at=bindparam("now", type_=DateTime(timezone=True)),
+            updated_at=_NOW,
             completed_at=bindparam("completed_at", type_=DateTime(timezone=True)))
     .returning(*_c.c)
 )
