@@ -1,9 +1,11 @@
 """The double-entry ledger: accounts, row locks in one global order, and transfers.
 
-Money moves only through `make_transfer` (both legs from one constructor) and
-`post_transfers` (the balance check under the row lock, then both balance updates and
-the transfer row). `apply_balance_deltas` is the one function that writes a balance,
-so a hot account can later be spread over several rows without touching the operations.
+The ledger owns every write to `accounts` and `transfers`. Money moves only through
+`make_transfer` (both legs from one constructor) and `post_transfers` (the balance check
+under the row lock, then both balance updates and the transfer row), or, for one account
+paying many (a payout chunk), `post_fan_out`. `apply_balance_deltas` is the one function
+that writes a balance, so a hot account can later be spread over several rows without
+touching the operations.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.atomic_transaction_manager import (
+from services.bulk_sql import insert_ignoring_conflicts, insert_rows, pg_array
+from services.errors import (
+    InsufficientBalanceError,
     TransactionIntegrityError,
     UnknownUserError,
-    validate_balance_integrity,
 )
 
 __all__ = [
@@ -37,8 +39,10 @@ __all__ = [
     "lock_accounts",
     "make_transfer",
     "post_transfers",
+    "post_fan_out",
+    "open_user_wallets",
     "apply_balance_deltas",
-    "insert_ignoring_conflicts",
+    "validate_balance_integrity",
 ]
 
 
@@ -82,6 +86,21 @@ def account_spec(code: str) -> AccountSpec | None:
     return None
 
 
+def validate_balance_integrity(
+    *, account_code: str, balance_minor: int, debit_minor: int, may_go_negative: bool
+) -> None:
+    """Refuse a debit the locked balance cannot cover; call it under the row lock."""
+    if debit_minor <= 0:
+        raise TransactionIntegrityError(f"debit of {debit_minor} minor units is not positive")
+    if not may_go_negative and balance_minor < debit_minor:
+        raise InsufficientBalanceError(
+            f"{account_code} holds {balance_minor} minor units, {debit_minor} needed",
+            account=account_code,
+            balance_minor=balance_minor,
+            debit_minor=debit_minor,
+        )
+
+
 @dataclass
 class LockedAccount:
     """An account row locked FOR UPDATE in this transaction; its balance tracks our writes."""
@@ -91,17 +110,6 @@ class LockedAccount:
     user_id: str | None
     balance_minor: int
     may_go_negative: bool
-
-
-def insert_ignoring_conflicts(
-    conn: Connection, table: Any, rows: Sequence[dict[str, Any]], index_elements: list[str]
-) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING, on PostgreSQL and SQLite alike; rows inserted."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=index_elements)
-    if len(rows) == 1:
-        return conn.execute(stmt.values(**rows[0])).rowcount
-    return conn.execute(stmt, list(rows)).rowcount
 
 
 def lock_accounts(
@@ -220,3 +228,77 @@ def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
         .values(balance_minor=a.c.balance_minor + bindparam("b_delta")),
         [{"b_id": account_id, "b_delta": delta} for account_id, delta in items],
     )
+
+
+def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
+                 credits: Sequence[tuple[int, int]], kind: str) -> None:
+    """One locked account pays many: (credit account id, amount) each a transfer.
+
+    The transfers go in one statement and every balance in one more; the debit is checked
+    once, for the total, under its lock. The credited rows are locked by the UPDATE, in
+    ascending id order like every other balance write.
+    """
+    if not credits:
+        return
+    total = 0
+    for account_id, amount_minor in credits:
+        if type(amount_minor) is not int or amount_minor <= 0:
+            raise TransactionIntegrityError(f"transfer amount {amount_minor!r} is not a positive int")
+        if account_id == debit.id:
+            raise TransactionIntegrityError(f"Bug! a transfer from {debit.code} to itself")
+        total += amount_minor
+    validate_balance_integrity(account_code=debit.code, balance_minor=debit.balance_minor,
+                               debit_minor=total, may_go_negative=debit.may_go_negative)
+    insert_rows(conn, schema.transfers, {
+        "command_id": [command_id] * len(credits),
+        "debit_account_id": [debit.id] * len(credits),
+        "credit_account_id": [account_id for account_id, _ in credits],
+        "amount_minor": [amount_minor for _, amount_minor in credits],
+        "kind": [kind] * len(credits)})
+    deltas: dict[int, int] = {}
+    for account_id, amount_minor in credits:
+        deltas[account_id] = deltas.get(account_id, 0) + amount_minor
+    deltas[debit.id] = -total
+    apply_balance_deltas(conn, deltas)
+    debit.balance_minor -= total
+
+
+# One index probe per wallet (LATERAL ... LIMIT 1 is never flattened into a hash join, so
+# the cost follows the chunk, not the table); missing wallets are opened at zero in the same
+# statement (those another transaction opens meanwhile are skipped by ON CONFLICT and found
+# afterwards). Balances are then written by apply_balance_deltas only. One round trip.
+_OPEN_WALLETS = text(
+    "WITH found AS (SELECT a.id, a.code FROM unnest(CAST(:codes AS TEXT[])) AS c(code), "
+    "LATERAL (SELECT id, code FROM accounts WHERE code = c.code LIMIT 1) AS a), "
+    "opened AS (INSERT INTO accounts (code, kind, user_id, may_go_negative, balance_minor) "
+    "SELECT w.code, :kind, w.user_id, false, 0 FROM unnest(CAST(:codes AS TEXT[]), "
+    "CAST(:users AS TEXT[])) AS w(code, user_id) "
+    "WHERE w.code NOT IN (SELECT code FROM found) ORDER BY w.code "
+    "ON CONFLICT (code) DO NOTHING RETURNING id, code) "
+    "SELECT id, code FROM found UNION ALL SELECT id, code FROM opened")
+
+
+def open_user_wallets(conn: Connection, users: Sequence[str]) -> dict[str, int]:
+    """Each user's available account id, opening the missing ones (at a zero balance)."""
+    users = sorted(users)
+    if not users:
+        return {}
+    specs = [user_available(user) for user in users]
+    codes = [spec.code for spec in specs]
+    ids: dict[str, int] = {}
+    if conn.dialect.name == "postgresql":
+        user_of = dict(zip(codes, users, strict=True))
+        rows = conn.execute(_OPEN_WALLETS, {"codes": pg_array(codes), "users": pg_array(users),
+                                            "kind": specs[0].kind})
+        ids = {user_of[code]: account_id for account_id, code in rows}
+    else:
+        insert_ignoring_conflicts(conn, schema.accounts, [spec.row() for spec in specs], ["code"])
+    missing = [code for code, user in zip(codes, users, strict=True) if user not in ids]
+    if missing:  # SQLite, or wallets another transaction opened after this statement began
+        a = schema.accounts
+        for account_id, user in conn.execute(select(a.c.id, a.c.user_id).where(
+                a.c.code.in_(missing))):
+            ids[user] = account_id
+    if len(ids) != len(users):
+        raise TransactionIntegrityError(f"Bug! {len(users) - len(ids)} wallets were not opened")
+    return ids
