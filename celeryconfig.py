@@ -1,9 +1,10 @@
 """Celery settings for walletq, read from the WALLETQ_* environment (services.settings).
 
-`celery -A worker worker` loads these through worker.celery_app. Everything here follows
-DESIGN.md's "Concurrency and retries": JSON only, late acks, a lost worker's message goes
-back to the queue, one message prefetched at a time, time limits well below the broker's
-visibility timeout, and no result backend (the outcome lives in the database).
+`celery -A worker worker` loads these through worker.celery_app, when the configuration is
+first used (importing a module reads nothing). Everything here follows docs/ARCHITECTURE.md,
+"Concurrency and retries": JSON only, late acks, a lost worker's message goes back to the
+queue, one message prefetched at a time, time limits well below the broker's visibility
+timeout, and no result backend (the outcome lives in the database).
 
 Extra variables read here (besides services.settings):
 - WALLETQ_QUEUE_PREFIX: prepended to every queue and exchange name, so that parallel test
@@ -23,9 +24,11 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from services import command_types
+from services.message_policy import TASK_NAME
 from services.settings import Settings, SettingsError, load_settings
 
-__all__ = ["build_config", "queue_names", "QueueNames"]
+__all__ = ["build_config", "queue_names", "QueueNames", "prepare_broker_folders"]
 
 
 class QueueNames:
@@ -38,8 +41,9 @@ class QueueNames:
         self.maintenance = f"{prefix}maintenance"
 
     def for_command_type(self, command_type: object) -> str:
-        # A payout batch runs for seconds and must not hold up single commands behind it.
-        return self.payouts if command_type == "payout_batch" else self.commands
+        """The registry's queue for the type (a payout batch runs for seconds and must not
+        hold up single commands behind it), with the prefix."""
+        return f"{self.prefix}{command_types.queue_of(command_type)}"
 
     def all(self) -> list[str]:
         return [self.commands, self.payouts, self.maintenance]
@@ -66,13 +70,24 @@ def _visibility_timeout_s(env: Mapping[str, str], settings: Settings) -> int:
     return value
 
 
+def _broker_folders(home: Path) -> dict[str, Path]:
+    root = home / "broker"
+    return {"queue": root / "queue", "processed": root / "processed", "control": root / "control"}
+
+
+def prepare_broker_folders(env: Mapping[str, str] | None = None) -> None:
+    """Create the embedded broker's folders (and WALLETQ_HOME); the edges call it before
+    their first message, never an import."""
+    settings = load_settings(os.environ if env is None else env)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.broker_url.startswith("filesystem"):
+        for folder in _broker_folders(settings.home).values():
+            folder.mkdir(parents=True, exist_ok=True)
+
+
 def _filesystem_options(home: Path) -> dict[str, Any]:
     """The server-less broker: one folder of message files per deployment, under WALLETQ_HOME."""
-    root = home / "broker"
-    folders = {"queue": root / "queue", "processed": root / "processed",
-               "control": root / "control"}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    folders = _broker_folders(home)
     return {
         "data_folder_in": str(folders["queue"]),
         "data_folder_out": str(folders["queue"]),
@@ -131,6 +146,9 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "worker_send_task_events": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "imports": ["tasks.commands", "tasks.maintenance"],
+        # Read when the task is bound to the app (its configuration loaded), not at import.
+        "task_annotations": {TASK_NAME: {"max_retries": settings.task_retries_max,
+                                         "retry_backoff_max": settings.task_backoff_s_max}},
         "beat_schedule": {
             "walletq-sweep": {
                 "task": "walletq.sweep",
@@ -146,5 +164,4 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     concurrency = env.get("WALLETQ_WORKER_CONCURRENCY")
     if concurrency:
         config["worker_concurrency"] = int(concurrency)
-    settings.home.mkdir(parents=True, exist_ok=True)
     return config

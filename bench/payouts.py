@@ -118,12 +118,12 @@ class Bench:
         from services.command_executor import execute_command
 
         execute_command({"type": "admin_create_tokens", "idempotency_key": f"mint-{uuid.uuid4().hex}",
-                         "amount": amount})
+                         "amount": amount}, **_runtime())
 
     def run_batches(self, prefix: str, n: int) -> dict[str, Any]:
         """(a): the rows as `walletq payout` sends them: batches of at most the item limit."""
+        from services.payouts.file import PayoutFile, batch_commands
         from services.settings import get_settings
-        from worker.cli.payout import PayoutFile, batch_commands
 
         rows = payout_rows(prefix, n)
         commands = batch_commands(PayoutFile(rows, list(range(n)), prefix), "platform:treasury",
@@ -148,7 +148,7 @@ class Bench:
             from services.command_executor import execute_command
 
             for command in commands:
-                execute_command(command)
+                execute_command(command, **_runtime())
             submitted = time.perf_counter()
         else:
             client = self.client()
@@ -170,9 +170,7 @@ class Bench:
         return self._client
 
     def wait(self, keys: list[str], poll_s: float) -> None:
-        from services.db import get_engine
-
-        engine = get_engine()
+        engine = _runtime()["engine"]
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
             with engine.connect() as conn:
@@ -186,9 +184,8 @@ class Bench:
 
     def batch_spans(self, keys: list[str]) -> dict[str, float]:
         """From the database: accepted → first chunk started → last chunk committed."""
-        from services.db import get_engine
 
-        with get_engine().connect() as conn:
+        with _runtime()["engine"].connect() as conn:
             row = conn.execute(text(
                 "SELECT EXTRACT(EPOCH FROM MIN(b.created_at) - MIN(c.created_at)),"
                 " EXTRACT(EPOCH FROM MAX(b.completed_at) - MIN(b.created_at)) "
@@ -197,9 +194,8 @@ class Bench:
         return {"to_first_chunk_s": float(row[0]), "chunks_s": float(row[1])}
 
     def paid(self, keys: list[str]) -> int:
-        from services.db import get_engine
 
-        with get_engine().connect() as conn:
+        with _runtime()["engine"].connect() as conn:
             return int(conn.execute(text(
                 "SELECT SUM(b.items_paid) FROM commands c JOIN payout_batches b "
                 "ON b.command_id = c.id WHERE c.idempotency_key = ANY(:k)"), {"k": keys}).scalar_one())
@@ -208,16 +204,26 @@ class Bench:
         """The same n payouts paid in this process: seconds per chunk phase."""
         from services import payouts
         from services.command_executor import execute_command
-        from services.commands import parse_command
+        from services.commands import CommandLimits, parse_command
+        from services.settings import get_settings
 
         rows = payout_rows("phase", n)
         command = {"type": "payout_batch", "idempotency_key": "bench-phases", "items": rows}
         started = time.perf_counter()
-        parsed = parse_command(command)
+        parsed = parse_command(command, CommandLimits.from_settings(get_settings()))
         parse_s = time.perf_counter() - started
         payouts.TIMINGS.reset()
-        execute_command(parsed)
+        execute_command(parsed, **_runtime())
         return dict(payouts.TIMINGS.seconds), payouts.TIMINGS.chunks, parse_s
+
+
+def _runtime() -> dict[str, Any]:
+    """The engine and settings of this process's WALLETQ_* environment."""
+    from services.db import get_engine
+    from services.settings import get_settings
+
+    settings = get_settings()
+    return {"engine": get_engine(settings), "settings": settings}
 
 
 def _rate(result: dict[str, Any]) -> float:
@@ -269,12 +275,11 @@ def main() -> None:
     bench = Bench(args)
     bench.setup()
     try:
-        from services.db import get_engine
         from services.settings import get_settings
 
         bench.items_max = get_settings().payout_items_max
         args.chunk = get_settings().payout_chunk_items
-        with get_engine().connect() as conn:
+        with _runtime()["engine"].connect() as conn:
             sync_commit = conn.execute(text("SHOW synchronous_commit")).scalar_one()
         if not args.sync:
             bench.start_worker()

@@ -114,8 +114,9 @@ def main() -> None:
 
         baseline = [dict(c, idempotency_key=f"b-{c['idempotency_key']}") for c in burst[:200]]
         base_started = time.perf_counter()
+        settings = get_settings()
         for command in baseline:
-            execute_command(command)
+            execute_command(command, engine=client.engine, settings=settings)
         baseline_rate = len(baseline) / (time.perf_counter() - base_started)
         settings = get_settings()
         ok = all(c.ok for c in verify_ledger(client.engine, settings.asset_scale))

@@ -1,14 +1,16 @@
-"""The `commands` table: the idempotency record, the outbox and each command's outcome.
+"""The `commands` table, and the only module that reads or writes it.
 
-Idempotency is data: a key, the hash of its canonical payload, a status that only moves
-forward (accepted → processing → succeeded | rejected | failed; failed may run again).
+One row per idempotency key: the command's canonical payload and its hash, its status,
+result, error and attempts. It is the idempotency record, the outbox a producer publishes
+from, and each command's outcome. Idempotency is data: a status that only moves forward
+(see services.command_status) and a payload hash compared on every sending.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,25 +20,38 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from services import schema
-from services.atomic_transaction_manager import IdempotencyConflictError
-from services.commands import Command, canonical_payload, payload_hash
+from services.bulk_sql import insert_ignoring_conflicts
+from services.canonical import canonical_payload, payload_hash
+from services.command_fields import CommandBase
+from services.command_status import ENDED, STUCK, TERMINAL, CommandStatus
+from services.errors import IdempotencyConflictError
 
 __all__ = [
     "TERMINAL",
+    "ENDED",
+    "STUCK",
     "CommandRecord",
     "accept",
     "claim",
     "finish",
-    "get_record",
-    "list_records",
-    "stale_keys",
+    "refuse",
+    "redrive",
+    "claim_stale",
+    "heartbeat",
+    "lock",
     "lock_record",
+    "get_record",
+    "get_records",
+    "keys_by_id",
+    "list_records",
     "count_by_status",
     "iso",
 ]
 
-TERMINAL = frozenset({"succeeded", "rejected"})
 _c = schema.commands
+ERROR_MESSAGE_LENGTH_MAX = 2000
+#: One query per this many keys: SQLite allows 32,766 bound parameters.
+_KEYS_PER_QUERY_MAX = 1000
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -46,6 +61,10 @@ def iso(moment: datetime | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -73,13 +92,23 @@ class CommandRecord:
         return self.status in TERMINAL
 
     @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    def is_stuck(self, grace_s: float, now: datetime | None = None) -> bool:
+        """Not ended, and untouched for longer than the sweep's grace period."""
+        now = now or datetime.now(UTC)
+        return (self.status in STUCK
+                and _aware(self.updated_at) < now - timedelta(seconds=grace_s))
+
+    @property
     def error(self) -> dict[str, str] | None:
         if self.error_code is None:
             return None
         return {"code": self.error_code, "message": self.error_message or ""}
 
     def to_dict(self) -> dict[str, Any]:
-        """The command record of DESIGN.md's CLI contract."""
+        """The command record of the CLI contract (docs/ARCHITECTURE.md, "Interfaces")."""
         return {
             "idempotency_key": self.idempotency_key,
             "type": self.type,
@@ -104,7 +133,7 @@ _NOW = bindparam("now", type_=DateTime(timezone=True))
 
 
 def _insert(dialect_name: str, status: str, attempts: int) -> Any:
-    """A new command row from the parameters of _row_params; built once per use (cached)."""
+    """A new command row from the parameters of _row_params."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     return dialect.insert(_c).values(
         idempotency_key=bindparam("key"), type=bindparam("type"), payload=bindparam("payload"),
@@ -113,7 +142,7 @@ def _insert(dialect_name: str, status: str, attempts: int) -> Any:
     )
 
 
-def _row_params(command: Command) -> dict[str, Any]:
+def _row_params(command: CommandBase) -> dict[str, Any]:
     canonical = canonical_payload(command)
     return {"key": command.idempotency_key, "type": command.type, "payload": canonical,
             "digest": payload_hash(canonical), "now": _now()}
@@ -121,11 +150,11 @@ def _row_params(command: Command) -> dict[str, Any]:
 
 @functools.cache
 def _accept_statement(dialect_name: str) -> Any:
-    return (_insert(dialect_name, "accepted", 0)
+    return (_insert(dialect_name, CommandStatus.ACCEPTED, 0)
             .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
 
 
-def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
+def accept(conn: Connection, command: CommandBase) -> tuple[CommandRecord, bool]:
     """Record the command as `accepted` (the outbox), or find it: (record, newly recorded).
 
     A duplicate is returned as it stands, locked and untouched (touching updated_at would
@@ -135,7 +164,8 @@ def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
     row = conn.execute(_accept_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row), True
-    record = _locked(conn, command.idempotency_key)
+    record = lock(conn, command.idempotency_key)
+    assert record is not None, "a key that conflicted has no row"
     if record.payload_hash != params["digest"]:
         raise _conflict(command, record)
     return record, False
@@ -144,16 +174,17 @@ def accept(conn: Connection, command: Command) -> tuple[CommandRecord, bool]:
 @functools.cache
 def _claim_statement(dialect_name: str) -> Any:
     """Built once per dialect: statement construction costs more than its round trip."""
-    stmt = _insert(dialect_name, "processing", 1)
+    stmt = _insert(dialect_name, CommandStatus.PROCESSING, 1)
     return stmt.on_conflict_do_update(
         index_elements=["idempotency_key"],
-        set_={"status": "processing", "attempts": _c.c.attempts + 1, "updated_at": _NOW},
+        set_={"status": CommandStatus.PROCESSING.value, "attempts": _c.c.attempts + 1,
+              "updated_at": _NOW},
         where=and_(_c.c.payload_hash == stmt.excluded.payload_hash,
                    _c.c.status.not_in(sorted(TERMINAL))),
     ).returning(*_c.c)
 
 
-def claim(conn: Connection, command: Command) -> CommandRecord:
+def claim(conn: Connection, command: CommandBase) -> CommandRecord:
     """Record the command (or find it) as `processing`, count the attempt, lock its row.
 
     One INSERT ... ON CONFLICT DO UPDATE ... RETURNING on the common path; the update is
@@ -172,24 +203,12 @@ def claim(conn: Connection, command: Command) -> CommandRecord:
     return record
 
 
-def _conflict(command: Command, record: CommandRecord) -> IdempotencyConflictError:
+def _conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflictError:
     return IdempotencyConflictError(
         f"idempotency key {command.idempotency_key!r} was used for another payload "
         f"({record.type}, {record.status})",
         idempotency_key=command.idempotency_key,
     )
-
-
-_LOCK_BY_KEY = select(_c).where(_c.c.idempotency_key == bindparam("key")).with_for_update()
-
-
-def _locked(conn: Connection, key: str) -> CommandRecord:
-    return CommandRecord.from_row(conn.execute(_LOCK_BY_KEY, {"key": key}).one())
-
-
-def lock_record(conn: Connection, key: str) -> CommandRecord | None:
-    row = conn.execute(_LOCK_BY_KEY, {"key": key}).one_or_none()
-    return None if row is None else CommandRecord.from_row(row)
 
 
 _FINISH = (
@@ -218,7 +237,7 @@ def finish(
         "status": status,
         "result": result,
         "error_code": None if error is None else error["code"],
-        "error_message": None if error is None else str(error["message"])[:2000],
+        "error_message": None if error is None else str(error["message"])[:ERROR_MESSAGE_LENGTH_MAX],
         "now": now,
         "completed_at": now if status in TERMINAL else None,
     }).one_or_none()
@@ -227,9 +246,96 @@ def finish(
     return CommandRecord.from_row(row)
 
 
+def refuse(conn: Connection, key: str, text: str, error: dict[str, Any]) -> CommandRecord | None:
+    """Take a free key for a payload refused as invalid: a `rejected` row of type `invalid`.
+
+    A later valid command under the key then gets idempotency_conflict. None when the key
+    is taken already (its first command is left alone).
+    """
+    now = _now()
+    inserted = insert_ignoring_conflicts(conn, _c, [{
+        "idempotency_key": key, "type": "invalid", "payload": text,
+        "payload_hash": payload_hash(text), "status": CommandStatus.REJECTED.value,
+        "attempts": 1, "error_code": error["code"],
+        "error_message": str(error["message"])[:ERROR_MESSAGE_LENGTH_MAX],
+        "created_at": now, "updated_at": now, "completed_at": now,
+    }], ["idempotency_key"])
+    return get_record(conn, key) if inserted else None
+
+
+def redrive(conn: Connection, record: CommandRecord) -> CommandRecord:
+    """Move a locked `failed` command back to `accepted`, its error cleared."""
+    if record.status != CommandStatus.FAILED:
+        raise AssertionError(f"Bug! redrive of a {record.status} command")
+    row = conn.execute(
+        update(_c).where(_c.c.id == record.id, _c.c.status == CommandStatus.FAILED.value)
+        .values(status=CommandStatus.ACCEPTED.value, error_code=None, error_message=None,
+                updated_at=_now())
+        .returning(*_c.c)).one()
+    return CommandRecord.from_row(row)
+
+
+def claim_stale(conn: Connection, *, grace_s: float, limit: int) -> list[CommandRecord]:
+    """The oldest commands stuck past the grace period, their clocks restarted so that no
+    concurrent sweep takes them too."""
+    cutoff = _now() - timedelta(seconds=grace_s)
+    stale = [CommandRecord.from_row(row) for row in conn.execute(
+        select(_c).where(_c.c.status.in_(sorted(STUCK)), _c.c.updated_at < cutoff)
+        .order_by(_c.c.updated_at).limit(limit))]
+    if not stale:
+        return []
+    claimed = set(conn.execute(
+        update(_c)
+        .where(_c.c.id.in_([r.id for r in stale]), _c.c.status.in_(sorted(STUCK)),
+               _c.c.updated_at < cutoff)
+        .values(updated_at=_now())
+        .returning(_c.c.id)
+    ).scalars().all())
+    return [record for record in stale if record.id in claimed]
+
+
+def heartbeat(conn: Connection, command_id: int) -> None:
+    """A long command making progress restarts its clock: the sweep leaves it alone."""
+    conn.execute(update(_c).where(_c.c.id == command_id).values(updated_at=_now()))
+
+
+_LOCK_BY_KEY = select(_c).where(_c.c.idempotency_key == bindparam("key")).with_for_update()
+
+
+def lock(conn: Connection, key: str) -> CommandRecord | None:
+    """The command row, locked FOR UPDATE until the caller's transaction ends."""
+    row = conn.execute(_LOCK_BY_KEY, {"key": key}).one_or_none()
+    return None if row is None else CommandRecord.from_row(row)
+
+
+lock_record = lock
+
+
 def get_record(conn: Connection, key: str) -> CommandRecord | None:
     row = conn.execute(select(_c).where(_c.c.idempotency_key == key)).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
+
+
+def get_records(conn: Connection, keys: Iterable[str]) -> list[CommandRecord]:
+    """The records of these keys (unknown keys have none), in bounded queries."""
+    keys = list(keys)
+    records: list[CommandRecord] = []
+    for start in range(0, len(keys), _KEYS_PER_QUERY_MAX):
+        chunk = keys[start:start + _KEYS_PER_QUERY_MAX]
+        records += [CommandRecord.from_row(row)
+                    for row in conn.execute(select(_c).where(_c.c.idempotency_key.in_(chunk)))]
+    return records
+
+
+def keys_by_id(conn: Connection, ids: Iterable[int]) -> dict[int, str]:
+    """Command id → idempotency key, for reads that show which command moved money."""
+    ids = sorted(ids)
+    keys: dict[int, str] = {}
+    for start in range(0, len(ids), _KEYS_PER_QUERY_MAX):
+        chunk = ids[start:start + _KEYS_PER_QUERY_MAX]
+        keys.update((command_id, key) for command_id, key in conn.execute(
+            select(_c.c.id, _c.c.idempotency_key).where(_c.c.id.in_(chunk))))
+    return keys
 
 
 def list_records(
@@ -241,21 +347,8 @@ def list_records(
     return [CommandRecord.from_row(row) for row in conn.execute(query)]
 
 
-def stale_keys(
-    conn: Connection, *, grace_s: float, limit: int, statuses: Sequence[str] = ("accepted",
-                                                                             "processing")
-) -> list[CommandRecord]:
-    """Commands left before a terminal status for longer than the grace period, oldest first."""
-    cutoff = _now() - timedelta(seconds=grace_s)
-    rows = conn.execute(
-        select(_c)
-        .where(_c.c.status.in_(list(statuses)), _c.c.updated_at < cutoff)
-        .order_by(_c.c.updated_at)
-        .limit(limit)
-    )
-    return [CommandRecord.from_row(row) for row in rows]
-
-
 def count_by_status(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(_c.c.status, func.count()).group_by(_c.c.status))
     return {status: count for status, count in rows}
+
+

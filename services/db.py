@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
 
-from services.settings import Settings, get_settings
+from services.settings import Settings
 
 __all__ = ["make_engine", "get_engine", "dispose_engines", "schema_is_current", "upgrade"]
 
@@ -72,9 +72,8 @@ def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
-def get_engine(settings: Settings | None = None) -> Engine:
+def get_engine(settings: Settings) -> Engine:
     """One engine per database URL per process (disposed after a fork by the worker)."""
-    settings = settings or get_settings()
     with _lock:
         engine = _engines.get(settings.database_url)
         if engine is None:
@@ -101,10 +100,9 @@ def alembic_config(database_url: str) -> Any:
     return config
 
 
-def upgrade(settings: Settings | None = None, revision: str = "head") -> None:
+def upgrade(settings: Settings, revision: str = "head") -> None:
     from alembic import command
 
-    settings = settings or get_settings()
     _make_sqlite_folder(settings.database_url)
     command.upgrade(alembic_config(settings.database_url), revision)
 

@@ -15,7 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
-        Index,
+    Index,
     Integer,
     MetaData,
     String,
@@ -23,6 +23,8 @@ from sqlalchemy import (
     Text,
     func,
 )
+
+from services import command_status
 
 __all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events",
            "payout_batches", "payout_items"]
@@ -65,7 +67,7 @@ accounts = Table(
     CheckConstraint("length(code) >= 1", name="code_length"),
 )
 
-COMMAND_STATUSES = ("accepted", "processing", "succeeded", "rejected", "failed")
+COMMAND_STATUSES = command_status.ALL
 
 commands = Table(
     "commands",
@@ -83,9 +85,7 @@ commands = Table(
     _now(),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("completed_at", DateTime(timezone=True)),
-    CheckConstraint(
-        "status IN ('accepted', 'processing', 'succeeded', 'rejected', 'failed')", name="status"
-    ),
+    CheckConstraint(f"status IN ({', '.join(repr(s) for s in COMMAND_STATUSES)})", name="status"),
     CheckConstraint("length(idempotency_key) >= 1", name="key_length"),
     CheckConstraint("length(payload) <= 4194304", name="payload_length"),
     CheckConstraint(

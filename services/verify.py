@@ -1,20 +1,24 @@
-"""The six ledger invariants of DESIGN.md, checked against the database with plain SQL.
+"""The ledger invariants (docs/ARCHITECTURE.md, "Invariants"), checked with plain SQL.
 
-Each check names the accounts or commands that break it (a few, then a count).
+Each check names the accounts or commands that break it (a few, then a count). verify is
+the one reader of every table at once, in one snapshot; it writes nothing. What a command
+type's transfers must be comes from its registry entry (services.command_types).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["Check", "verify_ledger", "EXPECTED_TRANSFERS", "BATCH_CHECKS"]
+from services import command_types
+from services.command_status import CommandStatus
+from services.operations.base import TransferFacts
+
+__all__ = ["Check", "verify_ledger"]
 
 _SHOWN_MAX = 10
 
@@ -82,28 +86,6 @@ def _escrow_matches_holds(conn: Connection) -> Check:
                  else "every escrow balance equals its open holds")
 
 
-# What a succeeded command's transfers must be, from its payload p and the count n and
-# sum s (minor units) of its transfers; release's fee leg is absent when the fee is zero.
-def _expect_amount(p: dict[str, Any], n: int, s: int, scale: int) -> bool:
-    return n == 1 and s == int(Decimal(p["amount"]).scaleb(scale))
-
-
-EXPECTED_TRANSFERS: dict[str, Callable[[dict[str, Any], int, int, int], bool]] = {
-    "credit_wallet": _expect_amount,
-    "debit_wallet": _expect_amount,
-    "transfer_tokens_between_users": _expect_amount,
-    "transfer_to_escrow": _expect_amount,
-    "admin_create_tokens": _expect_amount,
-    "admin_sell_tokens_to_user": _expect_amount,
-    "user_sell_tokens_to_admin": _expect_amount,
-    # The hold's amount is checked against these transfers in _amount_mismatches.
-    "refund_from_escrow": lambda p, n, s, scale: n == 1,
-    "release_from_escrow": lambda p, n, s, scale: n in (1, 2),
-}
-#: Batch command types register a check of their own (payouts: their items paid).
-BATCH_CHECKS: dict[str, Callable[[Connection, int, int, int], str | None]] = {}
-
-
 def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
     rows = conn.execute(text("""
         SELECT c.id, c.idempotency_key, c.type, c.status, c.payload,
@@ -115,13 +97,15 @@ def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
     names, total = [], 0
     for command_id, key, type_, status, payload, n, s in rows:
         total += 1
-        if type_ in BATCH_CHECKS:
-            problem = BATCH_CHECKS[type_](conn, command_id, n, s)
-        elif status != "succeeded":
-            problem = f"{n} transfers" if n else None
+        entry = command_types.BY_NAME.get(type_)
+        if entry is not None and (entry.is_batch or status == CommandStatus.SUCCEEDED):
+            # A batch's check covers every status: a running batch has paid some items.
+            problem = entry.implied_transfers(
+                TransferFacts(conn, command_id, status, json.loads(payload), n, s, scale))
+        elif status == CommandStatus.SUCCEEDED:
+            problem = f"a succeeded command of unknown type {type_!r}"
         else:
-            ok = EXPECTED_TRANSFERS[type_](json.loads(payload), n, s, scale)
-            problem = None if ok else f"{n} transfers of {s} minor units"
+            problem = f"{n} transfers" if n else None
         if problem:
             names.append(f"{key} ({type_} {status}: {problem})")
     names += _amount_mismatches(conn)
@@ -156,8 +140,6 @@ def _keys_unique(conn: Connection) -> Check:
 
 def verify_ledger(engine: Engine, scale: int) -> list[Check]:
     """Run every check in one repeatable-read snapshot, so they see one state of the ledger."""
-    from services import payouts  # noqa: F401  (registers its BATCH_CHECKS entry)
-
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")

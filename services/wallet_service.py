@@ -15,43 +15,25 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
-from services import schema
-from services.atomic_transaction_manager import (
-    ConcurrentOperationError,
-    FinancialIntegrityError,
-    ForbiddenError,
-    HoldExistsError,
-    HoldNotOpenError,
-    IdempotencyConflictError,
-    InsufficientBalanceError,
-    InvalidCommandError,
-    UnknownHoldError,
-    UnknownUserError,
-)
+from services import command_store, schema
 from services.command_executor import execute_command
+from services.command_status import CommandStatus
 from services.command_store import CommandRecord, iso
 from services.db import get_engine
+from services.errors import InvalidCommandError, UnknownUserError, error_class
 from services.ledger import user_available, user_escrow
 from services.money import to_decimal
 from services.settings import Settings, get_settings
 
 __all__ = ["WalletService", "Balance", "raise_for_outcome"]
 
-_ERRORS: dict[str, type[FinancialIntegrityError]] = {
-    cls.code: cls
-    for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
-                HoldNotOpenError, HoldExistsError, ForbiddenError, IdempotencyConflictError,
-                ConcurrentOperationError)
-}
-
 
 def raise_for_outcome(record: CommandRecord) -> dict[str, Any]:
     """The result of a succeeded command, or its refusal raised as the typed error."""
-    if record.status == "succeeded":
+    if record.status == CommandStatus.SUCCEEDED:
         return dict(record.result or {})
     error = record.error or {"code": "internal", "message": f"command is {record.status}"}
-    cls = _ERRORS.get(error["code"], FinancialIntegrityError)
-    raise cls(error["message"], idempotency_key=record.idempotency_key)
+    raise error_class(error["code"])(error["message"], idempotency_key=record.idempotency_key)
 
 
 @dataclass(frozen=True)
@@ -65,6 +47,8 @@ class Balance:
 
 
 class WalletService:
+    """An edge: with no arguments, its settings and engine come from the WALLETQ_* environment."""
+
     def __init__(self, engine: Engine | None = None, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.engine = engine or get_engine(self.settings)
@@ -157,7 +141,7 @@ class WalletService:
 
     def history(self, account: str, limit: int = 50) -> list[dict[str, Any]]:
         """An account's transfers, newest first, each signed from the account's side."""
-        a, t, c = schema.accounts, schema.transfers, schema.commands
+        a, t = schema.accounts, schema.transfers
         debit, credit = a.alias("debit"), a.alias("credit")
         with self.engine.connect() as conn:
             account_id = conn.execute(select(a.c.id).where(a.c.code == account)).scalar()
@@ -165,22 +149,22 @@ class WalletService:
                 raise UnknownUserError(f"no account {account!r}", account=account)
             rows = conn.execute(
                 select(t.c.id, t.c.amount_minor, t.c.kind, t.c.created_at, debit.c.code,
-                       credit.c.code, c.c.idempotency_key)
+                       credit.c.code, t.c.command_id)
                 .join(debit, debit.c.id == t.c.debit_account_id)
                 .join(credit, credit.c.id == t.c.credit_account_id)
-                .join(c, c.c.id == t.c.command_id)
                 .where(or_(t.c.debit_account_id == account_id,
                            t.c.credit_account_id == account_id))
                 .order_by(t.c.id.desc())
                 .limit(min(limit, 10_000))
             ).all()
+            keys = command_store.keys_by_id(conn, {row.command_id for row in rows})
         scale = self.settings.asset_scale
         return [
             {"transfer_id": row.id, "at": iso(row.created_at), "kind": row.kind,
              "debit": row[4], "credit": row[5],
              "amount": to_decimal(row.amount_minor if row[5] == account else -row.amount_minor,
                                   scale),
-             "idempotency_key": row.idempotency_key}
+             "idempotency_key": keys[row.command_id]}
             for row in rows
         ]
 

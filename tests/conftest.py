@@ -1,5 +1,8 @@
 """Fixtures: a fresh PostgreSQL database per test (cloned from a migrated template), settings
-pointing at it, and the services. Tests never depend on state left by another."""
+pointing at it, and the services. Tests never depend on state left by another.
+
+The servers are brought up (or their absence explained) by the first fixture that needs
+one, so `pytest tests/unit` runs on a machine with no server at all."""
 
 from __future__ import annotations
 
@@ -19,12 +22,6 @@ from services.wallet_service import WalletService
 from tests import servers
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    for problem in (servers.ensure_postgres(), servers.ensure_redis()):
-        if problem:
-            pytest.exit(problem, returncode=3)
-
-
 def _admin_engine() -> Engine:
     url = make_url(servers.PG_URL)
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=1)
@@ -37,6 +34,9 @@ def _drop(admin: Engine, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[Engine]:
+    problem = servers.ensure_postgres()
+    if problem:
+        pytest.exit(problem, returncode=3)
     admin = _admin_engine()
     yield admin
     admin.dispose()

@@ -1,7 +1,8 @@
-"""The Celery app, the producer client, the CLI and the settings that wire them.
+"""The Celery app, the producer client and the CLI: the edges that build settings and
+engines once and hand them to services/.
 
-`celery -A worker ...` asks this package for `app`; it is imported lazily so that the CLI
-and the producer client do not pay for Celery's import when they do not need it.
+`celery -A worker ...` asks this package for `app`; it is imported on first use, so the
+CLI commands that need no broker do not pay for Celery's import.
 """
 
 from __future__ import annotations

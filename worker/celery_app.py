@@ -1,7 +1,9 @@
 """The Celery app: `celery -A worker worker` and `celery -A worker beat` find it here.
 
-Configured from celeryconfig.build_config() (the WALLETQ_* environment). A forked worker
-process drops the SQLAlchemy engines it inherited: sockets are never shared across a fork.
+The app object exists at import, as `celery -A worker` expects; its configuration
+(celeryconfig.build_config(), from the WALLETQ_* environment) is read when first used, so
+importing this module reads no setting and makes no folder. A forked worker process drops
+the SQLAlchemy engines it inherited: sockets are never shared across a fork.
 """
 
 from __future__ import annotations
@@ -14,18 +16,25 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import InvalidTaskError
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    beat_init,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.request import Request
 
 import celeryconfig
 from services.db import dispose_engines
+from services.message_policy import TASK_NAME
 from services.settings import reset_settings
 
 __all__ = ["app", "make_app", "route_task", "EXECUTE_TASK", "SWEEP_TASK"]
 
 log = logging.getLogger("walletq.worker")
 
-EXECUTE_TASK = "walletq.execute_command"
+EXECUTE_TASK = TASK_NAME
 SWEEP_TASK = "walletq.sweep"
 
 
@@ -53,9 +62,18 @@ class WalletqTask(Task):
 
 
 def make_app(env: Mapping[str, str] | None = None) -> Celery:
-    """A Celery app for this environment (the producer client builds its own from the env)."""
-    celery_app = Celery("walletq", set_as_current=env is None, task_cls=WalletqTask)
+    """A Celery app for this environment, configured now (the producer client's own)."""
+    celeryconfig.prepare_broker_folders(env)
+    celery_app = Celery("walletq", set_as_current=False, task_cls=WalletqTask)
     celery_app.conf.update(celeryconfig.build_config(env))
+    return celery_app
+
+
+def _lazy_app() -> Celery:
+    """The process's app: configured from the environment when its configuration is first
+    read (a worker starting, a task published), not when this module is imported."""
+    celery_app = Celery("walletq", task_cls=WalletqTask)
+    celery_app.add_defaults(lambda: celeryconfig.build_config())
     return celery_app
 
 
@@ -71,6 +89,13 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
         queue = names.for_command_type(command_type)
         return {"queue": queue, "routing_key": queue}
     return None
+
+
+@worker_init.connect
+@beat_init.connect
+def _before_consuming(**_kwargs: Any) -> None:
+    # The embedded broker's folders (and beat's schedule file's) must exist before use.
+    celeryconfig.prepare_broker_folders()
 
 
 @worker_process_init.connect
@@ -96,4 +121,4 @@ def _announce_shutdown(**_kwargs: Any) -> None:
         Path(ready_file).unlink(missing_ok=True)
 
 
-app = make_app()
+app = _lazy_app()

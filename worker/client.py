@@ -45,29 +45,26 @@ from decimal import Decimal
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from services import command_store, schema
-from services.atomic_transaction_manager import BusinessRuleError, InvalidCommandError
+from services import command_store
+from services.command_fields import CommandLimits
+from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.commands import Command, parse_command
 from services.db import get_engine
-from services.outbox import Accepted, is_stuck, record_accepted, record_accepted_many
+from services.errors import BusinessRuleError, InvalidCommandError
+from services.outbox import Accepted, record_accepted, record_accepted_many
 from services.settings import Settings, load_settings
 from services.wallet_service import WalletService
 from worker.celery_app import make_app
-from worker.publisher import Publisher
+from worker.publisher import CeleryPublisher
 
 __all__ = ["WalletClient", "ENDED"]
 
 log = logging.getLogger("walletq.client")
 
-#: Statuses after which `wait` stops: the terminal ones and `failed` (until a redrive).
-ENDED = frozenset({"succeeded", "rejected", "failed"})
 _POLL_S_MIN, _POLL_S_MAX = 0.02, 0.5
-# SQLite allows 32,766 bound parameters; PostgreSQL far more. One query per thousand keys.
-_KEYS_PER_QUERY_MAX = 1000
 
 
 class WalletClient:
@@ -76,8 +73,9 @@ class WalletClient:
     def __init__(self, settings: Settings, app: Celery, env: Mapping[str, str] | None = None,
                  engine: Engine | None = None) -> None:
         self.settings = settings
+        self.limits = CommandLimits.from_settings(settings)
         self.engine = engine or get_engine(settings)
-        self.publisher = Publisher(app, env)
+        self.publisher = CeleryPublisher(app, env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WalletClient:
@@ -93,7 +91,7 @@ class WalletClient:
 
     def submit(self, command: Any) -> CommandRecord:
         """Validate, record as accepted, publish; returns the command record at once."""
-        parsed = parse_command(command)
+        parsed = parse_command(command, self.limits)
         accepted = record_accepted(parsed, engine=self.engine, settings=self.settings)
         if self._needs_publish(accepted):
             self._publish_logged(accepted.record)
@@ -110,7 +108,7 @@ class WalletClient:
         slots: list[int] = []
         for raw in commands:
             try:
-                parsed.append(parse_command(raw))
+                parsed.append(parse_command(raw, self.limits))
                 slots.append(len(answers))
                 answers.append(None)
             except InvalidCommandError as exc:
@@ -128,11 +126,11 @@ class WalletClient:
         return [answer for answer in answers if answer is not None]
 
     def _needs_publish(self, accepted: Accepted) -> bool:
-        return accepted.created or is_stuck(accepted.record, self.settings.sweep_grace_s)
+        return accepted.created or accepted.record.is_stuck(self.settings.sweep_grace_s)
 
     def _publish_logged(self, record: CommandRecord) -> None:
         try:
-            self.publisher.publish_record(record)
+            self.publisher.publish(record)
         except Exception:  # noqa: BLE001 - recorded already: the sweep will deliver it
             log.warning("could not publish %s; it stays accepted for the sweep",
                         record.idempotency_key, exc_info=True)
@@ -140,15 +138,15 @@ class WalletClient:
     def _publish_many_logged(self, records: list[CommandRecord]) -> None:
         if not records:
             return
-        outcomes = self.publisher.publish_many([r.payload_dict() for r in records])
+        outcomes = self.publisher.publish_many(records)
         failed = [r.idempotency_key for r, exc in zip(records, outcomes, strict=True) if exc]
         if failed:
             log.warning("could not publish %d commands (first %s); they stay accepted for the "
                         "sweep: %s", len(failed), failed[0], next(e for e in outcomes if e))
 
     def publish_again(self, record: CommandRecord) -> None:
-        """Publish a recorded command (sweep, redrive); raises when the broker is unreachable."""
-        self.publisher.publish_record(record)
+        """Publish a recorded command (redrive); raises when the broker is unreachable."""
+        self.publisher.publish(record)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -180,7 +178,7 @@ class WalletClient:
         deadline = time.monotonic() + timeout
         while True:
             with self.engine.connect() as conn:
-                rows = _records(conn, pending)
+                rows = command_store.get_records(conn, pending)
             latest.update({r.idempotency_key: r for r in rows})
             pending = [k for k in pending if k not in latest or latest[k].status not in ENDED]
             if not pending or time.monotonic() >= deadline:
@@ -192,12 +190,3 @@ class WalletClient:
         result = WalletService(self.engine, self.settings).balance(user)
         return {"available": result.available, "escrow": result.escrow}
 
-
-def _records(conn: Connection, keys: list[str]) -> list[CommandRecord]:
-    c = schema.commands
-    rows: list[CommandRecord] = []
-    for start in range(0, len(keys), _KEYS_PER_QUERY_MAX):
-        chunk = keys[start:start + _KEYS_PER_QUERY_MAX]
-        rows += [CommandRecord.from_row(row)
-                 for row in conn.execute(select(c).where(c.c.idempotency_key.in_(chunk)))]
-    return rows

@@ -18,12 +18,15 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.atomic_transaction_manager import BusinessRuleError
+from services.command_status import ENDED
 from services.command_store import CommandRecord
+from services.db import get_engine
+from services.errors import BusinessRuleError
 from services.settings import Settings, get_settings
 from services.verify import verify_ledger
+from services.wallet_service import WalletService
 from worker.cli.base import Output, ensure_schema
-from worker.client import ENDED, WalletClient
+from worker.client import WalletClient
 
 __all__ = ["run", "scenario", "DemoWorker"]
 
@@ -183,10 +186,7 @@ def run(out: Output, *, timeout_s: float = 45.0) -> bool:
 def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, CommandRecord],
             refused: list[tuple[str, BusinessRuleError]], duplicates: list[str],
             elapsed_s: float) -> bool:
-    from services.db import get_engine
-    from services.wallet_service import WalletService
-
-    balances = [row for row in WalletService().balances()
+    balances = [row for row in WalletService(settings=settings).balances()
                 if run_id in row["account"] or not row["account"].startswith("user:")]
     checks = verify_ledger(get_engine(settings), settings.asset_scale)
     ok = all(check.ok for check in checks)

@@ -155,8 +155,15 @@ def queue_prefix() -> str:
     return f"wqt{uuid.uuid4().hex[:10]}."
 
 
+@pytest.fixture(scope="session")
+def redis_up() -> None:
+    problem = servers.ensure_redis()
+    if problem:
+        pytest.exit(problem, returncode=3)
+
+
 @pytest.fixture
-def pipeline_env(walletq_env: dict[str, str], queue_prefix: str,
+def pipeline_env(redis_up: None, walletq_env: dict[str, str], queue_prefix: str,
                  monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """walletq_env plus Redis as the broker and this test's own queue names; set in os.environ."""
     extra = {"WALLETQ_BROKER_URL": BROKER_URL, "WALLETQ_QUEUE_PREFIX": queue_prefix,
@@ -218,7 +225,7 @@ def client(pipeline_env: dict[str, str]) -> Iterator[object]:
 
 
 def assert_ledger_verifies() -> None:
-    """Every invariant of DESIGN.md holds on the test's database."""
+    """Every invariant (docs/ARCHITECTURE.md) holds on the test's database."""
     settings = get_settings()
     checks = verify_ledger(get_engine(settings), settings.asset_scale)
     failed = [check.to_dict() for check in checks if not check.ok]

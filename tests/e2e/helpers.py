@@ -12,9 +12,20 @@ from typing import Any
 from sqlalchemy import func, select
 
 from services import schema
+from services.command_fields import CommandLimits
+from services.commands import parse_command
 from services.db import get_engine
+from services.outbox import Accepted, record_accepted
+from services.settings import get_settings
 
 WALLETQ = str(Path(sys.executable).parent / "walletq")
+
+
+def accept_only(raw: Any) -> Accepted:
+    """Record a command as accepted (the outbox) and publish nothing: a message 'lost'."""
+    settings = get_settings()
+    command = parse_command(raw, CommandLimits.from_settings(settings))
+    return record_accepted(command, engine=get_engine(settings), settings=settings)
 
 
 def walletq(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
@@ -30,7 +41,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 def transfers_of(key: str) -> int:
     c, t = schema.commands, schema.transfers
-    with get_engine().connect() as conn:
+    with get_engine(get_settings()).connect() as conn:
         return conn.execute(select(func.count()).select_from(t.join(c, c.c.id == t.c.command_id))
                             .where(c.c.idempotency_key == key)).scalar_one()
 
@@ -40,5 +51,5 @@ def audit_outcomes(key: str | None = None) -> list[tuple[str, str | None]]:
     query = select(a.c.outcome, a.c.error_code).order_by(a.c.id)
     if key is not None:
         query = query.where(a.c.idempotency_key == key)
-    with get_engine().connect() as conn:
+    with get_engine(get_settings()).connect() as conn:
         return [(row.outcome, row.error_code) for row in conn.execute(query)]

@@ -11,11 +11,10 @@ from sqlalchemy import update
 from services import schema
 from services.atomic_transaction_manager import IdempotencyConflictError, InvalidCommandError
 from services.command_executor import record_failure
-from services.commands import parse_command
 from services.db import get_engine
-from services.outbox import record_accepted
+from services.settings import get_settings
 from tests.e2e.conftest import BROKER_URL, assert_ledger_verifies
-from tests.e2e.helpers import json_lines, transfers_of, walletq
+from tests.e2e.helpers import accept_only, json_lines, transfers_of, walletq
 from worker.client import WalletClient
 
 CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-1", "user": "alice", "amount": "10.00"}
@@ -23,7 +22,7 @@ CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-1", "user": "alice", 
 
 def _age(key: str, seconds: float) -> None:
     c = schema.commands
-    with get_engine().begin() as conn:
+    with get_engine(get_settings()).begin() as conn:
         conn.execute(update(c).where(c.c.idempotency_key == key)
                      .values(updated_at=datetime.now(UTC) - timedelta(seconds=seconds)))
 
@@ -52,7 +51,7 @@ def test_a_conflicting_or_invalid_submit_raises_and_records_nothing(worker, clie
 
 def test_a_stuck_duplicate_is_published_again(worker, client):
     # Recorded but never published (a producer that died between commit and publish).
-    record_accepted(parse_command(CREDIT))
+    accept_only(CREDIT)
     _age("dep-1", 3600)
     client.submit(CREDIT)
     assert client.wait("dep-1", timeout=20).status == "succeeded", worker.log_tail()
@@ -97,7 +96,7 @@ def test_status_and_commands_answer_in_json_and_for_people(worker, client):
 
 
 def test_status_wait_times_out_with_exit_3_while_the_command_is_not_done(pipeline_env):
-    record_accepted(parse_command(CREDIT))  # no worker, nothing published
+    accept_only(CREDIT)  # no worker, nothing published
     done = walletq("status", "dep-1", "--wait", "0.5", "--json")
     assert done.returncode == 3
     assert json_lines(done.stdout)[0]["status"] == "accepted"
@@ -106,7 +105,7 @@ def test_status_wait_times_out_with_exit_3_while_the_command_is_not_done(pipelin
 
 def test_sweep_republishes_only_what_is_stuck(worker, client):
     for n in range(3):
-        record_accepted(parse_command({**CREDIT, "idempotency_key": f"lost-{n}"}))
+        accept_only({**CREDIT, "idempotency_key": f"lost-{n}"})
     fresh = walletq("sweep", "--json")  # default grace (60 s): nothing is old enough
     assert json_lines(fresh.stdout)[0]["republished"] == 0
     for n in range(3):
@@ -121,8 +120,9 @@ def test_sweep_republishes_only_what_is_stuck(worker, client):
 
 
 def test_redrive_sends_a_failed_command_again_and_refuses_others(worker, client):
-    record_accepted(parse_command(CREDIT))
-    record_failure("dep-1", {"code": "concurrent_operation", "message": "retries exhausted"})
+    accept_only(CREDIT)
+    record_failure("dep-1", {"code": "concurrent_operation", "message": "retries exhausted"},
+                   engine=client.engine, settings=client.settings)
     assert client.status("dep-1").status == "failed"
     done = walletq("redrive", "dep-1", "--json")
     assert done.returncode == 0, done.stderr

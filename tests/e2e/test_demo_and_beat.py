@@ -10,10 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from services.commands import parse_command
-from services.outbox import record_accepted
 from tests.e2e.conftest import assert_ledger_verifies
-from tests.e2e.helpers import walletq
+from tests.e2e.helpers import accept_only, walletq
 
 
 def test_the_demo_runs_embedded_on_a_fresh_home_twice(tmp_path: Path):
@@ -40,8 +38,8 @@ def test_beat_runs_the_sweep_that_delivers_a_lost_command(worker_factory, client
                                                           tmp_path):
     # The sweep runs in the worker, with the worker's grace period.
     worker = worker_factory(env={"WALLETQ_SWEEP_GRACE_S": "0.2"})
-    record_accepted(parse_command({"type": "credit_wallet", "idempotency_key": "lost",
-                                   "user": "alice", "amount": "4.00"}))
+    accept_only({"type": "credit_wallet", "idempotency_key": "lost",
+                                   "user": "alice", "amount": "4.00"})
     env = {**os.environ, **pipeline_env, "WALLETQ_SWEEP_INTERVAL_S": "0.5",
            "WALLETQ_SWEEP_GRACE_S": "0.2"}
     beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat",

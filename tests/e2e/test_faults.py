@@ -78,7 +78,7 @@ def wait_terminal(client: WalletClient, keys: list[str], timeout_s: float,
 
 def command_rows(keys: list[str]) -> dict[str, Any]:
     c = schema.commands
-    with get_engine().connect() as conn:
+    with get_engine(get_settings()).connect() as conn:
         rows = conn.execute(select(c.c.idempotency_key, c.c.status, c.c.attempts, c.c.error_code)
                             .where(c.c.idempotency_key.in_(keys))).all()
     return {row.idempotency_key: row for row in rows}
@@ -86,7 +86,7 @@ def command_rows(keys: list[str]) -> dict[str, Any]:
 
 def transfers_per_key() -> Counter[str]:
     c, t = schema.commands, schema.transfers
-    with get_engine().connect() as conn:
+    with get_engine(get_settings()).connect() as conn:
         rows = conn.execute(select(c.c.idempotency_key, func.count())
                             .select_from(t.join(c, c.c.id == t.c.command_id))
                             .group_by(c.c.idempotency_key)).all()
@@ -95,7 +95,7 @@ def transfers_per_key() -> Counter[str]:
 
 def terminal_audits_per_key() -> Counter[str]:
     a = schema.audit_events
-    with get_engine().connect() as conn:
+    with get_engine(get_settings()).connect() as conn:
         rows = conn.execute(select(a.c.idempotency_key, func.count())
                             .where(a.c.outcome.in_(TERMINAL))
                             .group_by(a.c.idempotency_key)).all()
@@ -249,7 +249,7 @@ def test_a_lost_redis_queue_is_recovered_by_the_sweep(worker_factory, pipeline_e
         assert {r.status for r in command_rows(keys).values()} == {"accepted"}
 
         swept_at = time.monotonic()
-        counts = sweep.run_once(client.publish_again, grace_s=0.5)
+        counts = sweep.run_once(client.publisher, engine=client.engine, settings=client.settings, grace_s=0.5)
         assert counts.found == len(keys) and counts.republished == len(keys), counts
         wait_terminal(client, keys, 60, [worker])
         ended = time.monotonic()
@@ -390,7 +390,7 @@ class LockOrderReverser:
 def account_codes_by_id(users: list[str]) -> list[str]:
     a = schema.accounts
     codes = [f"user:{user}:available" for user in users]
-    with get_engine().connect() as conn:
+    with get_engine(get_settings()).connect() as conn:
         return list(conn.execute(select(a.c.code).where(a.c.code.in_(codes)).order_by(a.c.id))
                     .scalars())
 

@@ -77,7 +77,7 @@ def test_a_worker_killed_mid_batch_completes_after_restart_paying_each_item_once
     slow.start()
     # Redis gives a SIGKILLed worker's message back only after the visibility timeout;
     # the sweep republishes the command left `processing` (grace 0 here: at once).
-    counts = sweep.run_once(client.publish_again, grace_s=0)
+    counts = sweep.run_once(client.publisher, engine=client.engine, settings=client.settings, grace_s=0)
     assert counts.republished >= 1
     record = client.wait("kill-1", timeout=90)
 

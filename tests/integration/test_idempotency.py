@@ -20,6 +20,7 @@ from services.atomic_transaction_manager import (
     atomic_financial_operation,
 )
 from services.command_executor import execute_command
+from services.command_fields import CommandLimits
 from services.commands import parse_command
 from services.wallet_service import WalletService
 from tests.integration.ledger_reads import assert_ledger_holds, audit, balances, record, transfers
@@ -144,7 +145,7 @@ def test_a_conflict_with_a_command_still_processing_leaves_it_processing(
     service: WalletService, engine: Engine
 ) -> None:
     with atomic_financial_operation(engine) as conn:
-        command_store.claim(conn, parse_command(CREDIT))
+        command_store.claim(conn, parse_command(CREDIT, CommandLimits()))
     claimed = record(engine, "dep-81")
     with pytest.raises(IdempotencyConflictError):
         service.execute({**CREDIT, "amount": "99.00"})
@@ -171,7 +172,7 @@ def test_a_command_left_processing_by_a_crash_is_applied_once_when_run_again(
     service: WalletService, engine: Engine
 ) -> None:
     with atomic_financial_operation(engine) as conn:
-        command_store.claim(conn, parse_command(CREDIT))  # claimed, then the worker died
+        command_store.claim(conn, parse_command(CREDIT, CommandLimits()))  # claimed, then the worker died
     rec = execute_command(dict(CREDIT), engine=engine, settings=service.settings)
     assert rec.status == "succeeded" and rec.attempts == 2
     assert len(transfers(engine, "dep-81")) == 1

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services import atomic_transaction_manager as atm
-from services import ledger, operations
+from services import ledger
 from services.atomic_transaction_manager import (
     NegativeBalanceError,
     TransactionIntegrityError,
@@ -19,6 +19,7 @@ from services.atomic_transaction_manager import (
     log_financial_operation,
 )
 from services.db import make_engine
+from services.operations import escrow
 from services.settings import Settings
 from services.wallet_service import WalletService
 from tests.integration.ledger_reads import (
@@ -110,13 +111,13 @@ def test_a_deadlock_on_the_second_leg_reruns_the_whole_transaction_once(
 def test_a_failure_in_refund_after_the_leg_keeps_the_hold_open(
     held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_close = operations._close_hold
+    real_close = escrow._close_hold
 
     def close_then_fail(*args: Any, **kwargs: Any) -> None:
         real_close(*args, **kwargs)
         raise Injected("after the hold closed")
 
-    monkeypatch.setattr(operations, "_close_hold", close_then_fail)
+    monkeypatch.setattr(escrow, "_close_hold", close_then_fail)
     before = balances(engine)
     with pytest.raises(Injected):
         held.refund_from_escrow("o-1", idempotency_key="undo")

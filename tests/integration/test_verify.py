@@ -1,4 +1,4 @@
-"""verify_ledger: each of the six invariants of DESIGN.md, and the account or command that breaks it."""
+"""verify_ledger: each invariant of docs/ARCHITECTURE.md, and the account or command that breaks it."""
 
 from __future__ import annotations
 

@@ -3,37 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from services import settings as settings_module
+from services import commands
 from services.atomic_transaction_manager import InvalidCommandError
 from services.commands import (
     COMMAND_TYPES,
+    CommandLimits,
     CreditWallet,
     ReleaseFromEscrow,
     TransferToEscrow,
     canonical_payload,
     command_json_schema,
-    parse_command,
     payload_hash,
 )
 
+#: Scale 2 and the default maximum, whatever the calling shell exported: validation reads
+#: its limits from its argument, never from the environment.
+LIMITS = CommandLimits()
 
-@pytest.fixture(autouse=True)
-def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Scale 2 and the default maximum, whatever the calling shell exported."""
-    for key in list(os.environ):
-        if key.startswith("WALLETQ_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("WALLETQ_HOME", "/nonexistent/walletq-unit")
-    settings_module.reset_settings()
-    yield
-    settings_module.reset_settings()
+
+def parse_command(raw: Any, limits: CommandLimits = LIMITS) -> Any:
+    return commands.parse_command(raw, limits)
 
 
 CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-81", "user": "alice", "amount": "10.00"}

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from services import atomic_transaction_manager as atm
+from services import unit_of_work
 from services.atomic_transaction_manager import (
     ConcurrentOperationError,
     InsufficientBalanceError,
@@ -62,7 +63,7 @@ def run(delays: list[float]) -> Callable[..., str]:
 @pytest.fixture(autouse=True)
 def fresh_stats(monkeypatch: pytest.MonkeyPatch) -> atm.RetryStats:
     stats = atm.RetryStats()
-    monkeypatch.setattr(atm, "retry_stats", stats)
+    monkeypatch.setattr(unit_of_work, "retry_stats", stats)
     return stats
 
 
@@ -193,11 +194,11 @@ def test_the_backoff_is_configurable() -> None:
 def test_inside_an_open_transaction_the_owner_retries_not_the_inner_call(
     delays: list[float],
 ) -> None:
-    token = atm._current.set(object())  # type: ignore[arg-type]
+    token = unit_of_work._current.set(object())  # type: ignore[arg-type]
     try:
         operation = Flaky(db_error("40P01"))
         with pytest.raises(OperationalError):
             execute_with_retry(operation, sleep=delays.append)
         assert operation.calls == 1 and delays == []
     finally:
-        atm._current.reset(token)
+        unit_of_work._current.reset(token)

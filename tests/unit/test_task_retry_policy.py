@@ -1,4 +1,4 @@
-"""Which failures the command task hands to Celery's autoretry, and which it records at once."""
+"""Which failures the message policy hands back for a later retry, and which it records at once."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy.exc import DataError, OperationalError, ProgrammingError
 
 from services.atomic_transaction_manager import ConcurrentOperationError
+from services.message_policy import retryable as _retryable
 
 
 class _Orig(Exception):
@@ -15,10 +16,7 @@ class _Orig(Exception):
 
 
 @pytest.fixture
-def retryable(tmp_path, monkeypatch):
-    monkeypatch.setenv("WALLETQ_HOME", str(tmp_path))
-    from tasks.commands import _retryable
-
+def retryable():
     return _retryable
 
 

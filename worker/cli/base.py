@@ -13,9 +13,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from services.atomic_transaction_manager import FinancialIntegrityError
 from services.db import get_engine, schema_is_current, upgrade
-from services.settings import Settings, SettingsError, get_settings
+from services.errors import FinancialIntegrityError
+from services.settings import Settings, SettingsError
 
 __all__ = ["cli", "main", "json_option", "Output", "pass_output", "ensure_schema"]
 
@@ -91,9 +91,8 @@ def pass_output(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def ensure_schema(settings: Settings | None = None) -> None:
+def ensure_schema(settings: Settings) -> None:
     """Embedded mode creates its schema on first use; a server database must be upgraded."""
-    settings = settings or get_settings()
     if schema_is_current(get_engine(settings)):
         return
     if settings.embedded:

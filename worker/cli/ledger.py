@@ -40,8 +40,9 @@ def db_upgrade(out: Output, revision: str) -> None:
 @pass_output
 def balance(out: Output, user: str) -> None:
     """A user's available and escrow balances."""
-    ensure_schema()
-    result = WalletService().balance(user)
+    settings = get_settings()
+    ensure_schema(settings)
+    result = WalletService(settings=settings).balance(user)
     if out.as_json:
         out.json(result.to_dict())
     else:
@@ -54,8 +55,9 @@ def balance(out: Output, user: str) -> None:
 @pass_output
 def balances(out: Output) -> None:
     """Every account and its balance."""
-    ensure_schema()
-    rows = WalletService().balances()
+    settings = get_settings()
+    ensure_schema(settings)
+    rows = WalletService(settings=settings).balances()
     if out.as_json:
         for row in rows:
             out.json(row)
@@ -71,9 +73,10 @@ def balances(out: Output) -> None:
 @pass_output
 def history(out: Output, account: str, limit: int) -> None:
     """An account's transfers, newest first (ACCOUNT is a code, or a user's name)."""
-    ensure_schema()
+    settings = get_settings()
+    ensure_schema(settings)
     code = account if ":" in account else f"user:{account}:available"
-    rows = WalletService().history(code, limit)
+    rows = WalletService(settings=settings).history(code, limit)
     if out.as_json:
         for row in rows:
             out.json(row)
@@ -88,8 +91,8 @@ def history(out: Output, account: str, limit: int) -> None:
 @pass_output
 def verify(out: Output) -> None:
     """Check every ledger invariant; exit 1 naming what fails."""
-    ensure_schema()
     settings = get_settings()
+    ensure_schema(settings)
     checks = verify_ledger(get_engine(settings), settings.asset_scale)
     ok = all(check.ok for check in checks)
     if out.as_json:

@@ -1,11 +1,10 @@
 """`walletq payout FILE.csv` and `walletq payout-status KEY`: batch payouts from a CSV file.
 
-The file (header `user,amount,reference`) is validated whole before anything is sent: a
-bad row is named by its line and nothing is submitted. A file larger than the item limit
-(WALLETQ_PAYOUT_ITEMS_MAX) becomes several batches with keys KEY.1, KEY.2, ...; KEY
-defaults to one derived from the file's content and the funding account, so re-running
-the same payout finds the same commands and pays nothing twice (and a reference already
-paid from that account, under any key, is reported as a duplicate).
+The file is read, validated whole and split into batches by services.payouts.file (a bad
+row is named by its line and nothing is submitted); this module submits the batches,
+shows their progress and reports. Re-running the same payout finds the same commands and
+pays nothing twice (and a reference already paid from that account, under any key, is
+reported as a duplicate).
 
 Exit codes: 0 every batch ran to its end (items may still be rejected: see the report);
 1 a batch was refused whole or failed, or a refusal (idempotency conflict, unknown key);
@@ -16,153 +15,39 @@ batches go on: see `walletq payout-status KEY`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import re
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.atomic_transaction_manager import FinancialIntegrityError, InvalidCommandError
 from services.command_executor import execute_command
-from services.commands import ID_PATTERN, parse_command
+from services.command_fields import CommandLimits
+from services.command_status import ENDED
+from services.commands import parse_command
 from services.db import get_engine
-from services.money import AmountError, parse_amount
-from services.payouts import payout_item_rows, payout_progress
+from services.errors import FinancialIntegrityError, InvalidCommandError
+from services.payouts.file import (
+    PayoutFile,
+    PayoutFileError,
+    batch_commands,
+    derived_key,
+    line_of,
+    read_payout_csv,
+)
+from services.payouts.store import payout_item_rows, payout_progress, payout_totals
 from services.settings import Settings, get_settings
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 
-__all__ = ["PayoutFile", "PayoutFileError", "read_payout_csv", "batch_commands", "payout",
-           "payout_status"]
+__all__ = ["payout", "payout_status"]
 
-CSV_COLUMNS = ("user", "amount", "reference")
-ENDED = frozenset({"succeeded", "rejected", "failed"})
-# A file of a million rows is ~50 MB; beyond that, split it first.
-FILE_BYTES_MAX = 256 * 1024 * 1024
-PROBLEMS_SHOWN_MAX = 10
 REJECTED_SHOWN_MAX = 20
 POLL_S = 0.2
-_ID_RE = re.compile(ID_PATTERN)
-_ID_RULE = "must be 1-200 characters of A-Z a-z 0-9 . _ : -"
-
-
-class PayoutFileError(ValueError):
-    """Raised when a payout file is not acceptable; names each bad row. Nothing is submitted."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        shown = list(problems[:PROBLEMS_SHOWN_MAX])
-        more = len(problems) - len(shown)
-        super().__init__("\n".join(shown + ([f"... and {more} more"] if more else [])))
-        self.problems = list(problems)
-
-
-@dataclass(frozen=True)
-class PayoutFile:
-    rows: list[dict[str, str]]  # user, amount, reference
-    lines: list[int]  # the file line of each row, for the report
-    digest: str  # sha256 of the file's bytes
-
-
-def read_payout_csv(path: Path, settings: Settings) -> PayoutFile:
-    """Every row validated up front; PayoutFileError names each bad one by its line."""
-    data = path.read_bytes()
-    if len(data) > FILE_BYTES_MAX:
-        raise PayoutFileError([f"{len(data)} bytes; at most {FILE_BYTES_MAX}"])
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PayoutFileError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next((fields for fields in reader if any(f.strip() for f in fields)), None)
-    if header is None:
-        raise PayoutFileError(["empty file; expected a header line "
-                               f"{','.join(CSV_COLUMNS)} and one row per payout"])
-    columns = _columns(header, reader.line_num)
-    rows, lines, problems = [], [], []
-    first_line: dict[str, int] = {}
-    for fields in reader:
-        if not any(f.strip() for f in fields):
-            continue
-        line = reader.line_num
-        row, row_problems = _row(fields, columns, line, settings)
-        if row is not None and row["reference"] in first_line:
-            row_problems.append(f"line {line}: reference {row['reference']!r} repeats line "
-                                f"{first_line[row['reference']]}")
-        if row is not None:
-            first_line.setdefault(row["reference"], line)
-        problems += row_problems
-        if row is not None and not row_problems:
-            rows.append(row)
-            lines.append(line)
-    if problems:
-        raise PayoutFileError(problems)
-    if not rows:
-        raise PayoutFileError(["empty file: a header and no rows"])
-    return PayoutFile(rows, lines, hashlib.sha256(data).hexdigest())
-
-
-def _columns(header: list[str], line: int) -> dict[str, int]:
-    names = [name.strip().lower() for name in header]
-    missing = [c for c in CSV_COLUMNS if c not in names]
-    unknown = [n for n in names if n not in CSV_COLUMNS]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    problems = []
-    if missing:
-        problems.append(f"line {line} (header): missing column {', '.join(missing)}; "
-                        f"expected {','.join(CSV_COLUMNS)}")
-    if unknown:
-        problems.append(f"line {line} (header): unknown column {', '.join(map(repr, unknown))}")
-    if repeated:
-        problems.append(f"line {line} (header): column {', '.join(repeated)} repeated")
-    if problems:
-        raise PayoutFileError(problems)
-    return {name: names.index(name) for name in CSV_COLUMNS}
-
-
-def _row(fields: list[str], columns: dict[str, int], line: int, settings: Settings
-         ) -> tuple[dict[str, str] | None, list[str]]:
-    if len(fields) != len(columns):
-        return None, [f"line {line}: {len(fields)} fields; expected {len(columns)} "
-                      f"({','.join(CSV_COLUMNS)})"]
-    row = {name: fields[index].strip() for name, index in columns.items()}
-    problems = []
-    for name in ("user", "reference"):
-        if not _ID_RE.fullmatch(row[name]):
-            problems.append(f"line {line}: {name} {row[name][:40]!r} {_ID_RULE}")
-    try:
-        parse_amount(row["amount"], scale=settings.asset_scale, max_minor=settings.amount_max_minor)
-    except AmountError as exc:
-        problems.append(f"line {line}: amount {exc}")
-    return row, problems
-
-
-def derived_key(payout_file: PayoutFile, from_account: str) -> str:
-    """The same file paid from the same account is the same payout."""
-    digest = hashlib.sha256(f"{from_account}\n{payout_file.digest}".encode()).hexdigest()
-    return f"payout-{digest[:32]}"
-
-
-def batch_commands(payout_file: PayoutFile, from_account: str, key: str, atomic: bool,
-                   items_max: int) -> list[dict[str, Any]]:
-    """The file as payout_batch commands of at most `items_max` items; KEY, or KEY.1, KEY.2, ..."""
-    rows = payout_file.rows
-    parts = [rows[start:start + items_max] for start in range(0, len(rows), items_max)]
-    keys = [key] if len(parts) == 1 else [f"{key}.{n}" for n in range(1, len(parts) + 1)]
-    commands = []
-    for part_key, part in zip(keys, parts, strict=True):
-        command: dict[str, Any] = {"type": "payout_batch", "idempotency_key": part_key,
-                                   "from_account": from_account, "items": part}
-        if atomic:
-            command["atomic"] = True
-        commands.append(command)
-    return commands
 
 
 # --- submitting and watching ------------------------------------------------------------
@@ -173,6 +58,7 @@ class SyncRunner:
     """--sync: the batches executed one after another in a thread of this process."""
 
     commands: list[dict[str, Any]]
+    settings: Settings
     error: BaseException | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -182,8 +68,9 @@ class SyncRunner:
 
     def _run(self) -> None:
         try:
+            engine = get_engine(self.settings)
             for command in self.commands:
-                execute_command(command)
+                execute_command(command, engine=engine, settings=self.settings)
         except BaseException as exc:  # noqa: BLE001 - reported by the watcher
             self.error = exc
 
@@ -227,23 +114,6 @@ def _watch(out: Output, keys: list[str], items: int, settings: Settings, timeout
             time.sleep(POLL_S)
 
 
-def _totals(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    reasons: dict[str, int] = {}
-    for state in states:
-        for code, count in (state.get("rejected_by_code") or {}).items():
-            reasons[code] = reasons.get(code, 0) + count
-    return {
-        "batches": len(states),
-        "items": sum(s.get("items", 0) for s in states),
-        "done": sum(s.get("done", 0) for s in states),
-        "paid": sum(s.get("paid", 0) for s in states),
-        "rejected": sum(s.get("rejected", 0) for s in states),
-        "duplicate": sum(s.get("duplicate", 0) for s in states),
-        "amount_paid": str(sum((Decimal(s.get("amount_paid", "0")) for s in states), Decimal(0))),
-        "rejected_by_code": reasons,
-    }
-
-
 def _rejected_items(states: Sequence[dict[str, Any]], settings: Settings,
                     payout_file: PayoutFile | None, items_max: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
@@ -252,7 +122,7 @@ def _rejected_items(states: Sequence[dict[str, Any]], settings: Settings,
             for item in payout_item_rows(conn, state["idempotency_key"], settings.asset_scale,
                                          outcome="rejected", limit=REJECTED_SHOWN_MAX * 5):
                 if payout_file is not None:
-                    item["line"] = payout_file.lines[part * items_max + item["index"]]
+                    item["line"] = line_of(payout_file, part, item["index"], items_max)
                 rows.append({"batch": state["idempotency_key"], **item})
     return rows
 
@@ -272,7 +142,7 @@ def _show_batches(out: Output, title: str, states: Sequence[dict[str, Any]]) -> 
 
 def _report(out: Output, source: str, from_account: str, states: list[dict[str, Any]],
             rejected: list[dict[str, Any]], timed_out: bool) -> None:
-    totals = _totals(states)
+    totals = payout_totals(states)
     if out.as_json:
         out.json({"file": source, "from_account": from_account, **totals,
                   "complete": not timed_out, "batches": states,
@@ -311,13 +181,14 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
            no_wait: bool, timeout_s: float) -> None:
     """Pay a CSV file (header user,amount,reference) out in batches, showing progress."""
     settings = get_settings()
+    limits = CommandLimits.from_settings(settings)
     try:
-        payout_file = read_payout_csv(file, settings)
+        payout_file = read_payout_csv(file, limits)
         key = key or derived_key(payout_file, from_account)
         commands = batch_commands(payout_file, from_account, key, atomic,
                                   settings.payout_items_max)
         for command in commands:
-            parse_command(command)
+            parse_command(command, limits)
     except OSError as exc:
         out.fail(f"{file}: {exc.strerror or exc}", 2)
     except PayoutFileError as exc:
@@ -328,7 +199,7 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
     keys = [command["idempotency_key"] for command in commands]
     runner = None
     if sync:
-        runner = SyncRunner(commands)
+        runner = SyncRunner(commands, settings)
         runner.start()
     else:
         _submit(commands)
@@ -373,8 +244,8 @@ def resolve_keys(key: str, settings: Settings) -> list[dict[str, Any]]:
 @pass_output
 def payout_status(out: Output, key: str, show_items: bool, as_csv: bool) -> None:
     """A payout's progress, totals and (with --items) per-item outcomes."""
-    ensure_schema()
     settings = get_settings()
+    ensure_schema(settings)
     states = resolve_keys(key, settings)
     if not states:
         raise FinancialIntegrityError(f"no payout {key!r} (nor {key}.1)")
@@ -390,7 +261,7 @@ def payout_status(out: Output, key: str, show_items: bool, as_csv: bool) -> None
                                   else {})})
         return
     _show_batches(out, f"payout {key}", states)
-    totals = _totals(states)
+    totals = payout_totals(states)
     out.say(f"{totals['done']} of {totals['items']} items decided: paid {totals['paid']} "
             f"(total {totals['amount_paid']}), rejected {totals['rejected']}, duplicates "
             f"{totals['duplicate']}")

@@ -14,15 +14,15 @@ from typing import Any, TextIO
 import click
 
 from services import command_store, outbox, sweep
-from services.atomic_transaction_manager import BusinessRuleError
+from services.command_status import ALL as STATUSES
+from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.db import get_engine
+from services.errors import BusinessRuleError
 from services.settings import get_settings
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 
 __all__ = ["submit", "status", "commands", "sweep_command", "redrive", "demo"]
-
-STATUSES = ("accepted", "processing", "succeeded", "rejected", "failed")
 #: Lines of `submit -` recorded and published together: one transaction chunk, one connection.
 SUBMIT_LINES_PER_BATCH = 1000
 _COLUMNS = ["key", "type", "status", "error", "attempts", "created", "completed"]
@@ -67,7 +67,7 @@ def _show_record(out: Output, record: CommandRecord) -> None:
 @pass_output
 def submit(out: Output, command_json: str) -> None:
     """Submit one command (JSON), or JSON lines from stdin with `-`: one answer per line."""
-    ensure_schema()
+    ensure_schema(get_settings())
     client = _client()
     try:
         if command_json == "-":
@@ -123,10 +123,8 @@ def _submit_lines(out: Output, client: Any, stream: TextIO) -> bool:
 @pass_output
 def status(out: Output, key: str, wait_s: float | None) -> None:
     """A command's status, result and error."""
-    ensure_schema()
-    from worker.client import ENDED, WalletClient
-
-    client = WalletClient.from_env()
+    ensure_schema(get_settings())
+    client = _client()
     try:
         record = client.status(key) if wait_s is None else client.wait(key, timeout=wait_s)
     finally:
@@ -148,8 +146,9 @@ def status(out: Output, key: str, wait_s: float | None) -> None:
 @pass_output
 def commands(out: Output, status_: str | None, limit: int) -> None:
     """List commands, oldest first."""
-    ensure_schema()
-    with get_engine().connect() as conn:
+    settings = get_settings()
+    ensure_schema(settings)
+    with get_engine(settings).connect() as conn:
         records = command_store.list_records(conn, status=status_, limit=limit)
     _show_records(out, f"commands{f' ({status_})' if status_ else ''}", records)
 
@@ -161,10 +160,10 @@ def commands(out: Output, status_: str | None, limit: int) -> None:
 @pass_output
 def sweep_command(out: Output, grace_s: float | None) -> None:
     """Republish commands stuck before a terminal status (what beat runs)."""
-    ensure_schema()
+    ensure_schema(get_settings())
     client = _client()
     try:
-        counts = sweep.run_once(client.publish_again, engine=client.engine,
+        counts = sweep.run_once(client.publisher, engine=client.engine,
                                 settings=client.settings, grace_s=grace_s)
     finally:
         client.close()
@@ -183,9 +182,9 @@ def sweep_command(out: Output, grace_s: float | None) -> None:
 @pass_output
 def redrive(out: Output, key: str) -> None:
     """Send a failed command again, under the same key."""
-    ensure_schema()
     settings = get_settings()
-    record, moved = outbox.mark_redriven(key, settings=settings)
+    ensure_schema(settings)
+    record, moved = outbox.mark_redriven(key, engine=get_engine(settings), settings=settings)
     if record is None:
         out.fail(f"no command with idempotency key {key!r}", 1, "not_found")
         return

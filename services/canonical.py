@@ -1,0 +1,23 @@
+"""A command's canonical text and its hash: what idempotency compares and what is stored.
+
+Sorted keys, no spaces, amounts at the asset's scale, absent optional fields left out:
+two sendings of one command give one text, whatever their spelling ("1.5" or "1.50").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from services.command_fields import CommandBase
+
+__all__ = ["canonical_payload", "payload_hash"]
+
+
+def canonical_payload(command: CommandBase) -> str:
+    data = command.model_dump(mode="json", exclude_none=True)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def payload_hash(canonical: str) -> str:
+    return hashlib.sha256(canonical.encode()).hexdigest()

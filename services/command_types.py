@@ -1,0 +1,106 @@
+"""The registry of command types: everything walletq knows of each type, in one entry.
+
+Per type: its model (what a producer sends), how it runs (a handler inside the executor's
+transaction, or a batch executor that runs its own transactions), the transfers a
+succeeded command implies (what `walletq verify` checks), its queue, and whether it is
+privileged (it moves the platform's own money: never for a user-facing producer). The
+command union, the JSON Schema, the handler table, verify's expectations and the routing
+are all derived from `REGISTRY`. Adding a type: docs/ARCHITECTURE.md, "Adding a command type".
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy.engine import Connection, Engine
+
+from services.command_fields import CommandBase
+from services.command_store import CommandRecord
+from services.operations import escrow, treasury, wallet
+from services.operations.base import Effect, OperationContext, TransferFacts, one_transfer_of_amount
+from services.payouts.command import PayoutBatch
+from services.payouts.executor import execute_payout_batch
+from services.payouts.store import check_batch_transfers
+from services.settings import Settings
+
+__all__ = ["CommandType", "Handler", "BatchExecutor", "TransferCheck", "Queue", "REGISTRY",
+           "BY_NAME", "NAMES", "QUEUES", "get", "queue_of"]
+
+#: A single command's operation: inside the executor's transaction, in a savepoint.
+Handler = Callable[[Connection, Any, OperationContext], Effect]
+#: A long command that runs its own transactions (a payout, chunk by chunk).
+BatchExecutor = Callable[[Engine, Any, Settings], CommandRecord]
+#: verify's rule for a command's transfers: None when they are right, else what is wrong.
+TransferCheck = Callable[[TransferFacts], "str | None"]
+Queue = Literal["commands", "payouts"]
+QUEUES: tuple[Queue, ...] = ("commands", "payouts")
+
+
+@dataclass(frozen=True)
+class CommandType:
+    name: str
+    model: type[CommandBase]
+    implied_transfers: TransferCheck
+    handler: Handler | None = None
+    batch_executor: BatchExecutor | None = None
+    queue: Queue = "commands"
+    privileged: bool = False
+
+    def __post_init__(self) -> None:
+        # A registry entry that lacks a part fails at import, not mid-command.
+        literal = typing.get_args(self.model.model_fields["type"].annotation)
+        if literal != (self.name,):
+            raise TypeError(f"{self.model.__name__}.type is {literal}, not ({self.name!r},)")
+        if (self.handler is None) == (self.batch_executor is None):
+            raise TypeError(f"{self.name}: exactly one of handler and batch_executor")
+        if self.queue not in QUEUES:
+            raise TypeError(f"{self.name}: unknown queue {self.queue!r}")
+
+    @property
+    def is_batch(self) -> bool:
+        return self.batch_executor is not None
+
+
+REGISTRY: tuple[CommandType, ...] = (
+    CommandType("credit_wallet", wallet.CreditWallet, one_transfer_of_amount,
+                handler=wallet.credit_wallet),
+    CommandType("debit_wallet", wallet.DebitWallet, one_transfer_of_amount,
+                handler=wallet.debit_wallet),
+    CommandType("transfer_tokens_between_users", wallet.TransferTokensBetweenUsers,
+                one_transfer_of_amount, handler=wallet.transfer_tokens_between_users),
+    CommandType("transfer_to_escrow", escrow.TransferToEscrow, one_transfer_of_amount,
+                handler=escrow.transfer_to_escrow),
+    CommandType("release_from_escrow", escrow.ReleaseFromEscrow, escrow.release_transfers,
+                handler=escrow.release_from_escrow),
+    CommandType("refund_from_escrow", escrow.RefundFromEscrow, escrow.refund_transfers,
+                handler=escrow.refund_from_escrow),
+    CommandType("admin_create_tokens", treasury.AdminCreateTokens, one_transfer_of_amount,
+                handler=treasury.admin_create_tokens, privileged=True),
+    CommandType("admin_sell_tokens_to_user", treasury.AdminSellTokensToUser,
+                one_transfer_of_amount, handler=treasury.admin_sell_tokens_to_user,
+                privileged=True),
+    CommandType("user_sell_tokens_to_admin", treasury.UserSellTokensToAdmin,
+                one_transfer_of_amount, handler=treasury.user_sell_tokens_to_admin),
+    CommandType("payout_batch", PayoutBatch, check_batch_transfers,
+                batch_executor=execute_payout_batch, queue="payouts", privileged=True),
+)
+
+BY_NAME: dict[str, CommandType] = {entry.name: entry for entry in REGISTRY}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+if len(BY_NAME) != len(REGISTRY):
+    raise TypeError("a command type is registered twice")
+
+
+def get(name: str) -> CommandType:
+    """The entry of a registered type; KeyError for a name that is not one."""
+    return BY_NAME[name]
+
+
+def queue_of(name: object) -> Queue:
+    """The queue a command of this type travels on; an unknown type goes to `commands`,
+    where the worker refuses it as invalid."""
+    entry = BY_NAME.get(name) if isinstance(name, str) else None
+    return entry.queue if entry is not None else "commands"

@@ -1,0 +1,165 @@
+"""What becomes of one command message: the failure policy, with no broker in sight.
+
+`execute_message` takes a message's arguments and always comes back with one of three
+answers, so the task that calls it is a thin adapter:
+- `Done`: the command has its outcome (succeeded or rejected, stored), or the message was
+  refused (not a valid command, or a conflicting replay) and recorded as such;
+- `RetryLater`: a transient database failure outlived the in-process retries; deliver the
+  message again later, with backoff;
+- `Failed`: the command is recorded `failed` with its audit row: transient failures
+  outlasted every retry (`concurrent_operation`), or something no retry mends — a
+  permanent database error, a bug, a time limit (`internal`, naming the exception's
+  type). `walletq redrive` sends it again after a fix.
+No exception leaves this function but BaseException (interrupts), so no command is ever
+left `processing` by a surprise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from services.command_executor import execute_command, record_failure
+from services.command_fields import CommandLimits
+from services.command_store import CommandRecord
+from services.commands import parse_command
+from services.errors import (
+    BusinessRuleError,
+    ConcurrentOperationError,
+    FinancialIntegrityError,
+    IdempotencyConflictError,
+    InvalidCommandError,
+)
+from services.outbox import record_refused
+from services.settings import Settings
+from services.unit_of_work import is_transient
+
+__all__ = ["Done", "RetryLater", "Failed", "MessageOutcome", "execute_message", "retryable",
+           "TASK_NAME"]
+
+log = logging.getLogger("walletq.messages")
+
+#: The task name every command message carries (a foreign producer publishes it too).
+TASK_NAME = "walletq.execute_command"
+_MESSAGE_CHARS_MAX = 500
+
+
+@dataclass(frozen=True)
+class Done:
+    record: CommandRecord | None = None
+    refusal: dict[str, Any] | None = None
+    key: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        if self.record is not None:
+            return {"idempotency_key": self.record.idempotency_key, "status": self.record.status,
+                    "error": self.record.error}
+        return {"idempotency_key": self.key, "status": "refused", "error": self.refusal}
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Failed:
+    key: str
+    error: dict[str, Any]
+    record: CommandRecord | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"idempotency_key": self.key, "status": "failed", "error": self.error,
+                "recorded": self.record is not None}
+
+
+MessageOutcome = Done | RetryLater | Failed
+
+
+def _payload_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The one command argument; any other shape of message is an invalid command."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and set(kwargs) == {"command"}:
+        return kwargs["command"]
+    raise InvalidCommandError(
+        f"a {TASK_NAME} message carries one argument, the command; got "
+        f"{len(args)} positional and {sorted(kwargs)[:5]} named"
+    )
+
+
+def retryable(exc: BaseException) -> bool:
+    """Transient by SQLSTATE, or the database unreachable (an outage outlives in-process retries)."""
+    if isinstance(exc, ConcurrentOperationError):
+        return True
+    return is_transient(exc) or isinstance(exc, OperationalError | InterfaceError)
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """The error a `failed` command records for what ended it."""
+    if isinstance(exc, FinancialIntegrityError):
+        return exc.to_dict()
+    if isinstance(exc, DBAPIError) and retryable(exc):
+        return {"code": "concurrent_operation",
+                "message": f"database error outlasted the retries: {str(exc.orig)[:_MESSAGE_CHARS_MAX]}"}
+    if isinstance(exc, DBAPIError):
+        return {"code": "internal", "message": f"database refused: {str(exc.orig)[:_MESSAGE_CHARS_MAX]}"}
+    return {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:_MESSAGE_CHARS_MAX]}
+
+
+def _give_up(key: str, exc: BaseException, engine: Engine, settings: Settings) -> Failed:
+    """Record the command `failed`; if even that is impossible, the sweep finds it later."""
+    error = _failure(exc)
+    try:
+        record = record_failure(key, error, engine=engine, settings=settings)
+        log.error("%s recorded failed: %s", key, error)
+    except Exception:  # noqa: BLE001 - the database is unreachable; leave it to the sweep
+        log.exception("%s: could not record the failure; left for the sweep", key)
+        record = None
+    return Failed(key, error, record)
+
+
+def _refuse(raw: Any, exc: BusinessRuleError, engine: Engine, settings: Settings) -> MessageOutcome:
+    try:
+        record = record_refused(raw, exc, engine=engine, settings=settings)
+    except Exception as failure:  # noqa: BLE001 - the refusal could not be written
+        if retryable(failure):
+            return RetryLater(failure)
+        log.exception("could not record a refused message: %s", exc.message)
+        record = None
+    return Done(record=record, refusal=exc.to_dict(), key=exc.ids.get("idempotency_key"))
+
+
+def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: Engine,
+                    settings: Settings, retries_left: bool) -> MessageOutcome:
+    """One delivery of a command message (see the module's docstring)."""
+    raw: Any = args
+    try:
+        raw = _payload_of(args, kwargs)
+        command = parse_command(raw, CommandLimits.from_settings(settings))
+    except InvalidCommandError as exc:
+        log.warning("refused a message that is not a valid command: %s", exc.message)
+        return _refuse(raw, exc, engine, settings)
+    key = command.idempotency_key
+    try:
+        return Done(execute_command(command, engine=engine, settings=settings))
+    except IdempotencyConflictError as exc:
+        log.warning("refused %s: %s", key, exc.message)
+        return _refuse(raw, exc, engine, settings)
+    except (ConcurrentOperationError, DBAPIError) as exc:
+        if not retryable(exc):
+            # A missing table, a value out of range, a broken constraint: a bug or a bad
+            # deployment that no retry mends. Recorded failed (internal), loudly.
+            log.error("%s failed on a permanent database error: %s", key, exc)
+            return _give_up(key, exc, engine, settings)
+        if retries_left:
+            log.info("%s: %s; retry later", key, exc)
+            return RetryLater(exc)
+        return _give_up(key, exc, engine, settings)
+    except Exception as exc:  # noqa: BLE001 - a bug, a time limit: the command must end
+        log.error("%s failed: %s", key, exc, exc_info=True)
+        return _give_up(key, exc, engine, settings)
