@@ -1,0 +1,86 @@
+"""The registry of command types: every entry whole, and everything derived from it agrees."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+import celeryconfig
+from services import command_types
+from services.command_fields import Amount, CommandBase
+from services.command_types import QUEUES, REGISTRY, CommandType
+from services.commands import COMMAND_TYPES, command_json_schema
+from services.operations.base import one_transfer_of_amount
+from services.operations.wallet import CreditWallet, credit_wallet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Toy(CommandBase):
+    type: Literal["toy"]
+    amount: Amount
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=[e.name for e in REGISTRY])
+def test_every_entry_has_every_part(entry: CommandType) -> None:
+    literal = entry.model.model_fields["type"].annotation
+    assert literal == Literal[entry.name]  # type: ignore[valid-type]
+    assert (entry.handler is None) != (entry.batch_executor is None)
+    runner = entry.handler or entry.batch_executor
+    assert runner is not None and len(inspect.signature(runner).parameters) == 3
+    assert callable(entry.implied_transfers)
+    assert len(inspect.signature(entry.implied_transfers).parameters) == 1
+    assert entry.queue in QUEUES
+    assert isinstance(entry.privileged, bool)
+
+
+def test_the_union_the_schema_and_the_names_come_from_the_registry() -> None:
+    names = tuple(entry.name for entry in REGISTRY)
+    assert COMMAND_TYPES == names
+    mapping = command_json_schema()["discriminator"]["mapping"]
+    assert set(mapping) == set(names)
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=[e.name for e in REGISTRY])
+def test_each_type_is_routed_to_its_registered_queue(entry: CommandType) -> None:
+    queues = celeryconfig.QueueNames("p.")
+    assert queues.for_command_type(entry.name) == f"p.{entry.queue}"
+
+
+def test_an_unknown_type_travels_on_the_commands_queue_where_it_is_refused() -> None:
+    assert command_types.queue_of("no_such_type") == "commands"
+    assert command_types.queue_of(None) == "commands"
+
+
+def test_an_entry_without_its_verify_rule_cannot_be_made() -> None:
+    with pytest.raises(TypeError):
+        CommandType("toy", Toy, handler=credit_wallet)  # type: ignore[call-arg]
+
+
+def test_an_entry_with_no_way_to_run_or_two_cannot_be_made() -> None:
+    with pytest.raises(TypeError, match="exactly one"):
+        CommandType("toy", Toy, one_transfer_of_amount)
+    with pytest.raises(TypeError, match="exactly one"):
+        CommandType("toy", Toy, one_transfer_of_amount, handler=credit_wallet,
+                    batch_executor=lambda engine, command, settings: None)  # type: ignore[arg-type, return-value]
+
+
+def test_an_entry_whose_model_names_another_type_cannot_be_made() -> None:
+    with pytest.raises(TypeError, match="CreditWallet.type"):
+        CommandType("toy", CreditWallet, one_transfer_of_amount, handler=credit_wallet)
+
+
+def test_an_entry_on_an_unknown_queue_cannot_be_made() -> None:
+    with pytest.raises(TypeError, match="queue"):
+        CommandType("toy", Toy, one_transfer_of_amount, handler=credit_wallet,
+                    queue="elsewhere")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/ARCHITECTURE.md"])
+def test_every_type_is_documented(document: str) -> None:
+    text = (ROOT / document).read_text()
+    missing = [entry.name for entry in REGISTRY if f"`{entry.name}`" not in text]
+    assert not missing, f"{document} does not document {missing}"
