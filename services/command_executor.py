@@ -1,8 +1,11 @@
 """Executing a command exactly once: the entry point the worker, the CLI and WalletService call.
 
-Two short transactions, each retried whole on transient errors:
+First admission (services.admission: signature, role, validation), writing nothing; then
+two short transactions, each retried whole on transient errors:
 1. claim — record the command under its key (or find it), refuse another payload,
    return a terminal outcome as stored, otherwise mark it `processing` and count the attempt;
+   a row found with another signature than the message's is held to its own (one more
+   verification, off the common path) and ends `rejected` if it fails it;
 2. apply — lock the command row again, and if still not terminal apply the operation and
    write its outcome (succeeded, or rejected with its code) and its audit row, together.
 A batch type (services.command_types) runs its own transactions after the claim.
@@ -18,37 +21,78 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from services import command_store, command_types
+from services.admission import Admitted, Refused, admit
 from services.audit import audit_command
-from services.command_fields import CommandLimits
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
-from services.commands import Command, parse_command
+from services.commands import Command
 from services.errors import (
     BusinessRuleError,
     FinancialIntegrityError,
+    IdempotencyConflictError,
+    InvalidCommandError,
     NegativeBalanceError,
     TransactionIntegrityError,
 )
 from services.operations.base import OperationContext
+from services.refusing import record_refused, reject_row, row_refusal
 from services.settings import Settings
 from services.unit_of_work import run_transaction
 
-__all__ = ["execute_command", "record_failure"]
+__all__ = ["execute_command", "execute_admitted", "record_failure"]
 
 log = logging.getLogger("walletq.executor")
 
 
 def execute_command(raw: Any, *, engine: Engine, settings: Settings) -> CommandRecord:
-    """Apply a command once; a duplicate gets the stored outcome.
+    """Admit a signed command, then apply it once; a duplicate gets the stored outcome.
 
-    Raises InvalidCommandError (nothing recorded), IdempotencyConflictError (the first
-    command untouched) or ConcurrentOperationError (transient errors outlasted the retries).
+    Raises the refusal as its typed error: UnauthenticatedError or ForbiddenError (audited
+    and kept in `refusals`, no key taken), InvalidCommandError (nothing recorded),
+    IdempotencyConflictError (the first command untouched) or ConcurrentOperationError
+    (transient errors outlasted the retries).
     """
-    command = parse_command(raw, CommandLimits.from_settings(settings))
+    admission = admit(raw, engine=engine, settings=settings)
+    if isinstance(admission, Refused):
+        if not isinstance(admission.error, InvalidCommandError):
+            record_refused(raw, admission, engine=engine, settings=settings, source="service")
+        raise admission.error
+    return execute_admitted(admission, engine=engine, settings=settings)
+
+
+def _claim(admitted: Admitted, engine: Engine, settings: Settings) -> CommandRecord:
+    """Claim the command; a row that fails its own signature ends rejected instead."""
+    command, key = admitted.command, admitted.command.idempotency_key
+    try:
+        record = run_transaction(engine, settings, f"claim {key}",
+                                 lambda conn: command_store.claim(conn, command, admitted.signed))
+    except IdempotencyConflictError:
+        # A row under this key whose signed form is this very message, but whose stored
+        # payload differs: written behind walletq's back. It ends; else the conflict stands.
+        with engine.connect() as conn:
+            found = command_store.get_record(conn, key)
+        if found is None or found.terminal or found.signed != admitted.signed:
+            raise
+        refusal = row_refusal(found, engine=engine, settings=settings)
+        ended = reject_row(key, refusal.error, engine=engine, settings=settings) if refusal else None
+        if ended is None:
+            raise
+        return ended
+    if record.terminal or record.signed == admitted.signed:
+        return record
+    refusal = row_refusal(record, engine=engine, settings=settings)
+    if refusal is None:
+        return record
+    ended = reject_row(key, refusal.error, engine=engine, settings=settings)
+    assert ended is not None, "claimed command vanished"
+    return ended
+
+
+def execute_admitted(admitted: Admitted, *, engine: Engine, settings: Settings) -> CommandRecord:
+    """Apply an admitted command once (see the module's docstring)."""
+    command = admitted.command
     key = command.idempotency_key
-    record = run_transaction(
-        engine, settings, f"claim {key}", lambda conn: command_store.claim(conn, command)
-    )
+    record = _claim(admitted, engine, settings)
     if record.terminal:
         return record
     entry = command_types.get(command.type)

@@ -32,6 +32,8 @@ __all__ = [
     "CommandLimits",
     "JsonNumber",
     "Ident",
+    "ProducerName",
+    "SignatureText",
     "AccountCode",
     "Memo",
     "Amount",
@@ -91,6 +93,11 @@ def _validate_amount(value: Any, info: ValidationInfo) -> Decimal:
 
 
 Ident = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=ID_LENGTH_MAX)]
+# A producer's name, and a signature's one spelling (services.signing says why).
+ProducerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,200}$",
+                                                max_length=ID_LENGTH_MAX)]
+SignatureText = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{86}$",
+                                                 min_length=86, max_length=86)]
 AccountCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,220}$")]
 Memo = Annotated[str, StringConstraints(max_length=MEMO_LENGTH_MAX)]
 
@@ -125,11 +132,17 @@ FeeRate = Annotated[
 
 
 class CommandBase(BaseModel):
-    """Fields every command carries; each type adds its own and a `type` literal."""
+    """Fields every command carries; each type adds its own and a `type` literal.
+
+    `producer` names who sent it and `signature` proves it (docs/ARCHITECTURE.md,
+    "Producers"): both required, checked by the worker before anything else.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     type: str
     idempotency_key: Ident
+    producer: ProducerName
+    signature: SignatureText
     memo: Memo | None = None
     requested_by: Ident | None = None

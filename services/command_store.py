@@ -1,9 +1,11 @@
 """The `commands` table, and the only module that reads or writes it.
 
-One row per idempotency key: the command's canonical payload and its hash, its status,
-result, error and attempts. It is the idempotency record, the outbox a producer publishes
-from, and each command's outcome. Idempotency is data: a status that only moves forward
-(see services.command_status) and a payload hash compared on every sending.
+One row per idempotency key: the command's canonical payload and its hash, its producer,
+what the producer signed and the signature (as first accepted), its status, result, error
+and attempts. It is the idempotency record, the outbox a producer publishes from, and each
+command's outcome. Idempotency is data: a status that only moves forward (see
+services.command_status) and a payload hash compared on every sending; the hash leaves the
+signature out, so a retry signed afresh is the same command.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from services.canonical import canonical_payload, payload_hash
 from services.command_fields import CommandBase
 from services.command_status import ENDED, STUCK, TERMINAL, CommandStatus
 from services.errors import IdempotencyConflictError
+from services.signing import Signed
 
 __all__ = [
     "TERMINAL",
@@ -41,11 +44,13 @@ __all__ = [
     "lock",
     "lock_record",
     "get_record",
+    "accepted_at",
     "get_records",
     "keys_by_id",
     "list_records",
     "count_by_status",
     "iso",
+    "aware",
 ]
 
 _c = schema.commands
@@ -63,7 +68,8 @@ def iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _aware(moment: datetime) -> datetime:
+def aware(moment: datetime) -> datetime:
+    """A timestamp in UTC; SQLite hands back naive datetimes that are UTC already."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
@@ -82,6 +88,9 @@ class CommandRecord:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    producer: str | None
+    signed_payload: str | None
+    signature: str | None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> CommandRecord:
@@ -99,7 +108,7 @@ class CommandRecord:
         """Not ended, and untouched for longer than the sweep's grace period."""
         now = now or datetime.now(UTC)
         return (self.status in STUCK
-                and _aware(self.updated_at) < now - timedelta(seconds=grace_s))
+                and aware(self.updated_at) < now - timedelta(seconds=grace_s))
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -124,6 +133,24 @@ class CommandRecord:
         data: dict[str, Any] = json.loads(self.payload)
         return data
 
+    @property
+    def accepted_at(self) -> datetime:
+        """When the command was first recorded, in UTC: its key had to be valid then."""
+        return aware(self.created_at)
+
+    @property
+    def signed(self) -> Signed | None:
+        if self.producer is None or self.signed_payload is None or self.signature is None:
+            return None
+        return Signed(self.producer, self.signed_payload, self.signature)
+
+    def message(self) -> dict[str, Any]:
+        """What a sweep or a redrive publishes: the command as its producer signed it, with
+        its signature, so the worker verifies the stored row itself. A row without one (a
+        row written by hand) goes as stored, and the worker refuses it."""
+        signed = self.signed
+        return signed.message() if signed is not None else self.payload_dict()
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -138,14 +165,18 @@ def _insert(dialect_name: str, status: str, attempts: int) -> Any:
     return dialect.insert(_c).values(
         idempotency_key=bindparam("key"), type=bindparam("type"), payload=bindparam("payload"),
         payload_hash=bindparam("digest"), status=status, attempts=attempts, created_at=_NOW,
-        updated_at=_NOW,
+        updated_at=_NOW, producer=bindparam("producer"), signed_payload=bindparam("signed"),
+        signature=bindparam("signature"),
     )
 
 
-def _row_params(command: CommandBase) -> dict[str, Any]:
+def _row_params(command: CommandBase, signed: Signed) -> dict[str, Any]:
+    if signed.producer != command.producer:
+        raise AssertionError("Bug! a command stored with another producer's signature")
     canonical = canonical_payload(command)
     return {"key": command.idempotency_key, "type": command.type, "payload": canonical,
-            "digest": payload_hash(canonical), "now": _now()}
+            "digest": payload_hash(canonical), "now": _now(), "producer": signed.producer,
+            "signed": signed.text, "signature": signed.signature}
 
 
 @functools.cache
@@ -154,13 +185,14 @@ def _accept_statement(dialect_name: str) -> Any:
             .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
 
 
-def accept(conn: Connection, command: CommandBase) -> tuple[CommandRecord, bool]:
+def accept(conn: Connection, command: CommandBase, signed: Signed
+           ) -> tuple[CommandRecord, bool]:
     """Record the command as `accepted` (the outbox), or find it: (record, newly recorded).
 
     A duplicate is returned as it stands, locked and untouched (touching updated_at would
     postpone the sweep); another payload under the key raises IdempotencyConflictError.
     """
-    params = _row_params(command)
+    params = _row_params(command, signed)
     row = conn.execute(_accept_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row), True
@@ -184,14 +216,15 @@ def _claim_statement(dialect_name: str) -> Any:
     ).returning(*_c.c)
 
 
-def claim(conn: Connection, command: CommandBase) -> CommandRecord:
+def claim(conn: Connection, command: CommandBase, signed: Signed) -> CommandRecord:
     """Record the command (or find it) as `processing`, count the attempt, lock its row.
 
     One INSERT ... ON CONFLICT DO UPDATE ... RETURNING on the common path; the update is
     skipped (and the row read back unlocked) when the key holds another payload, raised
-    as IdempotencyConflictError, or a terminal outcome, which is returned as stored.
+    as IdempotencyConflictError, or a terminal outcome, which is returned as stored. A
+    row found keeps the signature it was first accepted with.
     """
-    params = _row_params(command)
+    params = _row_params(command, signed)
     row = conn.execute(_claim_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row)
@@ -204,9 +237,11 @@ def claim(conn: Connection, command: CommandBase) -> CommandRecord:
 
 
 def _conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflictError:
+    # Nothing of the first command (its type, status, result, producer) is told: the key
+    # may be another producer's.
     return IdempotencyConflictError(
-        f"idempotency key {command.idempotency_key!r} was used for another payload "
-        f"({record.type}, {record.status})",
+        f"idempotency key {command.idempotency_key!r} was used for another payload; "
+        "that command is untouched",
         idempotency_key=command.idempotency_key,
     )
 
@@ -246,8 +281,10 @@ def finish(
     return CommandRecord.from_row(row)
 
 
-def refuse(conn: Connection, key: str, text: str, error: dict[str, Any]) -> CommandRecord | None:
-    """Take a free key for a payload refused as invalid: a `rejected` row of type `invalid`.
+def refuse(conn: Connection, key: str, text: str, error: dict[str, Any], signed: Signed
+           ) -> CommandRecord | None:
+    """Take a free key for an authenticated producer's invalid command: a `rejected` row of
+    type `invalid`, with its signature (a message that failed authentication takes no key).
 
     A later valid command under the key then gets idempotency_conflict. None when the key
     is taken already (its first command is left alone).
@@ -259,6 +296,8 @@ def refuse(conn: Connection, key: str, text: str, error: dict[str, Any]) -> Comm
         "attempts": 1, "error_code": error["code"],
         "error_message": str(error["message"])[:ERROR_MESSAGE_LENGTH_MAX],
         "created_at": now, "updated_at": now, "completed_at": now,
+        "producer": signed.producer, "signed_payload": signed.text,
+        "signature": signed.signature,
     }], ["idempotency_key"])
     return get_record(conn, key) if inserted else None
 
@@ -314,6 +353,12 @@ lock_record = lock
 def get_record(conn: Connection, key: str) -> CommandRecord | None:
     row = conn.execute(select(_c).where(_c.c.idempotency_key == key)).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
+
+
+def accepted_at(conn: Connection, key: str) -> datetime | None:
+    """When the command under this key was first recorded (None: there is none)."""
+    moment = conn.execute(select(_c.c.created_at).where(_c.c.idempotency_key == key)).scalar()
+    return None if moment is None else aware(moment)
 
 
 def get_records(conn: Connection, keys: Iterable[str]) -> list[CommandRecord]:

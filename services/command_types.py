@@ -2,10 +2,13 @@
 
 Per type: its model (what a producer sends), how it runs (a handler inside the executor's
 transaction, or a batch executor that runs its own transactions), the transfers a
-succeeded command implies (what `walletq verify` checks), its queue, and whether it is
-privileged (it moves the platform's own money: never for a user-facing producer). The
-command union, the JSON Schema, the handler table, verify's expectations and the routing
-are all derived from `REGISTRY`. Adding a type: docs/ARCHITECTURE.md, "Adding a command type".
+succeeded command implies (what `walletq verify` checks), its queue, the built-in roles
+that may send it (`admin` may send every type) and what a command of it needs beyond its
+type (a fee override, a payout from another account than the treasury). The command union,
+the JSON Schema, the handler table, verify's expectations, the routing and the built-in
+roles' permissions (seeded as data by migration 0004, held against this registry by a
+test) are all derived from `REGISTRY`. Adding a type: docs/ARCHITECTURE.md, "Adding a
+command type".
 """
 
 from __future__ import annotations
@@ -21,13 +24,24 @@ from services.command_fields import CommandBase
 from services.command_store import CommandRecord
 from services.operations import escrow, treasury, wallet
 from services.operations.base import Effect, OperationContext, TransferFacts, one_transfer_of_amount
-from services.payouts.command import PayoutBatch
+from services.payouts.command import PayoutBatch, payout_needs
 from services.payouts.executor import execute_payout_batch
 from services.payouts.store import check_batch_transfers
+from services.permissions import (
+    ADMIN,
+    BUILTIN_ROLES,
+    EVERYTHING,
+    NOTHING_MORE,
+    OVERRIDES,
+    PAYMENTS,
+    TREASURY,
+    WEB,
+)
 from services.settings import Settings
 
-__all__ = ["CommandType", "Handler", "BatchExecutor", "TransferCheck", "Queue", "REGISTRY",
-           "BY_NAME", "NAMES", "QUEUES", "get", "queue_of"]
+__all__ = ["CommandType", "Handler", "BatchExecutor", "TransferCheck", "Needs", "Queue",
+           "REGISTRY", "BY_NAME", "NAMES", "QUEUES", "ROLE_PERMISSIONS", "GRANTABLE", "get",
+           "queue_of", "permissions_needed"]
 
 #: A single command's operation: inside the executor's transaction, in a savepoint.
 Handler = Callable[[Connection, Any, OperationContext], Effect]
@@ -35,6 +49,14 @@ Handler = Callable[[Connection, Any, OperationContext], Effect]
 BatchExecutor = Callable[[Engine, Any, Settings], CommandRecord]
 #: verify's rule for a command's transfers: None when they are right, else what is wrong.
 TransferCheck = Callable[[TransferFacts], "str | None"]
+#: The permissions a validated command needs beyond its type (services.permissions).
+Needs = Callable[[Any], frozenset[str]]
+
+
+def _nothing_more(_command: Any) -> frozenset[str]:
+    return NOTHING_MORE
+
+
 Queue = Literal["commands", "payouts"]
 QUEUES: tuple[Queue, ...] = ("commands", "payouts")
 
@@ -47,7 +69,9 @@ class CommandType:
     handler: Handler | None = None
     batch_executor: BatchExecutor | None = None
     queue: Queue = "commands"
-    privileged: bool = False
+    #: The built-in roles that may send it, besides `admin` (which may send every type).
+    roles: tuple[str, ...] = ()
+    needs: Needs = _nothing_more
 
     def __post_init__(self) -> None:
         # A registry entry that lacks a part fails at import, not mid-command.
@@ -58,6 +82,10 @@ class CommandType:
             raise TypeError(f"{self.name}: exactly one of handler and batch_executor")
         if self.queue not in QUEUES:
             raise TypeError(f"{self.name}: unknown queue {self.queue!r}")
+        unknown = set(self.roles) - (set(BUILTIN_ROLES) - {ADMIN})
+        if unknown:
+            raise TypeError(f"{self.name}: roles {sorted(unknown)} are not built-in roles "
+                            "(admin may send every type without being named)")
 
     @property
     def is_batch(self) -> bool:
@@ -66,32 +94,50 @@ class CommandType:
 
 REGISTRY: tuple[CommandType, ...] = (
     CommandType("credit_wallet", wallet.CreditWallet, one_transfer_of_amount,
-                handler=wallet.credit_wallet),
+                handler=wallet.credit_wallet, roles=(PAYMENTS,)),
     CommandType("debit_wallet", wallet.DebitWallet, one_transfer_of_amount,
-                handler=wallet.debit_wallet),
+                handler=wallet.debit_wallet, roles=(PAYMENTS,)),
     CommandType("transfer_tokens_between_users", wallet.TransferTokensBetweenUsers,
-                one_transfer_of_amount, handler=wallet.transfer_tokens_between_users),
+                one_transfer_of_amount, handler=wallet.transfer_tokens_between_users,
+                roles=(WEB,)),
     CommandType("transfer_to_escrow", escrow.TransferToEscrow, one_transfer_of_amount,
-                handler=escrow.transfer_to_escrow),
+                handler=escrow.transfer_to_escrow, roles=(WEB,), needs=escrow.fee_rate_needs),
     CommandType("release_from_escrow", escrow.ReleaseFromEscrow, escrow.release_transfers,
-                handler=escrow.release_from_escrow),
+                handler=escrow.release_from_escrow, roles=(WEB,), needs=escrow.fee_rate_needs),
     CommandType("refund_from_escrow", escrow.RefundFromEscrow, escrow.refund_transfers,
-                handler=escrow.refund_from_escrow),
+                handler=escrow.refund_from_escrow, roles=(WEB,)),
     CommandType("admin_create_tokens", treasury.AdminCreateTokens, one_transfer_of_amount,
-                handler=treasury.admin_create_tokens, privileged=True),
+                handler=treasury.admin_create_tokens, roles=(TREASURY,)),
     CommandType("admin_sell_tokens_to_user", treasury.AdminSellTokensToUser,
                 one_transfer_of_amount, handler=treasury.admin_sell_tokens_to_user,
-                privileged=True),
+                roles=(TREASURY,)),
     CommandType("user_sell_tokens_to_admin", treasury.UserSellTokensToAdmin,
-                one_transfer_of_amount, handler=treasury.user_sell_tokens_to_admin),
+                one_transfer_of_amount, handler=treasury.user_sell_tokens_to_admin,
+                roles=(WEB,)),
     CommandType("payout_batch", PayoutBatch, check_batch_transfers,
-                batch_executor=execute_payout_batch, queue="payouts", privileged=True),
+                batch_executor=execute_payout_batch, queue="payouts", roles=(TREASURY,),
+                needs=payout_needs),
 )
 
 BY_NAME: dict[str, CommandType] = {entry.name: entry for entry in REGISTRY}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 if len(BY_NAME) != len(REGISTRY):
     raise TypeError("a command type is registered twice")
+
+
+#: The built-in roles' permissions, as migration 0004 seeds them (a test holds the two equal).
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    **{role: frozenset(entry.name for entry in REGISTRY if role in entry.roles)
+       for role in BUILTIN_ROLES if role != ADMIN},
+    ADMIN: frozenset({EVERYTHING}),
+}
+#: What `--allow` may grant a producer: a registered type or an override.
+GRANTABLE: frozenset[str] = frozenset(NAMES) | frozenset(OVERRIDES)
+
+
+def permissions_needed(command: CommandBase) -> tuple[str, ...]:
+    """Every permission a validated command needs: its type, then what its fields ask for."""
+    return (command.type, *sorted(BY_NAME[command.type].needs(command)))
 
 
 def get(name: str) -> CommandType:

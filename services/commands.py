@@ -43,6 +43,8 @@ __all__ = [
     "COMMAND_TYPES",
     "ID_PATTERN",
     "parse_command",
+    "load_json",
+    "json_kind",
     "canonical_payload",
     "payload_hash",
     "command_json_schema",
@@ -67,9 +69,9 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel, limits: Command
         return raw
     if isinstance(raw, BaseModel):
         raise InvalidCommandError(f"{type(raw).__name__} is not a walletq command")
-    data = _load_json(raw) if isinstance(raw, str | bytes) else raw
+    data = load_json(raw) if isinstance(raw, str | bytes) else raw
     if not isinstance(data, dict):
-        raise InvalidCommandError(f"a command must be a JSON object, not a JSON {_json_kind(data)}")
+        raise InvalidCommandError(f"a command must be a JSON object, not a JSON {json_kind(data)}")
     key = data.get("idempotency_key")
     key = key if isinstance(key, str) and len(key) <= 200 else None
     try:
@@ -83,7 +85,7 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel, limits: Command
         ) from None
 
 
-def _load_json(raw: str | bytes) -> Any:
+def load_json(raw: str | bytes) -> Any:
     if len(raw) > PAYLOAD_BYTES_MAX:
         raise InvalidCommandError(f"command is {len(raw)} bytes; at most {PAYLOAD_BYTES_MAX}")
     try:
@@ -94,7 +96,7 @@ def _load_json(raw: str | bytes) -> Any:
         raise InvalidCommandError(f"malformed JSON: {exc}") from None
 
 
-def _json_kind(data: Any) -> str:
+def json_kind(data: Any) -> str:
     if isinstance(data, bool):
         return "boolean"
     if isinstance(data, int | JsonNumber):

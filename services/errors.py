@@ -21,6 +21,8 @@ __all__ = [
     "HoldNotOpenError",
     "HoldExistsError",
     "ForbiddenError",
+    "UnauthenticatedError",
+    "ProducerError",
     "IdempotencyConflictError",
     "TransactionIntegrityError",
     "ConcurrentOperationError",
@@ -98,9 +100,23 @@ class HoldExistsError(BusinessRuleError):
 
 
 class ForbiddenError(BusinessRuleError):
-    """Raised when a command names an account it may not move money from."""
+    """Raised when an authenticated producer's role does not allow what it asks: the type,
+    a fee override, or the account a payout is funded from."""
 
     code = "forbidden"
+
+
+class UnauthenticatedError(BusinessRuleError):
+    """Raised when a command's signature is missing or does not verify, or names an unknown,
+    revoked or expired key or producer: nothing moves and no idempotency key is taken."""
+
+    code = "unauthenticated"
+
+
+class ProducerError(FinancialIntegrityError):
+    """Raised when a producer cannot be created, found, rotated or revoked as asked."""
+
+    code = "invalid_producer"
 
 
 class IdempotencyConflictError(BusinessRuleError):
@@ -137,8 +153,8 @@ class ConcurrentOperationError(FinancialIntegrityError):
 _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
     cls.code: cls
     for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
-                HoldNotOpenError, HoldExistsError, ForbiddenError, IdempotencyConflictError,
-                ConcurrentOperationError)
+                HoldNotOpenError, HoldExistsError, ForbiddenError, UnauthenticatedError,
+                IdempotencyConflictError, ConcurrentOperationError, ProducerError)
 }
 
 

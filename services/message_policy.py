@@ -1,9 +1,11 @@
 """What becomes of one command message: the failure policy, with no broker in sight.
 
-`execute_message` takes a message's arguments and always comes back with one of three
-answers, so the task that calls it is a thin adapter:
+`execute_message` takes a message's arguments, admits them (services.admission: strict
+JSON, the producer's signature, its role, validation — in that order, writing nothing) and
+always comes back with one of three answers, so the task that calls it is a thin adapter:
 - `Done`: the command has its outcome (succeeded or rejected, stored), or the message was
-  refused (not a valid command, or a conflicting replay) and recorded as such;
+  refused (unauthenticated, forbidden, not a valid command, a conflicting replay) and
+  recorded as such (services.refusing: an audit row, and a refusal readable by key);
 - `RetryLater`: a transient database failure outlived the in-process retries; deliver the
   message again later, with backoff;
 - `Failed`: the command is recorded `failed` with its audit row: transient failures
@@ -11,7 +13,8 @@ answers, so the task that calls it is a thin adapter:
   permanent database error, a bug, a time limit (`internal`, naming the exception's
   type). `walletq redrive` sends it again after a fix.
 No exception leaves this function but BaseException (interrupts), so no command is ever
-left `processing` by a surprise.
+left `processing` by a surprise. Only an admitted command can be recorded `failed`: a
+message that has not proved its producer never touches the row under its key.
 """
 
 from __future__ import annotations
@@ -23,18 +26,16 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from services.command_executor import execute_command, record_failure
-from services.command_fields import CommandLimits
+from services.admission import Admitted, Evidence, Refused, admit
+from services.command_executor import execute_admitted, record_failure
 from services.command_store import CommandRecord
-from services.commands import parse_command
 from services.errors import (
-    BusinessRuleError,
     ConcurrentOperationError,
     FinancialIntegrityError,
     IdempotencyConflictError,
     InvalidCommandError,
 )
-from services.outbox import record_refused
+from services.refusing import record_refused
 from services.settings import Settings
 from services.unit_of_work import is_transient
 
@@ -123,15 +124,32 @@ def _give_up(key: str, exc: BaseException, engine: Engine, settings: Settings) -
     return Failed(key, error, record)
 
 
-def _refuse(raw: Any, exc: BusinessRuleError, engine: Engine, settings: Settings) -> MessageOutcome:
+def _refuse(raw: Any, refused: Refused, engine: Engine, settings: Settings) -> MessageOutcome:
+    exc = refused.error
     try:
-        record = record_refused(raw, exc, engine=engine, settings=settings)
+        record = record_refused(raw, refused, engine=engine, settings=settings)
     except Exception as failure:  # noqa: BLE001 - the refusal could not be written
         if retryable(failure):
             return RetryLater(failure)
         log.exception("could not record a refused message: %s", exc.message)
         record = None
-    return Done(record=record, refusal=exc.to_dict(), key=exc.ids.get("idempotency_key"))
+    return Done(record=record, refusal=exc.to_dict(), key=refused.evidence.key)
+
+
+def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool
+           ) -> Admitted | MessageOutcome:
+    try:
+        admission = admit(raw, engine=engine, settings=settings)
+    except Exception as exc:  # noqa: BLE001 - reading the producer failed; nothing is written
+        if retryable(exc) and retries_left:
+            return RetryLater(exc)
+        # Not yet authenticated: no row may be touched. A recorded command is swept again.
+        log.error("could not check a message's producer: %s", exc, exc_info=True)
+        return Done(refusal=_failure(exc), key=Evidence.of(raw).key)
+    if isinstance(admission, Refused):
+        log.warning("refused a message (%s): %s", admission.error.code, admission.error.message)
+        return _refuse(raw, admission, engine, settings)
+    return admission
 
 
 def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: Engine,
@@ -140,16 +158,20 @@ def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: En
     raw: Any = args
     try:
         raw = _payload_of(args, kwargs)
-        command = parse_command(raw, CommandLimits.from_settings(settings))
     except InvalidCommandError as exc:
         log.warning("refused a message that is not a valid command: %s", exc.message)
-        return _refuse(raw, exc, engine, settings)
+        return _refuse(raw, Refused(exc, Evidence(), authenticated=False), engine, settings)
+    admitted = _admit(raw, engine, settings, retries_left)
+    if not isinstance(admitted, Admitted):
+        return admitted
+    command = admitted.command
     key = command.idempotency_key
     try:
-        return Done(execute_command(command, engine=engine, settings=settings))
+        return Done(execute_admitted(admitted, engine=engine, settings=settings))
     except IdempotencyConflictError as exc:
         log.warning("refused %s: %s", key, exc.message)
-        return _refuse(raw, exc, engine, settings)
+        evidence = Evidence(key, command.type, command.producer, admitted.signed)
+        return _refuse(raw, Refused(exc, evidence, authenticated=True), engine, settings)
     except (ConcurrentOperationError, DBAPIError) as exc:
         if not retryable(exc):
             # A missing table, a value out of range, a broken constraint: a bug or a bad

@@ -27,7 +27,8 @@ from sqlalchemy import (
 from services import command_status
 
 __all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events",
-           "payout_batches", "payout_items"]
+           "payout_batches", "payout_items", "roles", "role_permissions", "producers",
+           "producer_permissions", "producer_keys", "refusals", "signature_epoch"]
 
 ID_LENGTH_MAX = 200
 ACCOUNT_CODE_LENGTH_MAX = 220
@@ -85,12 +86,19 @@ commands = Table(
     _now(),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("completed_at", DateTime(timezone=True)),
+    # Migration 0004: the producer the command names, what it signed (the JCS text of the
+    # command as sent, without its signature) and the signature, as first accepted; the
+    # worker and `walletq verify` re-verify them. NULL only before migration 0004.
+    Column("producer", String(ID_LENGTH_MAX)),
+    Column("signed_payload", Text),
+    Column("signature", String(86)),
     CheckConstraint(f"status IN ({', '.join(repr(s) for s in COMMAND_STATUSES)})", name="status"),
     CheckConstraint("length(idempotency_key) >= 1", name="key_length"),
     CheckConstraint("length(payload) <= 4194304", name="payload_length"),
     CheckConstraint(
         "(status IN ('rejected', 'failed')) = (error_code IS NOT NULL)", name="error_iff_refused"
     ),
+    CheckConstraint("length(signed_payload) <= 4194304", name="signed_payload_length"),
 )
 Index("ix_commands_status_updated", commands.c.status, commands.c.updated_at)
 
@@ -222,3 +230,98 @@ payout_items = Table(
 Index("uq_payout_items_paid_reference", payout_items.c.funding_account_id,
       payout_items.c.reference, unique=True, postgresql_where=payout_items.c.outcome == "paid",
       sqlite_where=payout_items.c.outcome == "paid")
+
+
+# --- producers and their refusals (migration 0004) ---------------------------------------
+
+ROLE_NAME_LENGTH_MAX = 40
+PERMISSION_LENGTH_MAX = 60
+PRODUCER_STATUSES = ("active", "revoked")
+
+# A role is a named set of permissions (services.permissions): command types and overrides.
+roles = Table(
+    "roles",
+    metadata,
+    Column("name", String(ROLE_NAME_LENGTH_MAX), primary_key=True),
+    Column("description", String(200), nullable=False),
+    _now(),
+)
+
+role_permissions = Table(
+    "role_permissions",
+    metadata,
+    Column("role", String(ROLE_NAME_LENGTH_MAX), ForeignKey("roles.name"), primary_key=True),
+    Column("permission", String(PERMISSION_LENGTH_MAX), primary_key=True),
+)
+
+producers = Table(
+    "producers",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", String(ID_LENGTH_MAX), nullable=False, unique=True),
+    Column("role", String(ROLE_NAME_LENGTH_MAX), ForeignKey("roles.name"), nullable=False),
+    Column("status", String(10), nullable=False),
+    _now(),
+    Column("revoked_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('active', 'revoked')", name="status"),
+    CheckConstraint("(status = 'revoked') = (revoked_at IS NOT NULL)", name="revoked_iff_time"),
+    CheckConstraint("length(name) >= 1", name="name_length"),
+)
+
+# Permissions granted to one producer beyond its role's (`--allow`).
+producer_permissions = Table(
+    "producer_permissions",
+    metadata,
+    Column("producer_id", BigId, ForeignKey("producers.id"), primary_key=True,
+           autoincrement=False),
+    Column("permission", String(PERMISSION_LENGTH_MAX), primary_key=True),
+)
+
+# A producer's Ed25519 public keys: 32 raw bytes, base64url. A key verifies a command
+# accepted in [valid_from, valid_until) and never once revoked; rotation ends the old key's
+# validity (commands it signed before stay verifiable), revocation ends everything.
+producer_keys = Table(
+    "producer_keys",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("producer_id", BigId, ForeignKey("producers.id"), nullable=False, index=True),
+    Column("key_id", String(16), nullable=False, unique=True),
+    Column("public_key", String(43), nullable=False, unique=True),
+    Column("valid_from", DateTime(timezone=True), nullable=False),
+    Column("valid_until", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    _now(),
+    CheckConstraint("valid_until IS NULL OR valid_until >= valid_from", name="validity_order"),
+    CheckConstraint("length(public_key) = 43 AND length(key_id) = 16", name="key_length"),
+)
+
+# Refusals that take no idempotency key (unauthenticated, forbidden, a conflicting replay,
+# an invalid command whose key is taken or unusable): readable by key and producer, so a
+# producer learns its command's fate without the refusal squatting the key. Append-only.
+refusals = Table(
+    "refusals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(ID_LENGTH_MAX)),
+    Column("producer", String(ID_LENGTH_MAX)),
+    # True when the producer's signature verified (forbidden, conflict, invalid): the
+    # producer named is the sender. False: anyone may have claimed that name.
+    Column("authenticated", Boolean, nullable=False),
+    Column("command_type", String(PERMISSION_LENGTH_MAX)),
+    Column("error_code", String(40), nullable=False),
+    Column("error_message", String(2000), nullable=False),
+    Column("source", String(20), nullable=False),
+    _now(),
+)
+Index("ix_refusals_key", refusals.c.idempotency_key)
+
+# One row: the largest command id accepted before commands were signed (migration 0004).
+# verify accepts an unsigned command only at or below it.
+signature_epoch = Table(
+    "signature_epoch",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("legacy_command_id_max", BigInteger, nullable=False),
+    _now(),
+    CheckConstraint("id = 1", name="one_row"),
+)

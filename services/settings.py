@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -50,6 +51,13 @@ class Settings:
     payout_chunk_items: int = 2_000  # ~0.2 s per chunk holding the funding account's lock
     # Test-only: sleep this long inside each command's transaction (fault tests).
     test_delay_s: float = 0.0
+    # The producer this process signs as (WALLETQ_PRODUCER) and its private key file; with
+    # neither set, an embedded deployment signs as `local-admin` (key under WALLETQ_HOME).
+    producer: str | None = None
+    producer_key_file: Path | None = None
+    # How long a worker process trusts its copy of a producer's keys and role: a revocation
+    # takes effect within this many seconds in every worker (0: read them for each command).
+    producer_cache_s: float = 5.0
 
     @property
     def is_postgres(self) -> bool:
@@ -74,6 +82,7 @@ _FLOAT_FIELDS = {
     "WALLETQ_SWEEP_INTERVAL_S": "sweep_interval_s",
     "WALLETQ_SWEEP_GRACE_S": "sweep_grace_s",
     "WALLETQ_TEST_DELAY_S": "test_delay_s",
+    "WALLETQ_PRODUCER_CACHE_S": "producer_cache_s",
 }
 
 
@@ -129,6 +138,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     rate = _fee_rate(env)
     if rate is not None:
         values["fee_rate"] = rate
+    values.update(_producer(env, home))
     if env.get("WALLETQ_AMOUNT_MAX"):
         values["amount_max_minor"] = _amount_max_minor(
             env["WALLETQ_AMOUNT_MAX"], int(values.get("asset_scale", 2))  # type: ignore[call-overload]
@@ -139,6 +149,25 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if settings.retry_attempts < 1:
         raise SettingsError("WALLETQ_RETRY_ATTEMPTS must be at least 1")
     return settings
+
+
+_PRODUCER_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _producer(env: Mapping[str, str], home: Path) -> dict[str, object]:
+    """WALLETQ_PRODUCER and its key file (default: WALLETQ_HOME/producers/NAME.key)."""
+    name = env.get("WALLETQ_PRODUCER") or None
+    key_file = env.get("WALLETQ_PRODUCER_KEY_FILE") or None
+    if name is None:
+        if key_file is not None:
+            raise SettingsError("WALLETQ_PRODUCER_KEY_FILE is set but WALLETQ_PRODUCER is not: "
+                                "name the producer the key belongs to")
+        return {}
+    if not _PRODUCER_NAME.fullmatch(name):
+        raise SettingsError(f"WALLETQ_PRODUCER={name[:60]!r} must be 1-200 characters of "
+                            "A-Z a-z 0-9 . _ -")
+    path = Path(key_file).expanduser() if key_file else home / "producers" / f"{name}.key"
+    return {"producer": name, "producer_key_file": path}
 
 
 def _amount_max_minor(raw: str, scale: int) -> int:

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from services import command_types
 from services.command_status import CommandStatus
 from services.operations.base import TransferFacts
+from services.verify_provenance import audit_problems, signatures_problems
 
 __all__ = ["Check", "verify_ledger"]
 
@@ -138,6 +139,20 @@ def _keys_unique(conn: Connection) -> Check:
                  _offenders(names, "keys repeated") if rows else "every key exists once")
 
 
+def _signed(conn: Connection, scale: int) -> Check:
+    names, checked = signatures_problems(conn, scale)
+    return Check("commands_are_signed", not names,
+                 _offenders(names, "commands moved money unsigned or unauthorized") if names
+                 else f"{checked} commands that moved money are signed by a producer allowed to")
+
+
+def _audited(conn: Connection) -> Check:
+    names, checked = audit_problems(conn)
+    return Check("commands_have_their_audit", not names,
+                 _offenders(names, "commands disagree with their audit") if names
+                 else f"{checked} ended commands match their audit rows")
+
+
 def verify_ledger(engine: Engine, scale: int) -> list[Check]:
     """Run every check in one repeatable-read snapshot, so they see one state of the ledger."""
     with engine.connect() as conn:
@@ -151,4 +166,6 @@ def verify_ledger(engine: Engine, scale: int) -> list[Check]:
                 _escrow_matches_holds(conn),
                 _commands_have_their_transfers(conn, scale),
                 _keys_unique(conn),
+                _signed(conn, scale),
+                _audited(conn),
             ]

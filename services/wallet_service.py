@@ -2,7 +2,9 @@
 
 Every method is a command: it runs through the same idempotent executor the worker calls,
 so a direct call leaves the same transfers, command record and audit row. Pass an
-idempotency key to make a retry of the call safe; without one, a fresh key is made.
+idempotency key to make a retry of the call safe; without one, a fresh key is made. A
+command without a signature is signed as this process's producer
+(services.producer_identity); one that carries its producer and signature is taken as is.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from services import command_store, schema
+from services.admission import as_object, sign_if_unsigned
 from services.command_executor import execute_command
+from services.command_fields import CommandBase
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord, iso
 from services.db import get_engine
 from services.errors import InvalidCommandError, UnknownUserError, error_class
 from services.ledger import user_available, user_escrow
 from services.money import to_decimal
+from services.producer_identity import signer_for
 from services.settings import Settings, get_settings
+from services.signing import Signer
 
 __all__ = ["WalletService", "Balance", "raise_for_outcome"]
 
@@ -49,14 +55,26 @@ class Balance:
 class WalletService:
     """An edge: with no arguments, its settings and engine come from the WALLETQ_* environment."""
 
-    def __init__(self, engine: Engine | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, settings: Settings | None = None,
+                 signer: Signer | None = None) -> None:
         self.settings = settings or get_settings()
         self.engine = engine or get_engine(self.settings)
+        self._signer = signer
+
+    @property
+    def signer(self) -> Signer | None:
+        """This process's producer, found (or, embedded, made) on first use."""
+        if self._signer is None:
+            self._signer = signer_for(self.settings, self.engine)
+        return self._signer
 
     # --- the entry point ------------------------------------------------------------
 
     def execute(self, command: Any) -> CommandRecord:
-        """Apply a command (model, dict or JSON) once; returns its stored outcome."""
+        """Apply a command (model, dict or JSON) once, signed as this process's producer
+        unless it carries a signature; returns its stored outcome."""
+        if not isinstance(command, CommandBase) and "signature" not in as_object(command):
+            command, _ = sign_if_unsigned(command, self.signer)
         return execute_command(command, engine=self.engine, settings=self.settings)
 
     def _run(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:

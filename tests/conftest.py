@@ -1,5 +1,6 @@
-"""Fixtures: a fresh PostgreSQL database per test (cloned from a migrated template), settings
-pointing at it, and the services. Tests never depend on state left by another.
+"""Fixtures: a fresh PostgreSQL database per test (cloned from a migrated template that
+holds the session's test producers), settings pointing at it (signing as `test-admin`), and
+the services. Tests never depend on state left by another.
 
 The servers are brought up (or their absence explained) by the first fixture that needs
 one, so `pytest tests/unit` runs on a machine with no server at all."""
@@ -14,12 +15,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import NullPool
 
+from services import producers
 from services import settings as settings_module
 from services.db import dispose_engines, get_engine, upgrade
 from services.settings import Settings, load_settings
+from services.signing import read_private_key
 from services.wallet_service import WalletService
 from tests import servers
+from tests.support.signing import ADMIN_PRODUCER, TEST_PRODUCERS, key_file, make_keys
 
 
 def _admin_engine() -> Engine:
@@ -43,15 +48,32 @@ def pg_admin() -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def pg_template(pg_admin: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database migrated once; each test gets a copy (CREATE DATABASE ... TEMPLATE)."""
+def test_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's test producers' private keys (tests.support.signing)."""
+    return make_keys(tmp_path_factory.mktemp("producer-keys"))
+
+
+def add_test_producers(engine: Engine, keys: dict[str, Path]) -> None:
+    """The test producers, each with its role and key, in a migrated database."""
+    with engine.begin() as conn:
+        for name, role in TEST_PRODUCERS.items():
+            producers.create(conn, name, role, read_private_key(keys[name]).public_key())
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: Engine, tmp_path_factory: pytest.TempPathFactory,
+                test_keys: dict[str, Path]) -> Iterator[str]:
+    """A database migrated once, holding the test producers; each test gets a copy
+    (CREATE DATABASE ... TEMPLATE)."""
     name = f"walletq_tpl_{uuid.uuid4().hex[:10]}"
     with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(servers.PG_URL).set(database=name)
-    env = {"WALLETQ_DATABASE_URL": url.render_as_string(hide_password=False),
-           "WALLETQ_HOME": str(tmp_path_factory.mktemp("tpl"))}
+    url = make_url(servers.PG_URL).set(database=name).render_as_string(hide_password=False)
+    env = {"WALLETQ_DATABASE_URL": url, "WALLETQ_HOME": str(tmp_path_factory.mktemp("tpl"))}
     upgrade(load_settings(env))
+    template = create_engine(url, poolclass=NullPool)
+    add_test_producers(template, test_keys)
+    template.dispose()
     yield name
     _drop(pg_admin, name)
 
@@ -73,7 +95,8 @@ def pg_url(pg_admin: Engine, pg_template: str) -> Iterator[str]:
 
 @pytest.fixture
 def walletq_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The WALLETQ_* environment of a test: its own database, fast in-process retries."""
+    """The WALLETQ_* environment of a test: its own database, fast in-process retries, and
+    the producer `test-admin` (role admin) signing what the edges submit."""
     for key in list(os.environ):
         if key.startswith("WALLETQ_"):
             monkeypatch.delenv(key)
@@ -82,6 +105,8 @@ def walletq_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         "WALLETQ_HOME": str(tmp_path / "home"),
         "WALLETQ_RETRY_BACKOFF_S": "0.02",
         "WALLETQ_RETRY_BACKOFF_S_MAX": "0.2",
+        "WALLETQ_PRODUCER": ADMIN_PRODUCER,
+        "WALLETQ_PRODUCER_KEY_FILE": str(key_file(ADMIN_PRODUCER)),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

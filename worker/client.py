@@ -1,7 +1,12 @@
 """WalletClient: how a web tier, a script or a batch job submits commands to walletq.
 
-`submit` validates the command, records it as `accepted` in the database (the outbox)
-and then publishes it to the workers; it answers at once with the command record. A
+`submit` signs the command (unless it carries its producer and signature already) as the
+producer of WALLETQ_PRODUCER / WALLETQ_PRODUCER_KEY_FILE (embedded with neither set: the
+deployment's own `local-admin`), admits it as the worker will (signature, role,
+validation: a refusal raises UnauthenticatedError, ForbiddenError or InvalidCommandError
+and records nothing), records it as `accepted` in the database (the outbox) with what was
+signed and the signature, and then publishes it to the workers, which verify it again;
+it answers at once with the command record. A
 duplicate (same key, same payload) returns the existing record and publishes nothing,
 unless that record is stuck (left `accepted`/`processing` past WALLETQ_SWEEP_GRACE_S),
 when it is published again. A key reused for another payload raises
@@ -47,15 +52,18 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.engine import Engine
 
-from services import command_store
-from services.command_fields import CommandLimits
+from services import command_store, refusals
+from services.admission import Admitted, Refused, admit, as_object, sign_if_unsigned
 from services.command_status import ENDED
 from services.command_store import CommandRecord
-from services.commands import Command, parse_command
+from services.commands import Command
 from services.db import get_engine
-from services.errors import BusinessRuleError, InvalidCommandError
+from services.errors import BusinessRuleError
 from services.outbox import Accepted, record_accepted, record_accepted_many
+from services.producer_identity import signer_for
+from services.refusals import Refusal
 from services.settings import Settings, load_settings
+from services.signing import Signed, Signer
 from services.wallet_service import WalletService
 from worker.celery_app import make_app
 from worker.publisher import CeleryPublisher
@@ -71,11 +79,18 @@ class WalletClient:
     """Submit commands and read their outcomes; safe to share between threads."""
 
     def __init__(self, settings: Settings, app: Celery, env: Mapping[str, str] | None = None,
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, signer: Signer | None = None) -> None:
         self.settings = settings
-        self.limits = CommandLimits.from_settings(settings)
         self.engine = engine or get_engine(settings)
         self.publisher = CeleryPublisher(app, env)
+        self._signer = signer
+
+    @property
+    def signer(self) -> Signer | None:
+        """The producer this client signs as, found (or, embedded, made) on first use."""
+        if self._signer is None:
+            self._signer = signer_for(self.settings, self.engine)
+        return self._signer
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WalletClient:
@@ -89,10 +104,20 @@ class WalletClient:
 
     # --- submitting ------------------------------------------------------------------
 
+    def _admit(self, command: Any) -> tuple[Command, Signed]:
+        """Sign (unless signed) and admit; the refusal is raised, nothing recorded."""
+        obj = as_object(command)
+        signed_obj, _ = sign_if_unsigned(obj, None if "signature" in obj else self.signer)
+        admission = admit(signed_obj, engine=self.engine, settings=self.settings)
+        if isinstance(admission, Refused):
+            raise admission.error
+        assert isinstance(admission, Admitted)
+        return admission.command, admission.signed
+
     def submit(self, command: Any) -> CommandRecord:
-        """Validate, record as accepted, publish; returns the command record at once."""
-        parsed = parse_command(command, self.limits)
-        accepted = record_accepted(parsed, engine=self.engine, settings=self.settings)
+        """Sign, admit, record as accepted, publish; returns the command record at once."""
+        parsed, signed = self._admit(command)
+        accepted = record_accepted(parsed, signed, engine=self.engine, settings=self.settings)
         if self._needs_publish(accepted):
             self._publish_logged(accepted.record)
         return accepted.record
@@ -100,18 +125,19 @@ class WalletClient:
     def submit_many(self, commands: Iterable[Any]) -> list[CommandRecord | BusinessRuleError]:
         """Submit many commands; one answer per command, in order: its record or its refusal.
 
-        Valid commands are recorded in chunked transactions and published over one producer
-        connection; a refused command (invalid, or an idempotency conflict) records nothing.
+        Admitted commands are recorded in chunked transactions and published over one
+        producer connection; a refused command (invalid, unauthenticated, forbidden, or an
+        idempotency conflict) records nothing.
         """
         answers: list[CommandRecord | BusinessRuleError | None] = []
-        parsed: list[Command] = []
+        parsed: list[tuple[Command, Signed]] = []
         slots: list[int] = []
         for raw in commands:
             try:
-                parsed.append(parse_command(raw, self.limits))
+                parsed.append(self._admit(raw))
                 slots.append(len(answers))
                 answers.append(None)
-            except InvalidCommandError as exc:
+            except BusinessRuleError as exc:
                 answers.append(exc)
         outcomes = record_accepted_many(parsed, engine=self.engine, settings=self.settings)
         to_publish: list[CommandRecord] = []
@@ -154,6 +180,13 @@ class WalletClient:
         """The command's record, or None for an unknown key."""
         with self.engine.connect() as conn:
             return command_store.get_record(conn, key)
+
+    def refusals(self, key: str, producer: str | None = None) -> list[Refusal]:
+        """Refusals of commands sent under this key (by this producer), newest first: what
+        became of a command refused without taking its key (unauthenticated, forbidden, a
+        conflicting replay). `status(key)` first: a refusal never touches a recorded command."""
+        with self.engine.connect() as conn:
+            return refusals.for_key(conn, key, producer)
 
     def wait(self, key: str, timeout: float = 10.0) -> CommandRecord | None:
         """Poll until the command succeeded, was rejected or failed, or `timeout` seconds passed.

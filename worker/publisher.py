@@ -1,7 +1,8 @@
 """Publishing command messages with Celery: the CommandPublisher the client and the sweep use.
 
 The message is the task `walletq.execute_command` with one positional argument, the
-command's JSON object, in the queue its type belongs to (services.command_types).
+command's JSON object as its producer signed it, with its signature (a recorded command's
+`message()`), in the queue its type belongs to (services.command_types).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class CeleryPublisher:
                            producer=producer, ignore_result=True)
 
     def publish(self, record: CommandRecord) -> None:
-        self.publish_payload(record.payload_dict())
+        self.publish_payload(record.message())
 
     def publish_many(self, records: Sequence[CommandRecord]) -> list[Exception | None]:
         """Send many messages over one producer connection; one entry per record, None if sent."""
@@ -44,7 +45,7 @@ class CeleryPublisher:
             with self.app.producer_or_acquire() as producer:
                 for record in records:
                     try:
-                        self.publish_payload(record.payload_dict(), producer)
+                        self.publish_payload(record.message(), producer)
                         outcomes.append(None)
                     except Exception as exc:  # noqa: BLE001 - the caller logs; the sweep delivers
                         outcomes.append(exc)

@@ -1,7 +1,9 @@
 """Escrow: a payer's money held for a payee, then released (minus the platform fee) or refunded.
 
 This module owns the `holds` table. A hold's row is locked before any account, so two
-commands on one hold queue on it, and the second finds it closed.
+commands on one hold queue on it, and the second finds it closed. A hold's fee rate is
+fixed when it opens (the deployment's rate, or one a producer allowed to override fees
+names); its release uses that rate unless such a producer names another.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from services.errors import EscrowIntegrityError, HoldExistsError, HoldNotOpenEr
 from services.ledger import FEES, lock_accounts, make_transfer, post_transfers, user_available, user_escrow
 from services.money import split_fee
 from services.operations.base import Effect, OperationContext, TransferFacts, move
+from services.permissions import NOTHING_MORE, OVERRIDE_FEE
 
 __all__ = ["TransferToEscrow", "ReleaseFromEscrow", "RefundFromEscrow", "transfer_to_escrow",
-           "release_from_escrow", "refund_from_escrow", "release_transfers", "refund_transfers"]
+           "release_from_escrow", "refund_from_escrow", "release_transfers", "refund_transfers",
+           "fee_rate_needs"]
 
 
 class TransferToEscrow(CommandBase):
@@ -32,6 +36,7 @@ class TransferToEscrow(CommandBase):
     payer: Ident
     payee: Ident
     amount: Amount
+    fee_rate: FeeRate | None = None
 
     @field_validator("payee")
     @classmethod
@@ -52,15 +57,21 @@ class RefundFromEscrow(CommandBase):
     hold_id: Ident
 
 
+def fee_rate_needs(command: TransferToEscrow | ReleaseFromEscrow) -> frozenset[str]:
+    """Naming a fee rate is an override: the rate of a hold is otherwise fixed at opening."""
+    return NOTHING_MORE if command.fee_rate is None else frozenset({OVERRIDE_FEE})
+
+
 def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationContext) -> Effect:
     amount = ctx.minor(cmd.amount)
+    fee_rate = cmd.fee_rate if cmd.fee_rate is not None else ctx.fee_rate
     # The hold row comes before the accounts in the lock order; a rival with the same
     # hold id waits on it here, then finds it taken.
     inserted = insert_ignoring_conflicts(
         conn,
         schema.holds,
         [{"hold_id": cmd.hold_id, "payer": cmd.payer, "payee": cmd.payee, "amount_minor": amount,
-          "status": "held", "opened_by": ctx.command_id}],
+          "status": "held", "fee_rate": str(fee_rate), "opened_by": ctx.command_id}],
         ["hold_id"],
     )
     if inserted != 1:
@@ -68,7 +79,7 @@ def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationCo
     available, escrow = user_available(cmd.payer), user_escrow(cmd.payer)
     t, locked = move(conn, ctx, available, escrow, amount, "hold", {escrow.code})
     return Effect({"hold_id": cmd.hold_id, "payer": cmd.payer, "payee": cmd.payee,
-                   "amount": ctx.fmt(amount),
+                   "amount": ctx.fmt(amount), "fee_rate": str(fee_rate),
                    "available": ctx.fmt(locked[available.code].balance_minor)}, [t])
 
 
@@ -85,21 +96,26 @@ def _lock_open_hold(conn: Connection, hold_id: str) -> Any:
 def _close_hold(conn: Connection, hold: Any, status: str, ctx: OperationContext,
                 fee_minor: int | None = None, fee_rate: Decimal | None = None) -> None:
     h = schema.holds
-    done = conn.execute(
-        update(h)
-        .where(h.c.id == hold.id, h.c.status == "held")
-        .values(status=status, closed_by=ctx.command_id, closed_at=datetime.now(UTC),
-                fee_minor=fee_minor, fee_rate=None if fee_rate is None else str(fee_rate))
-    )
+    values: dict[str, Any] = {"status": status, "closed_by": ctx.command_id,
+                              "closed_at": datetime.now(UTC), "fee_minor": fee_minor}
+    if fee_rate is not None:  # the rate a release applied; a refund leaves the hold's own
+        values["fee_rate"] = str(fee_rate)
+    done = conn.execute(update(h).where(h.c.id == hold.id, h.c.status == "held").values(values))
     if done.rowcount != 1:
         raise EscrowIntegrityError(f"hold {hold.hold_id!r} changed under its lock")
+
+
+def _rate_of(hold: Any, ctx: OperationContext) -> Decimal:
+    """The rate fixed when the hold opened; a hold opened before migration 0004 has none
+    stored and takes the deployment's rate, as it always did."""
+    return Decimal(hold.fee_rate) if hold.fee_rate is not None else ctx.fee_rate
 
 
 def release_from_escrow(
     conn: Connection, cmd: ReleaseFromEscrow, ctx: OperationContext
 ) -> Effect:
     hold = _lock_open_hold(conn, cmd.hold_id)
-    fee_rate = cmd.fee_rate if cmd.fee_rate is not None else ctx.fee_rate
+    fee_rate = cmd.fee_rate if cmd.fee_rate is not None else _rate_of(hold, ctx)
     payee_minor, fee_minor = split_fee(hold.amount_minor, fee_rate)
     escrow, payee = user_escrow(hold.payer), user_available(hold.payee)
     locked = lock_accounts(conn, [escrow, payee, FEES], open_missing={payee.code, FEES.code})

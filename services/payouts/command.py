@@ -7,8 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from services.command_fields import AccountCode, Amount, CommandBase, Ident, limits_of
+from services.permissions import NOTHING_MORE, PAYOUT_ANY_ACCOUNT
 
-__all__ = ["PayoutItem", "PayoutBatch"]
+__all__ = ["PayoutItem", "PayoutBatch", "payout_needs", "DEFAULT_FUNDING_ACCOUNT"]
+
+DEFAULT_FUNDING_ACCOUNT = "platform:treasury"
 
 
 class PayoutItem(BaseModel):
@@ -21,7 +24,7 @@ class PayoutItem(BaseModel):
 
 class PayoutBatch(CommandBase):
     type: Literal["payout_batch"]
-    from_account: AccountCode = "platform:treasury"
+    from_account: AccountCode = DEFAULT_FUNDING_ACCOUNT
     items: list[PayoutItem] = Field(min_length=1)
     atomic: bool = False
 
@@ -39,3 +42,10 @@ class PayoutBatch(CommandBase):
                 )
             first_seen[item.reference] = index
         return self
+
+
+def payout_needs(command: PayoutBatch) -> frozenset[str]:
+    """Only the treasury funds a payout, unless the producer may fund one from elsewhere."""
+    if command.from_account == DEFAULT_FUNDING_ACCOUNT:
+        return NOTHING_MORE
+    return frozenset({PAYOUT_ANY_ACCOUNT})

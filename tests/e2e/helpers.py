@@ -13,19 +13,20 @@ from sqlalchemy import func, select
 
 from services import schema
 from services.command_fields import CommandLimits
-from services.commands import parse_command
 from services.db import get_engine
 from services.outbox import Accepted, record_accepted
 from services.settings import get_settings
+from tests.support.signing import prepared
 
 WALLETQ = str(Path(sys.executable).parent / "walletq")
 
 
 def accept_only(raw: Any) -> Accepted:
-    """Record a command as accepted (the outbox) and publish nothing: a message 'lost'."""
+    """Record a command as accepted (the outbox), signed as the test's producer, and publish
+    nothing: a message 'lost'."""
     settings = get_settings()
-    command = parse_command(raw, CommandLimits.from_settings(settings))
-    return record_accepted(command, engine=get_engine(settings), settings=settings)
+    command, signature = prepared(raw, limits=CommandLimits.from_settings(settings))
+    return record_accepted(command, signature, engine=get_engine(settings), settings=settings)
 
 
 def walletq(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,

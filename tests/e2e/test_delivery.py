@@ -10,6 +10,7 @@ import redis
 from services.atomic_transaction_manager import IdempotencyConflictError
 from tests.e2e.conftest import BROKER_URL, assert_ledger_verifies
 from tests.e2e.helpers import audit_outcomes, transfers_of
+from tests.support.signing import signed
 from worker.celery_app import EXECUTE_TASK
 
 
@@ -37,8 +38,8 @@ def test_the_same_task_message_published_five_times_has_one_effect(worker, clien
     client.submit({"type": "credit_wallet", "idempotency_key": "seed", "user": "alice",
                    "amount": "100.00"})
     assert client.wait("seed", timeout=20).status == "succeeded"
-    message = {"type": "transfer_tokens_between_users", "idempotency_key": "t-dup",
-               "from_user": "alice", "to_user": "bob", "amount": "7.00"}
+    message = signed({"type": "transfer_tokens_between_users", "idempotency_key": "t-dup",
+                      "from_user": "alice", "to_user": "bob", "amount": "7.00"})
     # A foreign producer: no outbox record first; the worker records the command itself.
     for _ in range(5):
         _send(client, message)
@@ -57,18 +58,18 @@ def test_the_same_task_message_published_five_times_has_one_effect(worker, clien
 
 def test_invalid_payload_messages_are_refused_acked_and_the_worker_goes_on(
         worker, client, queue_prefix):
-    # A usable key: the key is taken by a rejected `invalid` command.
-    _send(client, {"type": "credit_wallet", "idempotency_key": "bad-1", "user": "alice",
-                   "amount": 5})
+    # Signed, with a usable key: the key is taken by a rejected `invalid` command.
+    _send(client, signed({"type": "credit_wallet", "idempotency_key": "bad-1", "user": "alice",
+                          "amount": 5}))
     # No usable key, not an object, the wrong shape of message.
-    _send(client, {"type": "credit_wallet", "user": "alice", "amount": "5.00"})
+    _send(client, signed({"type": "credit_wallet", "user": "alice", "amount": "5.00"}))
     _send(client, "not a command at all")
     _send(client, ["a", "list"])
-    _send(client, {"type": "credit_wallet", "idempotency_key": "two-args", "user": "a",
-                   "amount": "1.00"}, {"extra": True})
-    _send(client, command={"type": "no_such_type", "idempotency_key": "bad-2"})
-    _send(client, {"type": "credit_wallet", "idempotency_key": "bad key with spaces",
-                   "user": "alice", "amount": "5.00"})
+    _send(client, signed({"type": "credit_wallet", "idempotency_key": "two-args", "user": "a",
+                          "amount": "1.00"}), {"extra": True})
+    _send(client, command=signed({"type": "no_such_type", "idempotency_key": "bad-2"}))
+    _send(client, signed({"type": "credit_wallet", "idempotency_key": "bad key with spaces",
+                          "user": "alice", "amount": "5.00"}))
     client.submit({"type": "credit_wallet", "idempotency_key": "after", "user": "alice",
                    "amount": "2.00"})
     assert client.wait("after", timeout=20).status == "succeeded", worker.log_tail()
@@ -93,8 +94,8 @@ def test_a_message_conflicting_with_its_keys_first_command_is_refused_and_acked(
     client.submit({"type": "credit_wallet", "idempotency_key": "dep-1", "user": "alice",
                    "amount": "10.00"})
     assert client.wait("dep-1", timeout=20).status == "succeeded"
-    _send(client, {"type": "credit_wallet", "idempotency_key": "dep-1", "user": "alice",
-                   "amount": "99.00"})
+    _send(client, signed({"type": "credit_wallet", "idempotency_key": "dep-1", "user": "alice",
+                          "amount": "99.00"}))
     client.submit({"type": "credit_wallet", "idempotency_key": "after", "user": "bob",
                    "amount": "1.00"})
     assert client.wait("after", timeout=20).status == "succeeded"

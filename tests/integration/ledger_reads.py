@@ -61,4 +61,4 @@ def assert_ledger_holds(engine: Engine, scale: int = 2) -> None:
     checks = verify_ledger(engine, scale)
     failed = [c for c in checks if not c.ok]
     assert not failed, failed
-    assert len(checks) == 6
+    assert len(checks) == 8

@@ -20,10 +20,9 @@ from services.atomic_transaction_manager import (
     atomic_financial_operation,
 )
 from services.command_executor import execute_command
-from services.command_fields import CommandLimits
-from services.commands import parse_command
 from services.wallet_service import WalletService
 from tests.integration.ledger_reads import assert_ledger_holds, audit, balances, record, transfers
+from tests.support.signing import prepared, signed
 
 THREADS = 20
 CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-81", "user": "alice", "amount": "10.00"}
@@ -145,7 +144,7 @@ def test_a_conflict_with_a_command_still_processing_leaves_it_processing(
     service: WalletService, engine: Engine
 ) -> None:
     with atomic_financial_operation(engine) as conn:
-        command_store.claim(conn, parse_command(CREDIT, CommandLimits()))
+        command_store.claim(conn, *prepared(CREDIT))
     claimed = record(engine, "dep-81")
     with pytest.raises(IdempotencyConflictError):
         service.execute({**CREDIT, "amount": "99.00"})
@@ -172,11 +171,11 @@ def test_a_command_left_processing_by_a_crash_is_applied_once_when_run_again(
     service: WalletService, engine: Engine
 ) -> None:
     with atomic_financial_operation(engine) as conn:
-        command_store.claim(conn, parse_command(CREDIT, CommandLimits()))  # claimed, then the worker died
-    rec = execute_command(dict(CREDIT), engine=engine, settings=service.settings)
+        command_store.claim(conn, *prepared(CREDIT))  # claimed, then the worker died
+    rec = execute_command(signed(CREDIT), engine=engine, settings=service.settings)
     assert rec.status == "succeeded" and rec.attempts == 2
     assert len(transfers(engine, "dep-81")) == 1
-    assert execute_command(dict(CREDIT), engine=engine, settings=service.settings) == rec
+    assert execute_command(signed(CREDIT), engine=engine, settings=service.settings) == rec
 
 
 def test_an_invalid_command_records_nothing(service: WalletService, engine: Engine) -> None:

@@ -17,10 +17,12 @@ from services.command_executor import execute_command
 from services.db import get_engine
 from services.payouts import Item, decide, payout_item_rows, payout_progress
 from services.verify import verify_ledger
+from tests.support.signing import signed
 
 
 def batch(key, items, **fields):
-    return {"type": "payout_batch", "idempotency_key": key, "items": items, **fields}
+    """A payout_batch command, signed as the test's producer (an admin: any funding account)."""
+    return signed({"type": "payout_batch", "idempotency_key": key, "items": items, **fields})
 
 
 def item(user, amount, reference):
@@ -351,7 +353,7 @@ def test_a_batch_left_processing_is_not_swept_while_it_progresses(service, engin
 def test_a_payout_on_embedded_sqlite(sqlite_env):
     settings = sqlite_env
     engine = get_engine(settings)
-    execute_command({"type": "admin_create_tokens", "idempotency_key": "m", "amount": "5.00"},
+    execute_command(signed({"type": "admin_create_tokens", "idempotency_key": "m", "amount": "5.00"}),
                     engine=engine, settings=settings)
     rows = [item(f"q-{n}", "1.00", f"sq-{n}") for n in range(7)]
     record = execute_command(batch("sq-1", rows), engine=engine, settings=settings)

@@ -10,7 +10,8 @@ from services.verify import verify_ledger
 from services.wallet_service import WalletService
 
 CHECKS = ["sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
-          "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique"]
+          "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique",
+          "commands_are_signed", "commands_have_their_audit"]
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def sql(engine: Engine, *statements: str) -> None:
             conn.execute(text(statement))
 
 
-def test_a_ledger_after_every_operation_passes_all_six_checks(busy: WalletService, engine: Engine) -> None:
+def test_a_ledger_after_every_operation_passes_all_eight_checks(busy: WalletService, engine: Engine) -> None:
     checks = verify_ledger(engine, 2)
     assert [c.name for c in checks] == CHECKS
     assert all(c.ok for c in checks), checks

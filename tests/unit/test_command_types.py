@@ -15,6 +15,7 @@ from services.command_types import QUEUES, REGISTRY, CommandType
 from services.commands import COMMAND_TYPES, command_json_schema
 from services.operations.base import one_transfer_of_amount
 from services.operations.wallet import CreditWallet, credit_wallet
+from services.permissions import ADMIN, PAYMENTS, TREASURY, WEB
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,25 @@ def test_every_entry_has_every_part(entry: CommandType) -> None:
     assert callable(entry.implied_transfers)
     assert len(inspect.signature(entry.implied_transfers).parameters) == 1
     assert entry.queue in QUEUES
-    assert isinstance(entry.privileged, bool)
+    assert isinstance(entry.roles, tuple) and set(entry.roles) <= {WEB, PAYMENTS, TREASURY}
+    assert callable(entry.needs) and len(inspect.signature(entry.needs).parameters) == 1
+
+
+def test_each_built_in_role_has_the_types_the_design_gives_it() -> None:
+    assert command_types.ROLE_PERMISSIONS == {
+        WEB: {"transfer_tokens_between_users", "transfer_to_escrow", "release_from_escrow",
+              "refund_from_escrow", "user_sell_tokens_to_admin"},
+        PAYMENTS: {"credit_wallet", "debit_wallet"},
+        TREASURY: {"admin_create_tokens", "admin_sell_tokens_to_user", "payout_batch"},
+        ADMIN: {"*"},
+    }
+
+
+def test_an_entry_naming_a_role_that_is_not_built_in_cannot_be_made() -> None:
+    with pytest.raises(TypeError, match="roles"):
+        CommandType("toy", Toy, one_transfer_of_amount, handler=credit_wallet, roles=("mallory",))
+    with pytest.raises(TypeError, match="admin may send every type"):
+        CommandType("toy", Toy, one_transfer_of_amount, handler=credit_wallet, roles=(ADMIN,))
 
 
 def test_the_union_the_schema_and_the_names_come_from_the_registry() -> None:

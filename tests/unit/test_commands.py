@@ -30,7 +30,11 @@ def parse_command(raw: Any, limits: CommandLimits = LIMITS) -> Any:
     return commands.parse_command(raw, limits)
 
 
-CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-81", "user": "alice", "amount": "10.00"}
+#: Every command names its producer and carries a signature; validation checks their shape
+#: only (the worker checks the signature itself: tests/unit/test_signing.py).
+SIGNED = {"producer": "web-1", "signature": "A" * 86}
+CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-81", "user": "alice", "amount": "10.00",
+          **SIGNED}
 
 VALID = [
     CREDIT,
@@ -49,6 +53,7 @@ VALID = [
     {"type": "payout_batch", "idempotency_key": "payday-11-29", "from_account": "platform:treasury",
      "items": [{"user": "bob", "amount": "12.00", "reference": "inv-881"}]},
 ]
+VALID = [{**command, **SIGNED} for command in VALID]
 
 
 def refused(raw: Any) -> InvalidCommandError:
@@ -271,6 +276,36 @@ def test_the_errors_to_dict_carries_the_code_and_the_fields() -> None:
     out = refused({**CREDIT, "amount": "0", "colour": "blue"}).to_dict()
     assert out["code"] == "invalid_command"
     assert {f["field"] for f in out["fields"]} == {"amount", "colour"}
+
+
+# --- producer and signature --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["producer", "signature"])
+@pytest.mark.parametrize("index", range(len(VALID)))
+def test_every_command_requires_its_producer_and_signature(index: int, field: str) -> None:
+    data = {k: v for k, v in VALID[index].items() if k != field}
+    assert "required" in field_error(data, field).lower()
+
+
+@pytest.mark.parametrize("bad", ["", "a:b", "a b", "p" * 201, "élan", 7])
+def test_a_producer_name_outside_its_characters_is_refused(bad: object) -> None:
+    field_error({**CREDIT, "producer": bad}, "producer")
+
+
+@pytest.mark.parametrize("bad", ["A" * 85, "A" * 87, "A" * 84 + "==", "A" * 85 + "+", "A" * 85 + "/",
+                                 None, 12])
+def test_a_signature_of_another_shape_than_86_base64url_characters_is_refused(bad: object) -> None:
+    field_error({**CREDIT, "signature": bad}, "signature")
+
+
+def test_the_canonical_payload_leaves_the_signature_out_and_keeps_the_producer() -> None:
+    one = canonical_payload(parse_command(CREDIT))
+    other = canonical_payload(parse_command({**CREDIT, "signature": "B" * 86}))
+    assert one == other and "signature" not in json.loads(one)
+    assert json.loads(one)["producer"] == "web-1"
+    assert payload_hash(canonical_payload(parse_command({**CREDIT, "producer": "web-2"}))) \
+        != payload_hash(one)
 
 
 # --- canonical payload and schema -------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 from worker.cli import ledger as _ledger  # noqa: F401  (registers the commands)
 from worker.cli import payout as _payout  # noqa: F401  (payout, payout-status)
 from worker.cli import pipeline as _pipeline  # noqa: F401
+from worker.cli import producer as _producer  # noqa: F401  (producer create|add|list|revoke|rotate)
 from worker.cli.base import cli, main
 
 __all__ = ["cli", "main"]

@@ -26,7 +26,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.command_executor import execute_command
+from services.admission import sign_if_unsigned
 from services.command_fields import CommandLimits
 from services.command_status import ENDED
 from services.commands import parse_command
@@ -42,6 +42,7 @@ from services.payouts.file import (
 )
 from services.payouts.store import payout_item_rows, payout_progress, payout_totals
 from services.settings import Settings, get_settings
+from services.wallet_service import WalletService
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 
 __all__ = ["payout", "payout_status"]
@@ -68,9 +69,9 @@ class SyncRunner:
 
     def _run(self) -> None:
         try:
-            engine = get_engine(self.settings)
+            wallets = WalletService(get_engine(self.settings), self.settings)
             for command in self.commands:
-                execute_command(command, engine=engine, settings=self.settings)
+                wallets.execute(command)  # signed as this process's producer
         except BaseException as exc:  # noqa: BLE001 - reported by the watcher
             self.error = exc
 
@@ -185,17 +186,20 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
     try:
         payout_file = read_payout_csv(file, limits)
         key = key or derived_key(payout_file, from_account)
-        commands = batch_commands(payout_file, from_account, key, atomic,
+        unsigned = batch_commands(payout_file, from_account, key, atomic,
                                   settings.payout_items_max)
-        for command in commands:
-            parse_command(command, limits)
     except OSError as exc:
         out.fail(f"{file}: {exc.strerror or exc}", 2)
     except PayoutFileError as exc:
         out.fail(f"{file}: nothing submitted:\n{exc}", 2)
+    ensure_schema(settings)
+    signer = WalletService(settings=settings).signer  # this process's producer
+    try:
+        commands = [sign_if_unsigned(command, signer)[0] for command in unsigned]
+        for command in commands:
+            parse_command(command, limits)
     except InvalidCommandError as exc:
         out.fail(f"nothing submitted: {exc.message}", 2)
-    ensure_schema(settings)
     keys = [command["idempotency_key"] for command in commands]
     runner = None
     if sync:

@@ -1,4 +1,4 @@
-"""Pipeline commands: submit, status, commands, sweep, redrive, demo.
+"""Pipeline commands: submit, status, refusals, commands, sweep, redrive, demo.
 
 Exit codes: 0 ok; 1 a refusal (invalid command, idempotency conflict, unknown key, a
 command that is not failed given to redrive, a line of `submit -` refused); 2 bad usage;
@@ -19,10 +19,11 @@ from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.db import get_engine
 from services.errors import BusinessRuleError
+from services.refusals import Refusal
 from services.settings import get_settings
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 
-__all__ = ["submit", "status", "commands", "sweep_command", "redrive", "demo"]
+__all__ = ["submit", "status", "refusals_command", "commands", "sweep_command", "redrive", "demo"]
 #: Lines of `submit -` recorded and published together: one transaction chunk, one connection.
 SUBMIT_LINES_PER_BATCH = 1000
 _COLUMNS = ["key", "type", "status", "error", "attempts", "created", "completed"]
@@ -127,16 +128,60 @@ def status(out: Output, key: str, wait_s: float | None) -> None:
     client = _client()
     try:
         record = client.status(key) if wait_s is None else client.wait(key, timeout=wait_s)
+        if record is None:
+            return _status_of_refused(out, client, key)
     finally:
         client.close()
-    if record is None:
-        out.fail(f"no command with idempotency key {key!r}", 1, "not_found")
-        return
     _show_record(out, record)
     if wait_s is not None and record.status not in ENDED:
         if not out.as_json:
             out.err.print(f"still {record.status} after {wait_s:g} s")
         raise SystemExit(3)
+
+
+def _refused_record(refusal: Refusal) -> dict[str, Any]:
+    """A refusal in the shape of a command record, status `refused` (no key was taken)."""
+    at = command_store.iso(refusal.created_at)
+    return {"idempotency_key": refusal.idempotency_key, "type": refusal.command_type,
+            "producer": refusal.producer, "status": "refused", "result": None,
+            "error": refusal.error, "attempts": 0, "created_at": at, "completed_at": at,
+            "authenticated": refusal.authenticated}
+
+
+def _status_of_refused(out: Output, client: Any, key: str) -> None:
+    """No command under the key: its latest refusal, if a command sent under it was refused."""
+    found = client.refusals(key)
+    if not found:
+        out.fail(f"no command with idempotency key {key!r}", 1, "not_found")
+    data = _refused_record(found[0])
+    if out.as_json:
+        out.json(data)
+        return
+    error = data.pop("error")
+    data["error"] = f"{error['code']}: {error['message']}"
+    out.table(None, ["field", "value"], list(data.items()))
+
+
+@cli.command("refusals")
+@click.argument("key")
+@click.option("--producer", default=None, help="only refusals of commands naming this producer")
+@json_option
+@pass_output
+def refusals_command(out: Output, key: str, producer: str | None) -> None:
+    """Refusals of commands sent under KEY that took no key (unauthenticated, forbidden, conflict)."""
+    ensure_schema(get_settings())
+    client = _client()
+    try:
+        found = client.refusals(key, producer)
+    finally:
+        client.close()
+    if out.as_json:
+        for refusal in found:
+            out.json(refusal.to_dict())
+        return
+    out.table(f"refusals under {key}", ["at", "producer", "authenticated", "type", "error"],
+              [[command_store.iso(r.created_at), r.producer, r.authenticated, r.command_type,
+                f"{r.error_code}: {r.error_message}"[:120]] for r in found])
 
 
 @cli.command()

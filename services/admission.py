@@ -1,0 +1,184 @@
+"""Whether a command may run at all, decided before anything is written, in this order:
+
+1. strict JSON: one object (a JSON number is kept as text, never a float);
+2. the shape of `producer` and `signature`, and the object's RFC 8785 canonical form;
+3. the signature, over that form, by a key of the named producer that was valid when the
+   command was accepted (now, or when its row was recorded) and is not revoked;
+4. the producer's role (and own permissions) allow the claimed type;
+5. full validation of the command;
+6. what its fields ask beyond its type: a fee override, a payout from another account.
+
+The answer is `Admitted` or `Refused`, never an exception of the command's making: 1-3
+refuse as `invalid_command` (not an object) or `unauthenticated`, 4 and 6 as `forbidden`,
+5 as `invalid_command`. A refusal before the signature verified is `authenticated=False`:
+it must take no idempotency key (services.refusing). The same function checks a command
+row's own stored signature (`accepted_at` = when the row was recorded).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.engine import Engine
+
+from services import command_store, command_types
+from services.authentication import DIRECTORY, Principal, ProducerDirectory, authenticate
+from services.command_fields import ID_PATTERN, CommandBase, CommandLimits
+from services.commands import Command, json_kind, load_json, parse_command
+from services.errors import (
+    BusinessRuleError,
+    ForbiddenError,
+    InvalidCommandError,
+    UnauthenticatedError,
+)
+from services.permissions import allows, missing
+from services.settings import Settings
+from services.signing import PRODUCER_PATTERN, Signed, Signer, SigningError, signed_form
+
+__all__ = ["Evidence", "Admitted", "Refused", "Admission", "as_object", "admit", "sign_if_unsigned"]
+
+_TYPE_CHARS_MAX = 60
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a message claims, kept for the record of a refusal: none of it is trusted."""
+
+    key: str | None = None
+    command_type: str | None = None
+    producer: str | None = None
+    signed: Signed | None = None
+
+    @classmethod
+    def of(cls, obj: Any) -> Evidence:
+        if not isinstance(obj, dict):
+            return cls()
+        key, claimed, producer = obj.get("idempotency_key"), obj.get("type"), obj.get("producer")
+        return cls(key if isinstance(key, str) and re.fullmatch(ID_PATTERN, key) else None,
+                   claimed[:_TYPE_CHARS_MAX] if isinstance(claimed, str) else None,
+                   producer if isinstance(producer, str)
+                   and re.fullmatch(PRODUCER_PATTERN, producer) else None)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    command: Command
+    signed: Signed
+    principal: Principal
+
+
+@dataclass(frozen=True)
+class Refused:
+    error: BusinessRuleError
+    evidence: Evidence
+    #: The signature verified: the producer named is the sender.
+    authenticated: bool
+
+
+Admission = Admitted | Refused
+
+
+def as_object(raw: Any) -> dict[str, Any]:
+    """The command object: JSON text loaded strictly, a dict as it is, a model as the object
+    it dumps to (a producer signing a model signs that); InvalidCommandError otherwise."""
+    if isinstance(raw, CommandBase):
+        return raw.model_dump(mode="json", exclude_none=True)
+    if isinstance(raw, BaseModel):
+        raise InvalidCommandError(f"{type(raw).__name__} is not a walletq command")
+    data = load_json(raw) if isinstance(raw, str | bytes) else raw
+    if not isinstance(data, dict):
+        raise InvalidCommandError(f"a command must be a JSON object, not a JSON {json_kind(data)}")
+    return data
+
+
+def sign_if_unsigned(raw: Any, signer: Signer | None) -> tuple[dict[str, Any], Signed]:
+    """At an edge (client, service, CLI): the command object and its signed form, signed
+    by `signer` when it carries no signature; one that does is taken as it is."""
+    obj = as_object(raw)
+    if "signature" in obj:
+        try:
+            return obj, signed_form(obj)
+        except SigningError as exc:
+            raise UnauthenticatedError(str(exc), idempotency_key=Evidence.of(obj).key) from None
+    if signer is None:
+        raise UnauthenticatedError(
+            "this process has no producer to sign as: set WALLETQ_PRODUCER and "
+            "WALLETQ_PRODUCER_KEY_FILE (walletq producer create), or send a signed command",
+            idempotency_key=Evidence.of(obj).key)
+    try:
+        return signer.sign(obj)
+    except SigningError as exc:
+        raise InvalidCommandError(str(exc), idempotency_key=Evidence.of(obj).key) from None
+
+
+def _valid_when_accepted(principal: Principal, evidence: Evidence, engine: Engine,
+                         accepted_at: datetime | None) -> None:
+    """The key must have been valid when the command was accepted: now for a new command;
+    when its row was recorded for one accepted before its key was rotated out."""
+    key = principal.key
+    if accepted_at is None:
+        now = datetime.now(UTC)
+        if key.valid_at(now):
+            return
+        if evidence.key is not None and key.valid_from <= now:
+            with engine.connect() as conn:
+                accepted_at = command_store.accepted_at(conn, evidence.key)
+    if accepted_at is None or not key.valid_at(accepted_at):
+        raise UnauthenticatedError(
+            f"key {key.key_id} of producer {principal.producer.name!r} was not valid when the "
+            "command was accepted", producer=principal.producer.name)
+
+
+def _authenticated(obj: dict[str, Any], evidence: Evidence, engine: Engine, settings: Settings,
+                   accepted_at: datetime | None, directory: ProducerDirectory
+                   ) -> tuple[Signed, Principal]:
+    try:
+        signed = signed_form(obj)
+    except SigningError as exc:
+        raise UnauthenticatedError(str(exc)) from None
+    principal = authenticate(signed, engine=engine, ttl_s=settings.producer_cache_s,
+                             directory=directory)
+    _valid_when_accepted(principal, evidence, engine, accepted_at)
+    return signed, principal
+
+
+def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime | None = None,
+          directory: ProducerDirectory = DIRECTORY) -> Admission:
+    """Admitted, or Refused with the reason (see the module's docstring for the order).
+
+    Database errors (reading the producer) propagate: they are not the command's fault.
+    """
+    try:
+        obj = as_object(raw)
+    except InvalidCommandError as exc:
+        return Refused(exc, Evidence(), authenticated=False)
+    evidence = Evidence.of(obj)
+    try:
+        signed, principal = _authenticated(obj, evidence, engine, settings, accepted_at,
+                                           directory)
+    except UnauthenticatedError as exc:
+        exc.ids.setdefault("idempotency_key", evidence.key)
+        return Refused(exc, evidence, authenticated=False)
+    evidence = Evidence(evidence.key, evidence.command_type, evidence.producer, signed)
+    granted = principal.producer.permissions
+    claimed = evidence.command_type
+    # A type walletq does not know is refused by validation (step 5), as invalid.
+    if claimed is not None and claimed in command_types.BY_NAME and not allows(granted, claimed):
+        return Refused(ForbiddenError(
+            f"producer {signed.producer!r} (role {principal.producer.role}) may not send "
+            f"{claimed!r} commands", idempotency_key=evidence.key), evidence, authenticated=True)
+    try:
+        command = parse_command(obj, CommandLimits.from_settings(settings))
+    except InvalidCommandError as exc:
+        return Refused(exc, evidence, authenticated=True)
+    lacking = missing(granted, command_types.permissions_needed(command))
+    if lacking:
+        return Refused(ForbiddenError(
+            f"producer {signed.producer!r} (role {principal.producer.role}) lacks "
+            f"{', '.join(lacking)} for this {command.type}", idempotency_key=evidence.key),
+            evidence, authenticated=True)
+    return Admitted(command, signed, principal)
