@@ -51,17 +51,25 @@ class Evidence:
     key: str | None = None
     command_type: str | None = None
     producer: str | None = None
+    #: What it signed and its signature, when both have the right shape (not yet verified).
     signed: Signed | None = None
+    shape_problem: str | None = None
 
     @classmethod
     def of(cls, obj: Any) -> Evidence:
         if not isinstance(obj, dict):
             return cls()
         key, claimed, producer = obj.get("idempotency_key"), obj.get("type"), obj.get("producer")
+        signed, problem = None, None
+        try:
+            signed = signed_form(obj)
+        except SigningError as exc:
+            problem = str(exc)
         return cls(key if isinstance(key, str) and re.fullmatch(ID_PATTERN, key) else None,
                    claimed[:_TYPE_CHARS_MAX] if isinstance(claimed, str) else None,
                    producer if isinstance(producer, str)
-                   and re.fullmatch(PRODUCER_PATTERN, producer) else None)
+                   and re.fullmatch(PRODUCER_PATTERN, producer) else None,
+                   signed, problem)
 
 
 @dataclass(frozen=True)
@@ -133,17 +141,14 @@ def _valid_when_accepted(principal: Principal, evidence: Evidence, engine: Engin
             "command was accepted", producer=principal.producer.name)
 
 
-def _authenticated(obj: dict[str, Any], evidence: Evidence, engine: Engine, settings: Settings,
-                   accepted_at: datetime | None, directory: ProducerDirectory
-                   ) -> tuple[Signed, Principal]:
-    try:
-        signed = signed_form(obj)
-    except SigningError as exc:
-        raise UnauthenticatedError(str(exc)) from None
-    principal = authenticate(signed, engine=engine, ttl_s=settings.producer_cache_s,
+def _authenticated(evidence: Evidence, engine: Engine, settings: Settings,
+                   accepted_at: datetime | None, directory: ProducerDirectory) -> Principal:
+    if evidence.signed is None:
+        raise UnauthenticatedError(evidence.shape_problem or "no signature")
+    principal = authenticate(evidence.signed, engine=engine, ttl_s=settings.producer_cache_s,
                              directory=directory)
     _valid_when_accepted(principal, evidence, engine, accepted_at)
-    return signed, principal
+    return principal
 
 
 def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime | None = None,
@@ -158,12 +163,12 @@ def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime
         return Refused(exc, Evidence(), authenticated=False)
     evidence = Evidence.of(obj)
     try:
-        signed, principal = _authenticated(obj, evidence, engine, settings, accepted_at,
-                                           directory)
+        principal = _authenticated(evidence, engine, settings, accepted_at, directory)
     except UnauthenticatedError as exc:
         exc.ids.setdefault("idempotency_key", evidence.key)
         return Refused(exc, evidence, authenticated=False)
-    evidence = Evidence(evidence.key, evidence.command_type, evidence.producer, signed)
+    signed = evidence.signed
+    assert signed is not None
     granted = principal.producer.permissions
     claimed = evidence.command_type
     # A type walletq does not know is refused by validation (step 5), as invalid.

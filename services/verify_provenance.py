@@ -75,8 +75,10 @@ def _signature_problem(row: Any, producer: Producer | None, limits: CommandLimit
         command = parse_command({**obj, "signature": row.signature}, limits)
     except (ValueError, InvalidCommandError):
         return "a signed payload that is not a valid command"
-    if (payload_hash(canonical_payload(command)) != row.payload_hash or command.type != row.type
-            or command.idempotency_key != row.idempotency_key or command.producer != row.producer):
+    canonical = canonical_payload(command)
+    if (canonical != row.payload or payload_hash(canonical) != row.payload_hash
+            or command.type != row.type or command.idempotency_key != row.idempotency_key
+            or command.producer != row.producer):
         return "a stored command that is not what its producer signed"
     lacking = missing(producer.permissions, command_types.permissions_needed(command))
     if lacking:
@@ -92,7 +94,7 @@ def signatures_problems(conn: Connection, scale: int) -> tuple[list[str], int]:
     legacy_max = _legacy_id_max(conn)
     c, t = schema.commands, schema.transfers
     moved = exists().where(t.c.command_id == c.c.id)
-    rows = _stream(conn, select(c.c.id, c.c.idempotency_key, c.c.type, c.c.status,
+    rows = _stream(conn, select(c.c.id, c.c.idempotency_key, c.c.type, c.c.status, c.c.payload,
                                 c.c.payload_hash, c.c.producer, c.c.signed_payload,
                                 c.c.signature, c.c.created_at)
                    .where(or_(c.c.status == "succeeded", moved)).order_by(c.c.id))

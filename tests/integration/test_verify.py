@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
-from sqlalchemy import text
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import insert, text
 from sqlalchemy.engine import Engine
 
+from services import schema
+from services.canonical import canonical_payload, payload_hash
+from services.command_fields import CommandLimits
+from services.commands import parse_command
+from services.signing import signed_form
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
+from tests.support.signing import signed
 
 CHECKS = ["sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
           "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique",
@@ -89,9 +99,13 @@ def test_a_succeeded_command_whose_transfers_do_not_match_its_payload_is_named(
 ) -> None:
     sql(engine, "UPDATE commands SET payload = replace(payload, '\"5.00\"', '\"6.00\"')"
                 " WHERE idempotency_key = 't-1'")
-    assert failures(engine) == {"commands_have_their_transfers": (
-        "1 commands disagree: t-1 (transfer_tokens_between_users succeeded: "
-        "1 transfers of 500 minor units)")}
+    assert failures(engine) == {
+        "commands_have_their_transfers": (
+            "1 commands disagree: t-1 (transfer_tokens_between_users succeeded: "
+            "1 transfers of 500 minor units)"),
+        "commands_are_signed": (
+            "1 commands moved money unsigned or unauthorized: t-1 (transfer_tokens_between_users "
+            "succeeded: a stored command that is not what its producer signed)")}
 
 
 def test_a_refused_command_with_transfers_is_named(busy: WalletService, engine: Engine) -> None:
@@ -134,3 +148,120 @@ def test_many_offenders_are_named_ten_at_a_time_and_then_counted(
     assert detail.startswith("13 accounts disagree: user:user00:available (balance 7, transfers 100)")
     assert detail.endswith("and 3 more")
     assert "user:user09:available" in detail and "user:user10:available" not in detail
+
+
+# --- invariants 7 and 8: rows written behind walletq's back ---------------------------------
+
+
+def forge_credit(engine: Engine, key: str, user: str, minor: int, *, audited: str | None = None,
+                 message: dict[str, Any] | None = None) -> None:
+    """The issue's forger: a succeeded command, the user's account and a transfer from
+    system:issuance, balances kept consistent (so invariants 1-6 hold), and optionally an
+    audit row written by hand too."""
+    payload = json.dumps({"type": "credit_wallet", "idempotency_key": key, "user": user,
+                          "amount": f"{minor // 100}.{minor % 100:02d}"}, sort_keys=True)
+    signed_part = {}
+    if message is not None:
+        form = signed_form(message)
+        payload = canonical_payload(parse_command(message, CommandLimits()))
+        signed_part = {"producer": form.producer, "signed_payload": form.text,
+                       "signature": form.signature}
+    with engine.begin() as conn:
+        command_id = conn.execute(insert(schema.commands).values(
+            idempotency_key=key, type="credit_wallet", payload=payload,
+            payload_hash=payload_hash(payload), status="succeeded", attempts=1,
+            **signed_part).returning(schema.commands.c.id)).scalar_one()
+        conn.execute(text("INSERT INTO accounts (code, kind, user_id, may_go_negative) VALUES "
+                          "(:code, 'user_available', :user, false) ON CONFLICT DO NOTHING"),
+                     {"code": f"user:{user}:available", "user": user})
+        conn.execute(text("INSERT INTO accounts (code, kind, may_go_negative) VALUES "
+                          "('system:issuance', 'issuance', true) ON CONFLICT DO NOTHING"))
+        conn.execute(text("""
+            INSERT INTO transfers (command_id, debit_account_id, credit_account_id, amount_minor, kind)
+            SELECT :cid, d.id, c.id, :minor, 'credit' FROM accounts d, accounts c
+            WHERE d.code = 'system:issuance' AND c.code = :credit"""),
+                     {"cid": command_id, "minor": minor, "credit": f"user:{user}:available"})
+        conn.execute(text("UPDATE accounts SET balance_minor = balance_minor - :m "
+                          "WHERE code = 'system:issuance'"), {"m": minor})
+        conn.execute(text("UPDATE accounts SET balance_minor = balance_minor + :m WHERE code = :c"),
+                     {"m": minor, "c": f"user:{user}:available"})
+        if audited is not None:
+            conn.execute(insert(schema.audit_events).values(
+                command_id=command_id, idempotency_key=key, command_type="credit_wallet",
+                outcome=audited, accounts=[], amounts=[], detail={}))
+
+
+def test_a_command_account_and_transfer_written_by_hand_are_named_while_balances_agree(
+    busy: WalletService, engine: Engine
+) -> None:
+    forge_credit(engine, "forged", "forger", 1_000_000_00)
+    failed = failures(engine)
+    assert set(failed) == {"commands_are_signed", "commands_have_their_audit"}
+    assert failed["commands_are_signed"] == (
+        "1 commands moved money unsigned or unauthorized: forged (credit_wallet succeeded: "
+        "no signature)")
+    assert failed["commands_have_their_audit"] == (
+        "1 commands disagree with their audit: forged (credit_wallet succeeded: no audit row)")
+
+
+def test_a_forged_audit_row_does_not_hide_a_forged_command(busy: WalletService, engine: Engine
+                                                           ) -> None:
+    forge_credit(engine, "forged", "forger", 500, audited="succeeded")
+    failed = failures(engine)
+    assert "forged (credit_wallet succeeded: no signature)" in failed["commands_are_signed"]
+    assert ("forged (credit_wallet succeeded: transfers its audit row does not name: "
+            "system:issuance->user:forger:available 500") in failed["commands_have_their_audit"]
+
+
+def test_a_validly_signed_command_its_producers_role_forbids_is_named(
+    busy: WalletService, engine: Engine
+) -> None:
+    # The web producer's key signed a credit (a payments type), and the row was written by
+    # hand with the web producer's database credentials: the signature holds, the role not.
+    message = signed({"type": "credit_wallet", "idempotency_key": "by-web", "user": "eve",
+                      "amount": "5.00"}, "test-web")
+    forge_credit(engine, "by-web", "eve", 500, message=message, audited="succeeded")
+    failed = failures(engine)
+    assert failed["commands_are_signed"] == (
+        "1 commands moved money unsigned or unauthorized: by-web (credit_wallet succeeded: "
+        "producer 'test-web' (role web) lacks credit_wallet)")
+
+
+def test_a_command_signed_by_another_key_than_its_producers_is_named(
+    busy: WalletService, engine: Engine
+) -> None:
+    message = signed({"type": "credit_wallet", "idempotency_key": "fake", "user": "eve",
+                      "amount": "5.00"}, "test-payments", key=Ed25519PrivateKey.generate())
+    forge_credit(engine, "fake", "eve", 500, message=message, audited="succeeded")
+    assert "fake (credit_wallet succeeded: a signature no key of 'test-payments' verifies)" in (
+        failures(engine)["commands_are_signed"])
+
+
+def test_a_transfer_added_by_hand_to_a_real_command_is_named_with_its_accounts(
+    busy: WalletService, engine: Engine
+) -> None:
+    sql(engine, """INSERT INTO transfers (command_id, debit_account_id, credit_account_id,
+                                          amount_minor, kind)
+                   SELECT c.id, d.id, k.id, 700, 'credit' FROM commands c, accounts d, accounts k
+                   WHERE c.idempotency_key = 'dep' AND d.code = 'system:external'
+                     AND k.code = 'user:bob:available'""",
+        "UPDATE accounts SET balance_minor = balance_minor - 700 WHERE code = 'system:external'",
+        "UPDATE accounts SET balance_minor = balance_minor + 700 WHERE code = 'user:bob:available'")
+    failed = failures(engine)
+    assert set(failed) == {"commands_have_their_transfers", "commands_have_their_audit"}
+    assert ("dep (credit_wallet succeeded: transfers its audit row does not name: "
+            "system:external->user:bob:available 700; audited but not moved: none)"
+            in failed["commands_have_their_audit"])
+
+
+def test_commands_from_before_signatures_pass_only_up_to_the_recorded_epoch(
+    busy: WalletService, engine: Engine
+) -> None:
+    forge_credit(engine, "old-1", "olga", 100, audited="succeeded")
+    assert "old-1" in failures(engine)["commands_are_signed"]
+    sql(engine, "UPDATE signature_epoch SET legacy_command_id_max = "
+                "(SELECT id FROM commands WHERE idempotency_key = 'old-1')")
+    failed = failures(engine)
+    assert "commands_are_signed" not in failed
+    forge_credit(engine, "new-1", "nina", 100, audited="succeeded")
+    assert "new-1" in failures(engine)["commands_are_signed"]
