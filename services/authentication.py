@@ -40,13 +40,18 @@ class ProducerDirectory:
 
     def get(self, engine: Engine, name: str, ttl_s: float, *, fresh: bool = False
             ) -> Producer | None:
+        return self.lookup(engine, name, ttl_s, fresh=fresh)[0]
+
+    def lookup(self, engine: Engine, name: str, ttl_s: float, *, fresh: bool = False
+               ) -> tuple[Producer | None, bool]:
+        """(the producer or None, whether it came from the cache rather than the database)."""
         cache_key = (engine.url.render_as_string(hide_password=True), name)
         now = self._clock()
         if not fresh and ttl_s > 0:
             with self._lock:
                 entry = self._entries.get(cache_key)
             if entry is not None and entry[0] > now:
-                return entry[1]
+                return entry[1], True
         with engine.connect() as conn:
             found = producers.load(conn, name)
         with self._lock:
@@ -56,7 +61,7 @@ class ProducerDirectory:
                 if len(self._entries) >= _ENTRIES_MAX:
                     self._entries.clear()
                 self._entries[cache_key] = (now + ttl_s, found)
-        return found
+        return found, False
 
     def forget(self, name: str | None = None) -> None:
         """Drop what is remembered (of one producer, or of all): its next read is fresh."""
@@ -99,17 +104,17 @@ def authenticate(signed: Signed, *, engine: Engine, ttl_s: float,
     except SigningError as exc:
         raise UnauthenticatedError(str(exc)) from None
     data = signed.text.encode("utf-8")
-    producer = directory.get(engine, signed.producer, ttl_s)
+    producer, cached = directory.lookup(engine, signed.producer, ttl_s)
     key = _verifying_key(producer, data, signature) if producer is not None else None
-    if key is None or not producer or not producer.active:
-        producer = directory.get(engine, signed.producer, ttl_s, fresh=True)
-        if producer is None:
-            raise UnauthenticatedError(f"unknown producer {signed.producer!r}",
-                                       producer=signed.producer)
-        if not producer.active:
-            raise UnauthenticatedError(f"producer {signed.producer!r} is revoked",
-                                       producer=signed.producer)
-        key = _verifying_key(producer, data, signature)
+    if cached and (key is None or producer is None or not producer.active):
+        producer, _ = directory.lookup(engine, signed.producer, ttl_s, fresh=True)
+        key = _verifying_key(producer, data, signature) if producer is not None else None
+    if producer is None:
+        raise UnauthenticatedError(f"unknown producer {signed.producer!r}",
+                                   producer=signed.producer)
+    if not producer.active:
+        raise UnauthenticatedError(f"producer {signed.producer!r} is revoked",
+                                   producer=signed.producer)
     if key is None:
         raise UnauthenticatedError(
             f"the signature does not verify with any valid key of producer {signed.producer!r}",

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from services.db import get_engine, schema_is_current, upgrade
 from services.errors import FinancialIntegrityError
@@ -39,7 +40,8 @@ class Output:
         for name in columns:
             table.add_column(name, justify="right" if name in right else "left")
         for row in rows:
-            table.add_row(*["" if v is None else str(v) for v in row])
+            # Text, not markup: a cell may hold stored text a producer (or an attacker) wrote.
+            table.add_row(*[Text("" if v is None else str(v)) for v in row])
         self.console.print(table)
 
     def say(self, text: str) -> None:
