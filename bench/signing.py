@@ -28,11 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline import _drop, _scratch_database  # bench/pipeline.py: the same scratch database
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, text
 
-SCRATCH_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 COMMAND = {"type": "transfer_tokens_between_users", "idempotency_key": "t-000000",
            "from_user": "alice-0001", "to_user": "bob-0002", "amount": "12.50",
            "memo": "order 81"}
@@ -75,22 +74,6 @@ def crypto_costs(n: int) -> dict[str, float]:
             lambda i: signer.sign(commands[i]), n),
         "verify a command (form + decode + Ed25519)": _per_call_us(verify, n),
     }
-
-
-def _scratch_database() -> tuple[str, str]:
-    name = f"walletq_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(SCRATCH_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return name, SCRATCH_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
-def _drop(name: str) -> None:
-    admin = create_engine(SCRATCH_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _delete_queues(broker_url: str, prefix: str) -> None:

@@ -60,7 +60,6 @@ from services.commands import Command
 from services.db import get_engine
 from services.errors import BusinessRuleError
 from services.outbox import Accepted, record_accepted, record_accepted_many
-from services.producer_identity import signer_for
 from services.refusals import Refusal
 from services.settings import Settings, load_settings
 from services.signing import Signed, Signer
@@ -83,14 +82,12 @@ class WalletClient:
         self.settings = settings
         self.engine = engine or get_engine(settings)
         self.publisher = CeleryPublisher(app, env)
-        self._signer = signer
+        self._service = WalletService(self.engine, settings, signer)
 
     @property
     def signer(self) -> Signer | None:
         """The producer this client signs as, found (or, embedded, made) on first use."""
-        if self._signer is None:
-            self._signer = signer_for(self.settings, self.engine)
-        return self._signer
+        return self._service.signer
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WalletClient:
@@ -220,6 +217,6 @@ class WalletClient:
 
     def balance(self, user: str) -> dict[str, Decimal]:
         """{"available": Decimal, "escrow": Decimal}; UnknownUserError for a user with no wallet."""
-        result = WalletService(self.engine, self.settings).balance(user)
+        result = self._service.balance(user)
         return {"available": result.available, "escrow": result.escrow}
 

@@ -218,6 +218,12 @@ def test_a_role_that_lacks_the_type_is_forbidden_moves_nothing_and_takes_no_key(
         ("refused", "forbidden")]
 
 
+def test_a_forbidden_type_is_refused_before_validation_so_it_takes_no_key_even_invalid(
+        engine: Engine, settings: Settings) -> None:
+    outcome = deliver(signed({**MINT, "amount": "0"}, "test-web"), engine, settings)
+    assert_refused_taking_no_key(engine, outcome, "mint-1", "forbidden", authenticated=True)
+
+
 def test_a_producer_may_be_allowed_a_type_beyond_its_role(engine: Engine, settings: Settings
                                                           ) -> None:
     key = new_producer(engine, "web-refunds", "web", allow=("credit_wallet",))
@@ -425,6 +431,18 @@ def test_a_validly_signed_row_of_a_type_its_producers_role_forbids_ends_forbidde
     ended = record_of(engine, "mint-1")
     assert ended is not None and (ended.status, ended.error["code"]) == ("rejected", "forbidden")  # type: ignore[index]
     assert balances(engine) == {}
+
+
+def test_a_row_with_a_forged_signature_is_not_rescued_by_a_valid_message_of_its_command(
+        engine: Engine, settings: Settings) -> None:
+    message = signed(CREDIT, "test-payments")
+    forge_row(engine, message, signature="A" * 86)  # the right payload, a made-up signature
+    deliver(message, engine, settings)  # the producer's own, valid: the row is still a forgery
+    ended = record_of(engine, "dep-1")
+    assert ended is not None and (ended.status, ended.error["code"]) == (  # type: ignore[index]
+        "rejected", "unauthenticated")
+    assert balances(engine) == {}
+    assert all(check.ok for check in verify_ledger(engine, 2))
 
 
 def test_a_bad_message_under_a_sound_rows_key_refuses_the_message_not_the_row(

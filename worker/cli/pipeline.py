@@ -51,11 +51,12 @@ def _show_records(out: Output, title: str, records: list[CommandRecord]) -> None
         out.table(title, _COLUMNS, [_row(r) for r in records], right=["attempts"])
 
 
-def _show_record(out: Output, record: CommandRecord) -> None:
+def _show_record(out: Output, record: CommandRecord | dict[str, Any]) -> None:
+    """A command record (or a refusal in its shape): JSON, or a table of its fields."""
+    data = record.to_dict() if isinstance(record, CommandRecord) else record
     if out.as_json:
-        out.json(record.to_dict())
+        out.json(data)
         return
-    data = record.to_dict()
     error = data.pop("error")
     data["error"] = f"{error['code']}: {error['message']}" if error else ""
     data["result"] = json.dumps(data["result"]) if data["result"] is not None else ""
@@ -153,13 +154,7 @@ def _status_of_refused(out: Output, client: Any, key: str) -> None:
     found = client.refusals(key)
     if not found:
         out.fail(f"no command with idempotency key {key!r}", 1, "not_found")
-    data = _refused_record(found[0])
-    if out.as_json:
-        out.json(data)
-        return
-    error = data.pop("error")
-    data["error"] = f"{error['code']}: {error['message']}"
-    out.table(None, ["field", "value"], list(data.items()))
+    _show_record(out, _refused_record(found[0]))
 
 
 @cli.command("refusals")
