@@ -26,7 +26,12 @@ from services.audit import audit_command, log_financial_operation
 from services.canonical import canonical_payload, payload_hash
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
-from services.errors import BusinessRuleError, InvalidCommandError, UnauthenticatedError
+from services.errors import (
+    BusinessRuleError,
+    ForbiddenError,
+    InvalidCommandError,
+    UnauthenticatedError,
+)
 from services.settings import Settings
 from services.unit_of_work import run_transaction
 
@@ -103,8 +108,8 @@ def _unsound_row(raw_refused: Refused, *, engine: Engine, settings: Settings
                  ) -> CommandRecord | None:
     """The row under the refused message's key, rejected if it fails its own check."""
     key = raw_refused.evidence.key
-    if key is None or isinstance(raw_refused.error, InvalidCommandError):
-        return None
+    if key is None or not isinstance(raw_refused.error, UnauthenticatedError | ForbiddenError):
+        return None  # an invalid command or a conflict says nothing of the row under its key
     with engine.connect() as conn:
         record = command_store.get_record(conn, key)
     if record is None or record.terminal:

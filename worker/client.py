@@ -53,7 +53,7 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from services import command_store, refusals
-from services.admission import Admitted, Refused, admit, as_object, sign_if_unsigned
+from services.admission import Refused, admit, as_object, sign_if_unsigned
 from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.commands import Command
@@ -108,7 +108,6 @@ class WalletClient:
         admission = admit(signed_obj, engine=self.engine, settings=self.settings)
         if isinstance(admission, Refused):
             raise admission.error
-        assert isinstance(admission, Admitted)
         return admission.command, admission.signed
 
     def submit(self, command: Any) -> CommandRecord:
