@@ -25,7 +25,7 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from services import command_types
-from services.message_policy import TASK_NAME
+from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import Settings, SettingsError, load_settings
 
 __all__ = ["build_config", "queue_names", "QueueNames", "prepare_broker_folders"]
@@ -147,8 +147,9 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "imports": ["tasks.commands", "tasks.maintenance"],
         # Read when the task is bound to the app (its configuration loaded), not at import.
-        "task_annotations": {TASK_NAME: {"max_retries": settings.task_retries_max,
-                                         "retry_backoff_max": settings.task_backoff_s_max}},
+        "task_annotations": {name: {"max_retries": settings.task_retries_max,
+                                    "retry_backoff_max": settings.task_backoff_s_max}
+                             for name in (TASK_NAME, KEYS_TASK_NAME)},
         "beat_schedule": {
             "walletq-sweep": {
                 "task": "walletq.sweep",

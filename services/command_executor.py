@@ -1,45 +1,54 @@
-"""Executing a command exactly once: the entry point the worker, the CLI and WalletService call.
+"""Executing commands exactly once: the entry point the worker, the CLI and WalletService call.
 
-First admission (services.admission: signature, role, validation), writing nothing; then
-two short transactions, each retried whole on transient errors:
-1. claim — record the command under its key (or find it), refuse another payload,
-   return a terminal outcome as stored, otherwise mark it `processing` and count the attempt;
-   a row found with another signature than the message's is held to its own (one more
-   verification, off the common path) and ends `rejected` if it fails it;
-2. apply — lock the command row again, and if still not terminal apply the operation and
-   write its outcome (succeeded, or rejected with its code) and its audit row, together.
+First admission (services.admission: signature, role, validation), writing nothing. Then:
+
+- **The lean path** (a first delivery: a command met for the first time, or a row still
+  untouched — accepted, never delivered, swept or re-driven): one transaction locks the
+  row (or records it), takes up to `coalesce_max - 1` other untouched commands waiting
+  (FOR UPDATE SKIP LOCKED, oldest first, each admitted on its own stored signature),
+  applies them all (services.applying: one outcome, audit row and transfers each), and
+  commits once. A refusal after a write is recorded in a second, short transaction.
+- **The claimed path** (a redelivery, a retry, a row touched before, or anything unusual
+  about the row): two transactions, as a delivery that may be a poison one needs — the
+  claim commits the attempt first (and refuses another payload, returns an ended outcome
+  as stored, holds a row to its own signature), then the command is applied alone.
+- A bulk producer's chunk of keys (`execute_keys`) is applied as one batch on the lean
+  path; a redelivered chunk goes key by key on the claimed path.
+
 A batch type (services.command_types) runs its own transactions after the claim.
+Every outcome is written under the command row's lock, after checking the row has not
+ended: whichever delivery (or coalescing worker) gets there first applies it, the others
+find it ended.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from services import command_store, command_types
+from services import command_store, command_types, ledger
 from services.admission import Admitted, Refused, admit
-from services.audit import audit_command
+from services.applying import Applied, Item, RejectLater, apply, integrity_failure, rejection
+from services.audit import audit_command, insert_audit_rows
+from services.canonical import canonical_payload, payload_hash
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
-from services.commands import Command
 from services.errors import (
-    BusinessRuleError,
     FinancialIntegrityError,
     IdempotencyConflictError,
     InvalidCommandError,
-    NegativeBalanceError,
-    TransactionIntegrityError,
 )
-from services.operations.base import OperationContext
-from services.refusing import record_refused, reject_row, row_refusal
+from services.refusing import admit_row, record_refused, reject_row, row_refusal
 from services.settings import Settings
 from services.unit_of_work import run_transaction
 
-__all__ = ["execute_command", "execute_admitted", "record_failure"]
+__all__ = ["execute_command", "execute_admitted", "execute_keys", "record_failure"]
 
 log = logging.getLogger("walletq.executor")
 
@@ -58,6 +67,147 @@ def execute_command(raw: Any, *, engine: Engine, settings: Settings) -> CommandR
             record_refused(raw, admission, engine=engine, settings=settings, source="service")
         raise admission.error
     return execute_admitted(admission, engine=engine, settings=settings)
+
+
+def execute_admitted(admitted: Admitted, *, engine: Engine, settings: Settings,
+                     redelivered: bool = False) -> CommandRecord:
+    """Apply an admitted command once (see the module's docstring). `redelivered`: the
+    broker says this message was delivered before (or it is a retry): the claimed path."""
+    entry = command_types.get(admitted.command.type)
+    if not redelivered and not entry.is_batch:
+        record = _lean(admitted, engine, settings, coalesce=True)
+        if record is not None:
+            return record
+    return _claimed(admitted, engine, settings)
+
+
+# --- the lean path --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Lean:
+    """What a lean transaction came to: the trigger's record (None: take the claimed path)."""
+
+    record: CommandRecord | None
+    applied: Applied | None = None
+
+
+def _same(record: CommandRecord, admitted: Admitted) -> bool:
+    """The row holds exactly this message: its payload and what was signed."""
+    return (record.signed == admitted.signed
+            and record.payload_hash == payload_hash(canonical_payload(admitted.command)))
+
+
+def _others(conn: Connection, trigger: CommandRecord, engine: Engine, settings: Settings
+            ) -> list[Item]:
+    """Untouched commands waiting, coalesced with the trigger; each held to its own signature."""
+    if settings.coalesce_max <= 1:
+        return []
+    rows = command_store.lock_untouched(conn, types=command_types.SINGLE_TYPES,
+                                        limit=settings.coalesce_max - 1, exclude_id=trigger.id)
+    return [Item(row, admit_row(row, engine=engine, settings=settings), counted=False)
+            for row in rows]
+
+
+def _lean_body(conn: Connection, admitted: Admitted, engine: Engine, settings: Settings,
+               coalesce: bool) -> _Lean:
+    key = admitted.command.idempotency_key
+    record = command_store.lock(conn, key)
+    counted = False
+    if record is None:
+        record = command_store.insert_processing(conn, admitted.command, admitted.signed)
+        if record is None:
+            return _Lean(None)  # recorded by someone else meanwhile: claim it
+        counted = True
+    elif not _same(record, admitted):
+        return _Lean(None)  # a conflict, or a row held to its own signature: claim it
+    elif record.terminal:
+        return _Lean(record)
+    elif not record.untouched:
+        return _Lean(None)  # delivered, swept or re-driven before: count this delivery first
+    items = [Item(record, admitted, counted)]
+    if coalesce:
+        items += _others(conn, record, engine, settings)
+    with ledger.deferred(conn):
+        applied = apply(conn, items, settings, alone=len(items) == 1)
+    mine = next((r for r in applied.finished if r.id == record.id), record)
+    return _Lean(mine, applied)
+
+
+def _lean(admitted: Admitted, engine: Engine, settings: Settings, *, coalesce: bool
+          ) -> CommandRecord | None:
+    """The lean path; None when the command must take the claimed path instead."""
+    key = admitted.command.idempotency_key
+    try:
+        lean = run_transaction(engine, settings, f"execute {key}",
+                               lambda conn: _lean_body(conn, admitted, engine, settings, coalesce))
+    except RejectLater as later:
+        return _reject_later(later, engine, settings)
+    except IntegrityError as exc:
+        _count_attempt(admitted, engine, settings)
+        raise integrity_failure(exc, key) from exc
+    except (IdempotencyConflictError, FinancialIntegrityError):
+        raise
+    except Exception:
+        # A bug, or a permanent database error: the transaction left nothing. Record the
+        # delivery as a claim would (so the row exists and counts it), then let the caller
+        # end it (`failed`).
+        _count_attempt(admitted, engine, settings)
+        raise
+    if lean.record is None or lean.applied is None:
+        return lean.record
+    mine = next((item for item in lean.applied.left if item.record.id == lean.record.id), None)
+    _run_left([item for item in lean.applied.left if item is not mine], engine, settings)
+    if mine is not None:  # left by its own batch: alone now, its failure the caller's
+        return _claimed(admitted, engine, settings)
+    return lean.record
+
+
+def _count_attempt(admitted: Admitted, engine: Engine, settings: Settings) -> None:
+    try:
+        _claim(admitted, engine, settings)
+    except Exception:  # noqa: BLE001 - the original failure is what the caller must see
+        log.warning("%s: could not record the attempt", admitted.command.idempotency_key,
+                    exc_info=True)
+
+
+def _run_left(left: Sequence[Item], engine: Engine, settings: Settings) -> None:
+    """Commands a batch left untouched: each on its own now (the trigger's caller sees its
+    own failure; another's failure is its own message's, or its chunk's, to handle)."""
+    for item in left:
+        if not isinstance(item.admission, Admitted):
+            continue
+        try:
+            _claimed(item.admission, engine, settings)
+        except Exception:  # noqa: BLE001 - its own message (or a sweep) delivers it again
+            log.warning("%s failed again alone; left for its own delivery",
+                        item.record.idempotency_key, exc_info=True)
+
+
+def _reject_later(later: RejectLater, engine: Engine, settings: Settings) -> CommandRecord:
+    """Record a lone command's refusal in a transaction of its own (its writes rolled back)."""
+    item = later.item
+
+    def body(conn: Connection) -> CommandRecord:
+        record = command_store.lock(conn, item.record.idempotency_key)
+        if record is None:  # recorded in the transaction that rolled back: record it again
+            assert isinstance(item.admission, Admitted)
+            record = command_store.insert_processing(conn, item.admission.command,
+                                                     item.admission.signed)
+            assert record is not None, "a key taken meanwhile"
+            counted = Item(record, item.admission, counted=True)
+        elif record.ended:
+            return record
+        else:
+            counted = Item(record, item.admission, counted=item.counted)
+        finish, audit_row = rejection(counted, later.error)
+        insert_audit_rows(conn, [audit_row])
+        return command_store.finish_many(conn, [finish])[0]
+
+    return run_transaction(engine, settings, f"reject {item.record.idempotency_key}", body)
+
+
+# --- the claimed path -----------------------------------------------------------------------
 
 
 def _claim(admitted: Admitted, engine: Engine, settings: Settings) -> CommandRecord:
@@ -88,8 +238,7 @@ def _claim(admitted: Admitted, engine: Engine, settings: Settings) -> CommandRec
     return ended
 
 
-def execute_admitted(admitted: Admitted, *, engine: Engine, settings: Settings) -> CommandRecord:
-    """Apply an admitted command once (see the module's docstring)."""
+def _claimed(admitted: Admitted, engine: Engine, settings: Settings) -> CommandRecord:
     command = admitted.command
     key = command.idempotency_key
     record = _claim(admitted, engine, settings)
@@ -98,52 +247,66 @@ def execute_admitted(admitted: Admitted, *, engine: Engine, settings: Settings) 
     entry = command_types.get(command.type)
     if entry.batch_executor is not None:
         return entry.batch_executor(engine, command, settings)
-    return run_transaction(
-        engine, settings, f"apply {key}", lambda conn: _apply(conn, command, settings)
-    )
+    try:
+        return run_transaction(engine, settings, f"apply {key}",
+                               lambda conn: _apply_claimed(conn, admitted, settings))
+    except RejectLater as later:
+        return _reject_later(later, engine, settings)
+    except IntegrityError as exc:
+        raise integrity_failure(exc, key) from exc
 
 
-def _apply(conn: Connection, command: Command, settings: Settings) -> CommandRecord:
-    record = command_store.lock(conn, command.idempotency_key)
+def _apply_claimed(conn: Connection, admitted: Admitted, settings: Settings) -> CommandRecord:
+    record = command_store.lock(conn, admitted.command.idempotency_key)
     assert record is not None, "claimed command vanished"
     if record.terminal:
         return record
-    handler = command_types.get(command.type).handler
-    assert handler is not None, f"{command.type} has no handler"
-    ctx = OperationContext(record.id, settings.asset_scale, settings.fee_rate)
+    with ledger.deferred(conn):
+        return apply(conn, [Item(record, admitted, counted=True)], settings,
+                     alone=True).finished[0]
+
+
+# --- a bulk producer's chunk of keys --------------------------------------------------------
+
+
+def _keys_body(conn: Connection, *, keys: Sequence[str], engine: Engine, settings: Settings
+               ) -> Applied:
+    rows = command_store.lock_untouched(conn, types=command_types.SINGLE_TYPES,
+                                        limit=len(keys), keys=keys)
+    items = [Item(row, admit_row(row, engine=engine, settings=settings), counted=False)
+             for row in rows]
+    if not items:
+        return Applied([], [])
+    with ledger.deferred(conn):
+        return apply(conn, items, settings, alone=len(items) == 1)
+
+
+def execute_keys(keys: Sequence[str], *, engine: Engine, settings: Settings
+                 ) -> list[CommandRecord]:
+    """Apply the untouched commands under these keys, `coalesce_max` per transaction; the
+    records they ended. Keys that are unknown, ended, or held by another worker are left
+    to whoever holds them (and the sweep). Raises what a batch cannot get past: the caller
+    then takes the keys one by one."""
+    finished: list[CommandRecord] = []
+    step = max(1, settings.coalesce_max)
+    for start in range(0, len(keys), step):
+        chunk = list(keys[start:start + step])
+        finished += _each_batch(chunk, engine, settings)
+    return finished
+
+
+def _each_batch(chunk: list[str], engine: Engine, settings: Settings) -> list[CommandRecord]:
+    label = f"execute {len(chunk)} keys from {chunk[0]}"
     try:
-        with conn.begin_nested():
-            effect = handler(conn, command, ctx)
-            if settings.test_delay_s:
-                time.sleep(settings.test_delay_s)
-    except BusinessRuleError as exc:
-        return _reject(conn, record, exc)
-    except IntegrityError as exc:
-        raise _integrity_failure(exc, command) from exc
-    finished = command_store.finish(conn, record.id, CommandStatus.SUCCEEDED, result=effect.result)
-    audit_command(conn, record, "succeeded", effect.transfers)
-    return finished
+        applied = run_transaction(engine, settings, label,
+                                  partial(_keys_body, keys=chunk, engine=engine, settings=settings))
+    except RejectLater as later:
+        return [_reject_later(later, engine, settings)]
+    _run_left(applied.left, engine, settings)
+    return applied.finished
 
 
-def _reject(conn: Connection, record: CommandRecord, exc: BusinessRuleError) -> CommandRecord:
-    error = exc.to_dict()
-    finished = command_store.finish(conn, record.id, CommandStatus.REJECTED, error=error)
-    audit_command(conn, record, "rejected", error=error, ids=exc.ids)
-    return finished
-
-
-def _integrity_failure(exc: IntegrityError, command: Command) -> FinancialIntegrityError:
-    """The database refused a write the service accepted: a bug, reported loudly."""
-    text = str(exc.orig)
-    if "balance_nonnegative" in text:
-        return NegativeBalanceError(
-            f"the database refused a negative balance for {command.idempotency_key}: {text}",
-            idempotency_key=command.idempotency_key,
-        )
-    return TransactionIntegrityError(
-        f"the database refused {command.idempotency_key}: {text}",
-        idempotency_key=command.idempotency_key,
-    )
+# --- failures -------------------------------------------------------------------------------
 
 
 def record_failure(

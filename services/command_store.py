@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, and_, bindparam, func, select, update
+from sqlalchemy import DateTime, and_, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from services import schema
-from services.bulk_sql import insert_ignoring_conflicts
+from services.bulk_sql import insert_ignoring_conflicts, pg_array
 from services.canonical import canonical_payload, payload_hash
 from services.command_fields import CommandBase
 from services.command_status import ENDED, STUCK, TERMINAL, CommandStatus
@@ -36,7 +36,12 @@ __all__ = [
     "CommandRecord",
     "accept",
     "claim",
+    "insert_processing",
+    "lock_untouched",
     "finish",
+    "Finish",
+    "finish_many",
+    "accept_many",
     "refuse",
     "redrive",
     "claim_stale",
@@ -103,6 +108,13 @@ class CommandRecord:
     @property
     def ended(self) -> bool:
         return self.status in ENDED
+
+    @property
+    def untouched(self) -> bool:
+        """Accepted and never delivered, swept or re-driven: its first delivery may take the
+        lean path (one transaction), since nothing is known against it yet."""
+        return (self.status == CommandStatus.ACCEPTED and self.attempts == 0
+                and self.updated_at == self.created_at)
 
     def is_stuck(self, grace_s: float, now: datetime | None = None) -> bool:
         """Not ended, and untouched for longer than the sweep's grace period."""
@@ -236,6 +248,38 @@ def claim(conn: Connection, command: CommandBase, signed: Signed) -> CommandReco
     return record
 
 
+@functools.cache
+def _insert_processing_statement(dialect_name: str) -> Any:
+    return (_insert(dialect_name, CommandStatus.PROCESSING, 1)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
+
+
+def insert_processing(conn: Connection, command: CommandBase, signed: Signed
+                      ) -> CommandRecord | None:
+    """Record a command met for the first time as `processing` (one attempt), its row
+    locked until the transaction ends; None when the key is taken (the caller claims)."""
+    row = conn.execute(_insert_processing_statement(conn.dialect.name),
+                       _row_params(command, signed)).one_or_none()
+    return None if row is None else CommandRecord.from_row(row)
+
+
+def lock_untouched(conn: Connection, *, types: Iterable[str], limit: int,
+                   keys: Sequence[str] | None = None, exclude_id: int | None = None
+                   ) -> list[CommandRecord]:
+    """Untouched commands of these types (see CommandRecord.untouched), oldest first, at most
+    `limit`, locked: rows another transaction holds are skipped, never waited for (FOR
+    UPDATE SKIP LOCKED). Only those under `keys` when given."""
+    query = (select(_c).where(_c.c.status == CommandStatus.ACCEPTED.value, _c.c.attempts == 0,
+                              _c.c.updated_at == _c.c.created_at, _c.c.type.in_(sorted(types)))
+             .order_by(_c.c.updated_at, _c.c.id).limit(limit)
+             .with_for_update(skip_locked=True))
+    if keys is not None:
+        query = query.where(_c.c.idempotency_key.in_(list(keys)))
+    if exclude_id is not None:
+        query = query.where(_c.c.id != exclude_id)
+    return [CommandRecord.from_row(row) for row in conn.execute(query)]
+
+
 def _conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflictError:
     # Nothing of the first command (its type, status, result, producer) is told: the key
     # may be another producer's.
@@ -279,6 +323,110 @@ def finish(
     if row is None:
         raise AssertionError(f"Bug! command {command_id} finished twice")
     return CommandRecord.from_row(row)
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One command's outcome, for finish_many; `attempts_added` is 1 when this delivery was
+    not counted by a claim before (the lean path)."""
+
+    command_id: int
+    status: str
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    attempts_added: int = 0
+
+
+_FINISH_MANY = text(
+    "UPDATE commands SET status = v.status, result = CAST(v.result AS JSON), "
+    "error_code = v.code, error_message = v.message, attempts = commands.attempts + v.added, "
+    "updated_at = :now, completed_at = :now "
+    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:statuses AS TEXT[]), CAST(:results AS TEXT[]), "
+    "CAST(:codes AS TEXT[]), CAST(:messages AS TEXT[]), CAST(:added AS INTEGER[])) "
+    "AS v(id, status, result, code, message, added) "
+    "WHERE commands.id = v.id AND commands.status IN ('accepted', 'processing') "
+    "RETURNING commands.*")
+
+
+def finish_many(conn: Connection, outcomes: Sequence[Finish]) -> list[CommandRecord]:
+    """Write the outcomes of many locked commands (terminal ones), in one statement on
+    PostgreSQL; in the order given."""
+    if not outcomes:
+        return []
+    if conn.dialect.name != "postgresql" or len(outcomes) == 1:
+        return [_finish_one(conn, outcome) for outcome in outcomes]
+    rows = conn.execute(_FINISH_MANY.columns(*_c.c), {
+        "now": _now(),
+        "ids": pg_array([o.command_id for o in outcomes]),
+        "statuses": pg_array([o.status for o in outcomes]),
+        "results": pg_array([None if o.result is None else json.dumps(o.result)
+                             for o in outcomes]),
+        "codes": pg_array([None if o.error is None else o.error["code"] for o in outcomes]),
+        "messages": pg_array([None if o.error is None else _message(o.error)
+                              for o in outcomes]),
+        "added": pg_array([o.attempts_added for o in outcomes]),
+    }).all()
+    by_id = {row.id: CommandRecord.from_row(row) for row in rows}
+    if len(by_id) != len(outcomes):
+        raise AssertionError(f"Bug! {len(outcomes) - len(by_id)} commands finished twice")
+    return [by_id[o.command_id] for o in outcomes]
+
+
+def _message(error: dict[str, Any]) -> str:
+    return str(error["message"])[:ERROR_MESSAGE_LENGTH_MAX]
+
+
+def _finish_one(conn: Connection, outcome: Finish) -> CommandRecord:
+    if outcome.attempts_added:
+        conn.execute(update(_c).where(_c.c.id == outcome.command_id)
+                     .values(attempts=_c.c.attempts + outcome.attempts_added))
+    return finish(conn, outcome.command_id, outcome.status, result=outcome.result,
+                  error=outcome.error)
+
+
+_ACCEPT_MANY = text(
+    "INSERT INTO commands (idempotency_key, type, payload, payload_hash, status, attempts, "
+    "created_at, updated_at, producer, signed_payload, signature) "
+    "SELECT k, t, p, h, 'accepted', 0, :now, :now, pr, sp, sg FROM unnest("
+    "CAST(:keys AS TEXT[]), CAST(:types AS TEXT[]), CAST(:payloads AS TEXT[]), "
+    "CAST(:hashes AS TEXT[]), CAST(:producers AS TEXT[]), CAST(:signed AS TEXT[]), "
+    "CAST(:signatures AS TEXT[])) AS v(k, t, p, h, pr, sp, sg) "
+    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING *")
+
+
+def accept_many(conn: Connection, commands: Sequence[tuple[CommandBase, Signed]]
+                ) -> list[tuple[CommandRecord, bool] | IdempotencyConflictError]:
+    """Record many commands as `accepted` in one statement (PostgreSQL): per command,
+    (record, newly recorded) or the conflict that refused it. Duplicates are read, not
+    locked; the same key twice in one call is recorded once."""
+    if conn.dialect.name != "postgresql":
+        answers: list[tuple[CommandRecord, bool] | IdempotencyConflictError] = []
+        for command, signed in commands:
+            try:
+                answers.append(accept(conn, command, signed))
+            except IdempotencyConflictError as exc:
+                answers.append(exc)
+        return answers
+    params = [_row_params(command, signed) for command, signed in commands]
+    rows = conn.execute(_ACCEPT_MANY.columns(*_c.c), {
+        "now": _now(), **{name: pg_array([p[key] for p in params]) for name, key in (
+            ("keys", "key"), ("types", "type"), ("payloads", "payload"), ("hashes", "digest"),
+            ("producers", "producer"), ("signed", "signed"), ("signatures", "signature"))},
+    }).all()
+    created = {row.idempotency_key: CommandRecord.from_row(row) for row in rows}
+    found = {r.idempotency_key: r for r in get_records(
+        conn, [p["key"] for p in params if p["key"] not in created])}
+    out: list[tuple[CommandRecord, bool] | IdempotencyConflictError] = []
+    for (command, _), p in zip(commands, params, strict=True):
+        record = created.pop(p["key"], None)
+        if record is not None:
+            found[p["key"]] = record
+            out.append((record, True))
+            continue
+        record = found[p["key"]]
+        out.append((record, False) if record.payload_hash == p["digest"]
+                   else _conflict(command, record))
+    return out
 
 
 def refuse(conn: Connection, key: str, text: str, error: dict[str, Any], signed: Signed

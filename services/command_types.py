@@ -1,7 +1,8 @@
 """The registry of command types: everything walletq knows of each type, in one entry.
 
 Per type: its model (what a producer sends), how it runs (a handler inside the executor's
-transaction, or a batch executor that runs its own transactions), the transfers a
+transaction, with the footprint of rows it locks, or a batch executor that runs its own
+transactions), the transfers a
 succeeded command implies (what `walletq verify` checks), its queue, the built-in roles
 that may send it (`admin` may send every type) and what a command of it needs beyond its
 type (a fee override, a payout from another account than the treasury). The command union,
@@ -23,7 +24,13 @@ from sqlalchemy.engine import Connection, Engine
 from services.command_fields import CommandBase
 from services.command_store import CommandRecord
 from services.operations import escrow, treasury, wallet
-from services.operations.base import Effect, OperationContext, TransferFacts, one_transfer_of_amount
+from services.operations.base import (
+    Effect,
+    Footprint,
+    OperationContext,
+    TransferFacts,
+    one_transfer_of_amount,
+)
 from services.payouts.command import PayoutBatch, payout_needs
 from services.payouts.executor import execute_payout_batch
 from services.payouts.store import check_batch_transfers
@@ -40,11 +47,13 @@ from services.permissions import (
 from services.settings import Settings
 
 __all__ = ["CommandType", "Handler", "BatchExecutor", "TransferCheck", "Needs", "Queue",
-           "REGISTRY", "BY_NAME", "NAMES", "QUEUES", "ROLE_PERMISSIONS", "GRANTABLE", "get",
+           "REGISTRY", "BY_NAME", "NAMES", "SINGLE_TYPES", "QUEUES", "ROLE_PERMISSIONS", "GRANTABLE", "get",
            "queue_of", "permissions_needed"]
 
-#: A single command's operation: inside the executor's transaction, in a savepoint.
+#: A single command's operation, inside the executor's transaction (services.applying).
 Handler = Callable[[Connection, Any, OperationContext], Effect]
+#: The rows a single command will lock, known before it runs (operations.base.Footprint).
+FootprintOf = Callable[[Any], Footprint]
 #: A long command that runs its own transactions (a payout, chunk by chunk).
 BatchExecutor = Callable[[Engine, Any, Settings], CommandRecord]
 #: verify's rule for a command's transfers: None when they are right, else what is wrong.
@@ -72,6 +81,10 @@ class CommandType:
     #: The built-in roles that may send it, besides `admin` (which may send every type).
     roles: tuple[str, ...] = ()
     needs: Needs = _nothing_more
+    footprint: FootprintOf | None = None
+    #: The handler writes a row outside the ledger before it may still refuse (a hold it
+    #: opens): in a batch it runs in a savepoint, so that its refusal leaves nothing.
+    savepoint: bool = False
 
     def __post_init__(self) -> None:
         # A registry entry that lacks a part fails at import, not mid-command.
@@ -86,6 +99,8 @@ class CommandType:
         if unknown:
             raise TypeError(f"{self.name}: roles {sorted(unknown)} are not built-in roles "
                             "(admin may send every type without being named)")
+        if (self.handler is None) != (self.footprint is None):
+            raise TypeError(f"{self.name}: a handler needs its footprint (the rows it locks)")
 
     @property
     def is_batch(self) -> bool:
@@ -94,26 +109,32 @@ class CommandType:
 
 REGISTRY: tuple[CommandType, ...] = (
     CommandType("credit_wallet", wallet.CreditWallet, one_transfer_of_amount,
-                handler=wallet.credit_wallet, roles=(PAYMENTS,)),
+                handler=wallet.credit_wallet, footprint=wallet.credit_footprint,
+                roles=(PAYMENTS,)),
     CommandType("debit_wallet", wallet.DebitWallet, one_transfer_of_amount,
-                handler=wallet.debit_wallet, roles=(PAYMENTS,)),
+                handler=wallet.debit_wallet, footprint=wallet.debit_footprint,
+                roles=(PAYMENTS,)),
     CommandType("transfer_tokens_between_users", wallet.TransferTokensBetweenUsers,
                 one_transfer_of_amount, handler=wallet.transfer_tokens_between_users,
-                roles=(WEB,)),
+                footprint=wallet.transfer_footprint, roles=(WEB,)),
     CommandType("transfer_to_escrow", escrow.TransferToEscrow, one_transfer_of_amount,
-                handler=escrow.transfer_to_escrow, roles=(WEB,), needs=escrow.fee_rate_needs),
+                handler=escrow.transfer_to_escrow, footprint=escrow.hold_footprint,
+                savepoint=True, roles=(WEB,), needs=escrow.fee_rate_needs),
     CommandType("release_from_escrow", escrow.ReleaseFromEscrow, escrow.release_transfers,
-                handler=escrow.release_from_escrow, roles=(WEB,), needs=escrow.fee_rate_needs),
+                handler=escrow.release_from_escrow, footprint=escrow.release_footprint,
+                roles=(WEB,), needs=escrow.fee_rate_needs),
     CommandType("refund_from_escrow", escrow.RefundFromEscrow, escrow.refund_transfers,
-                handler=escrow.refund_from_escrow, roles=(WEB,)),
+                handler=escrow.refund_from_escrow, footprint=escrow.refund_footprint,
+                roles=(WEB,)),
     CommandType("admin_create_tokens", treasury.AdminCreateTokens, one_transfer_of_amount,
-                handler=treasury.admin_create_tokens, roles=(TREASURY,)),
+                handler=treasury.admin_create_tokens, footprint=treasury.mint_footprint,
+                roles=(TREASURY,)),
     CommandType("admin_sell_tokens_to_user", treasury.AdminSellTokensToUser,
                 one_transfer_of_amount, handler=treasury.admin_sell_tokens_to_user,
-                roles=(TREASURY,)),
+                footprint=treasury.sale_footprint, roles=(TREASURY,)),
     CommandType("user_sell_tokens_to_admin", treasury.UserSellTokensToAdmin,
                 one_transfer_of_amount, handler=treasury.user_sell_tokens_to_admin,
-                roles=(WEB,)),
+                footprint=treasury.buyback_footprint, roles=(WEB,)),
     CommandType("payout_batch", PayoutBatch, check_batch_transfers,
                 batch_executor=execute_payout_batch, queue="payouts", roles=(TREASURY,),
                 needs=payout_needs),
@@ -121,6 +142,8 @@ REGISTRY: tuple[CommandType, ...] = (
 
 BY_NAME: dict[str, CommandType] = {entry.name: entry for entry in REGISTRY}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
+#: The types a worker may coalesce into one transaction (every type with a handler).
+SINGLE_TYPES: tuple[str, ...] = tuple(entry.name for entry in REGISTRY if not entry.is_batch)
 if len(BY_NAME) != len(REGISTRY):
     raise TypeError("a command type is registered twice")
 

@@ -6,13 +6,21 @@ under the row lock, then both balance updates and the transfer row), or, for one
 paying many (a payout chunk), `post_fan_out`. `apply_balance_deltas` is the one function
 that writes a balance, so a hot account can later be spread over several rows without
 touching the operations.
+
+Inside `deferred(conn)` (the executor's lean path) the same calls write nothing at once: a
+`Book` remembers the rows locked in this transaction (a second lock of the same account
+costs no statement) and the balance changes and transfers posted, checked under the lock
+as always; `Book.flush` writes them all at the end of the transaction in one statement,
+and `Book.rollback_to` forgets what a refused command posted (docs/ARCHITECTURE.md, "The
+lean path and coalescing").
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import Connection
@@ -43,6 +51,11 @@ __all__ = [
     "open_user_wallets",
     "apply_balance_deltas",
     "validate_balance_integrity",
+    "Book",
+    "BookMark",
+    "deferred",
+    "current_book",
+    "lock_footprint",
 ]
 
 
@@ -117,16 +130,23 @@ def lock_accounts(
 ) -> dict[str, LockedAccount]:
     """Lock the accounts by ascending id (the global order); open those allowed to be new.
 
-    An account that is missing and may not be opened belongs to an unknown user.
+    An account that is missing and may not be opened belongs to an unknown user. Inside
+    `deferred`, an account this transaction locked already is taken from its book.
     """
     wanted = {spec.code: spec for spec in specs}
-    locked = _select_for_update(conn, sorted(wanted))
+    book = _book(conn)
+    known = {code: book.locked[code] for code in wanted if code in book.locked} if book else {}
+    if len(known) == len(wanted):
+        return known
+    locked = {**known, **_select_for_update(conn, sorted(set(wanted) - set(known)))}
     # Open what is missing (usually nothing), then lock the whole set again in id order.
     to_open = [wanted[code].row() for code in sorted(open_missing)
                if code in wanted and code not in locked]
     if to_open:
         insert_ignoring_conflicts(conn, schema.accounts, to_open, ["code"])
-        locked = _select_for_update(conn, sorted(wanted))
+        locked = {**known, **_select_for_update(conn, sorted(set(wanted) - set(known)))}
+    if book is not None:
+        book.remember(locked)
     for code, spec in sorted(wanted.items()):
         if code not in locked:
             if spec.user_id is None:
@@ -152,6 +172,17 @@ _INSERT_TRANSFER = insert(schema.transfers).values(
 def _select_for_update(conn: Connection, codes: list[str]) -> dict[str, LockedAccount]:
     rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
     return {row.code: LockedAccount(*row) for row in rows}
+
+
+def lock_footprint(conn: Connection, specs: Iterable[AccountSpec]) -> dict[str, LockedAccount]:
+    """Lock, in one statement and in id order, every existing account a batch of commands
+    will touch (none is opened here: a command opens its own, so that a refusal undoes it)."""
+    book = _book(conn)
+    codes = sorted({spec.code for spec in specs} - (set(book.locked) if book else set()))
+    locked = _select_for_update(conn, codes) if codes else {}
+    if book is not None:
+        book.remember(locked)
+    return locked
 
 
 @dataclass(frozen=True)
@@ -194,6 +225,10 @@ def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
         debit_minor=transfer.amount_minor,
         may_go_negative=debit.may_go_negative,
     )
+    book = _book(conn)
+    if book is not None:
+        book.post(command_id, transfer)
+        return
     apply_balance_deltas(conn, {debit.id: -transfer.amount_minor, credit.id: transfer.amount_minor})
     debit.balance_minor -= transfer.amount_minor
     credit.balance_minor += transfer.amount_minor
@@ -210,7 +245,16 @@ _UPDATE_FROM_ARRAYS = text(
 
 
 def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
-    """The only writer of balances: add each delta to its account, in ascending id order."""
+    """The only writer of balances: add each delta to its account, in ascending id order
+    (inside `deferred`, when the book is flushed)."""
+    book = _book(conn)
+    if book is not None:
+        book.add_deltas(deltas)
+        return
+    _write_deltas(conn, deltas)
+
+
+def _write_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     items = sorted((account_id, delta) for account_id, delta in deltas.items() if delta)
     if not items:
         return
@@ -302,3 +346,122 @@ def open_user_wallets(conn: Connection, users: Sequence[str]) -> dict[str, int]:
     if len(ids) != len(users):
         raise TransactionIntegrityError(f"Bug! {len(users) - len(ids)} wallets were not opened")
     return ids
+
+
+# --- the book of one transaction (the lean path) --------------------------------------------
+
+_BOOK = "walletq.ledger.book"
+
+
+class BookMark(NamedTuple):
+    locked: int
+    journal: int
+    transfers: int
+
+
+@dataclass
+class Book:
+    """What one transaction locked and posted, written at its end by `flush`."""
+
+    locked: dict[str, LockedAccount] = field(default_factory=dict)
+    #: (account id, delta, the locked account whose tracked balance it changed, if any).
+    journal: list[tuple[int, int, LockedAccount | None]] = field(default_factory=list)
+    #: (command id, debit id, credit id, amount, kind), in posting order.
+    transfers: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+
+    def remember(self, locked: Mapping[str, LockedAccount]) -> None:
+        for code, account in locked.items():
+            self.locked.setdefault(code, account)
+
+    def post(self, command_id: int, transfer: Transfer) -> None:
+        """A transfer checked under its locks: both legs tracked now, written at flush."""
+        debit, credit, amount = transfer.debit, transfer.credit, transfer.amount_minor
+        self.journal += [(debit.id, -amount, debit), (credit.id, amount, credit)]
+        debit.balance_minor -= amount
+        credit.balance_minor += amount
+        self.transfers.append((command_id, debit.id, credit.id, amount, transfer.kind))
+
+    def add_deltas(self, deltas: Mapping[int, int]) -> None:
+        self.journal += [(account_id, delta, None) for account_id, delta in deltas.items() if delta]
+
+    def mark(self) -> BookMark:
+        return BookMark(len(self.locked), len(self.journal), len(self.transfers))
+
+    def rollback_to(self, mark: BookMark) -> None:
+        """Forget what was posted (and locked) since `mark`: a refused command leaves nothing.
+        Locks taken since are forgotten too (a savepoint rolled back released them)."""
+        for _, delta, account in reversed(self.journal[mark.journal:]):
+            if account is not None:
+                account.balance_minor -= delta
+        del self.journal[mark.journal:]
+        del self.transfers[mark.transfers:]
+        for code in list(self.locked)[mark.locked:]:
+            del self.locked[code]
+
+    def deltas(self) -> dict[int, int]:
+        summed: dict[int, int] = {}
+        for account_id, delta, _ in self.journal:
+            summed[account_id] = summed.get(account_id, 0) + delta
+        return {account_id: delta for account_id, delta in sorted(summed.items()) if delta}
+
+    def flush(self, conn: Connection) -> None:
+        """Write every balance change and transfer posted: one statement on PostgreSQL."""
+        deltas, transfers = self.deltas(), self.transfers
+        self.journal, self.transfers = [], []
+        if conn.dialect.name != "postgresql" or not deltas or not transfers:
+            _write_now(conn, deltas, transfers)
+            return
+        columns = list(zip(*transfers, strict=True))
+        conn.execute(_FLUSH, {"ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
+                              "commands": pg_array(list(columns[0])),
+                              "debits": pg_array(list(columns[1])),
+                              "credits": pg_array(list(columns[2])),
+                              "amounts": pg_array(list(columns[3])),
+                              "kinds": pg_array(list(columns[4]))})
+
+
+# Balances and transfers in one round trip: a data-modifying CTE runs whatever follows it.
+_FLUSH = text(
+    "WITH moved AS (UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
+    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
+    "WHERE accounts.id = v.id) "
+    "INSERT INTO transfers (command_id, debit_account_id, credit_account_id, amount_minor, kind) "
+    "SELECT * FROM unnest(CAST(:commands AS BIGINT[]), CAST(:debits AS BIGINT[]), "
+    "CAST(:credits AS BIGINT[]), CAST(:amounts AS BIGINT[]), CAST(:kinds AS TEXT[]))")
+
+
+def _write_now(conn: Connection, deltas: Mapping[int, int],
+               transfers: Sequence[tuple[int, int, int, int, str]]) -> None:
+    _write_deltas(conn, deltas)
+    if transfers:
+        columns = list(zip(*transfers, strict=True))
+        insert_rows(conn, schema.transfers, {
+            "command_id": list(columns[0]), "debit_account_id": list(columns[1]),
+            "credit_account_id": list(columns[2]), "amount_minor": list(columns[3]),
+            "kind": list(columns[4])})
+
+
+def _book(conn: Connection) -> Book | None:
+    book: Book | None = conn.info.get(_BOOK)
+    return book
+
+
+def current_book(conn: Connection) -> Book:
+    """The book `deferred` opened on this connection (a bug if there is none)."""
+    book = _book(conn)
+    if book is None:
+        raise TransactionIntegrityError("Bug! no ledger book is open on this connection")
+    return book
+
+
+@contextmanager
+def deferred(conn: Connection) -> Iterator[Book]:
+    """Defer this transaction's ledger writes to `Book.flush`, which the caller runs before
+    it commits; leaving the block without flushing discards them (the caller rolls back)."""
+    if _BOOK in conn.info:
+        raise TransactionIntegrityError("Bug! a ledger book is open on this connection already")
+    book = conn.info[_BOOK] = Book()
+    try:
+        yield book
+    finally:
+        conn.info.pop(_BOOK, None)

@@ -15,19 +15,32 @@ always comes back with one of three answers, so the task that calls it is a thin
 No exception leaves this function but BaseException (interrupts), so no command is ever
 left `processing` by a surprise. Only an admitted command can be recorded `failed`: a
 message that has not proved its producer never touches the row under its key.
+
+A message that is exactly the signed form of a row that ended (a duplicate, or the message
+of a command a worker coalesced with another) costs one indexed read: its stored outcome
+is the answer. `redelivered` (the broker delivered it before, or it is a retry) sends the
+command down the claimed path, which counts the delivery before applying it.
+
+`execute_keys_message` takes a bulk producer's message, a list of keys of recorded
+commands (`KEYS_TASK_NAME`): trusted for nothing but naming them, each row is admitted on
+its own stored signature; they are applied as one batch, or, when that cannot be done (or
+the message is a redelivery), one by one as their own messages would be.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from services import command_store
 from services.admission import Admitted, Evidence, Refused, admit
-from services.command_executor import execute_admitted, record_failure
+from services.command_executor import execute_admitted, execute_keys, record_failure
+from services.command_fields import ID_PATTERN
 from services.command_store import CommandRecord
 from services.errors import (
     ConcurrentOperationError,
@@ -40,12 +53,19 @@ from services.settings import Settings
 from services.unit_of_work import is_transient
 
 __all__ = ["Done", "RetryLater", "Failed", "MessageOutcome", "execute_message", "retryable",
-           "TASK_NAME"]
+           "TASK_NAME", "KEYS_TASK_NAME", "KEYS_PER_MESSAGE_MAX", "execute_keys_message"]
 
 log = logging.getLogger("walletq.messages")
 
 #: The task name every command message carries (a foreign producer publishes it too).
 TASK_NAME = "walletq.execute_command"
+#: A bulk producer's message: the keys of commands it recorded, applied as one batch.
+KEYS_TASK_NAME = "walletq.execute_keys"
+#: The most keys one such message may name.
+KEYS_PER_MESSAGE_MAX = 1_000
+#: A stored outcome a message identical to its row gets without admission: anything but a
+#: row that ended for failing its own signature check (its message is refused again).
+_ROW_REFUSALS = frozenset({"unauthenticated", "forbidden"})
 _MESSAGE_CHARS_MAX = 500
 
 
@@ -152,8 +172,22 @@ def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool
     return admission
 
 
+def _already_ended(raw: Any, engine: Engine) -> Done | None:
+    """The stored outcome, when the message is exactly the signed form of a row that ended."""
+    evidence = Evidence.of(raw)
+    if evidence.key is None or evidence.signed is None:
+        return None
+    with engine.connect() as conn:
+        record = command_store.get_record(conn, evidence.key)
+    if record is None or not record.terminal or record.signed != evidence.signed \
+            or record.error_code in _ROW_REFUSALS:
+        return None
+    return Done(record)
+
+
 def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: Engine,
-                    settings: Settings, retries_left: bool) -> MessageOutcome:
+                    settings: Settings, retries_left: bool, redelivered: bool = False
+                    ) -> MessageOutcome:
     """One delivery of a command message (see the module's docstring)."""
     raw: Any = args
     try:
@@ -161,13 +195,20 @@ def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: En
     except InvalidCommandError as exc:
         log.warning("refused a message that is not a valid command: %s", exc.message)
         return _refuse(raw, Refused(exc, Evidence(), authenticated=False), engine, settings)
+    try:
+        ended = _already_ended(raw, engine)
+    except Exception:  # noqa: BLE001 - a shortcut only: admission reads again, retrying
+        ended = None
+    if ended is not None:
+        return ended
     admitted = _admit(raw, engine, settings, retries_left)
     if not isinstance(admitted, Admitted):
         return admitted
     command = admitted.command
     key = command.idempotency_key
     try:
-        return Done(execute_admitted(admitted, engine=engine, settings=settings))
+        return Done(execute_admitted(admitted, engine=engine, settings=settings,
+                                     redelivered=redelivered))
     except IdempotencyConflictError as exc:
         log.warning("refused %s: %s", key, exc.message)
         evidence = Evidence(key, command.type, command.producer, admitted.signed)
@@ -185,3 +226,66 @@ def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: En
     except Exception as exc:  # noqa: BLE001 - a bug, a time limit: the command must end
         log.error("%s failed: %s", key, exc, exc_info=True)
         return _give_up(key, exc, engine, settings)
+
+
+# --- a bulk producer's chunk of keys -------------------------------------------------------
+
+_KEY_RE = re.compile(ID_PATTERN)
+
+
+@dataclass(frozen=True)
+class KeysDone:
+    """A chunk of keys handled: how many commands ended here, and each key's outcome when
+    they were taken one by one."""
+
+    ended: int
+    outcomes: tuple[MessageOutcome, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        return {"keys_ended": self.ended, "one_by_one": len(self.outcomes)}
+
+
+def _keys_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    keys = args[0] if len(args) == 1 and not kwargs else None
+    if not isinstance(keys, list) or not 1 <= len(keys) <= KEYS_PER_MESSAGE_MAX \
+            or not all(isinstance(k, str) and _KEY_RE.fullmatch(k) for k in keys):
+        raise InvalidCommandError(
+            f"a {KEYS_TASK_NAME} message carries one argument, a list of 1 to "
+            f"{KEYS_PER_MESSAGE_MAX} idempotency keys")
+    return list(dict.fromkeys(keys))
+
+
+def _one_by_one(keys: list[str], engine: Engine, settings: Settings, retries_left: bool,
+                redelivered: bool) -> KeysDone | RetryLater:
+    """Each key's stored command, as its own message would be delivered."""
+    outcomes: list[MessageOutcome] = []
+    for key in keys:
+        with engine.connect() as conn:
+            record = command_store.get_record(conn, key)
+        if record is None or record.ended:
+            continue
+        outcomes.append(execute_message((record.message(),), {}, engine=engine,
+                                        settings=settings, retries_left=retries_left,
+                                        redelivered=redelivered))
+    later = next((o for o in outcomes if isinstance(o, RetryLater)), None)
+    return later if later is not None else KeysDone(0, tuple(outcomes))
+
+
+def execute_keys_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: Engine,
+                         settings: Settings, retries_left: bool, redelivered: bool = False
+                         ) -> KeysDone | Done | RetryLater:
+    """One delivery of a chunk of keys (see the module's docstring)."""
+    try:
+        keys = _keys_of(args, kwargs)
+    except InvalidCommandError as exc:
+        log.warning("refused a message that is not a chunk of keys: %s", exc.message)
+        outcome = _refuse(args, Refused(exc, Evidence(), authenticated=False), engine, settings)
+        return outcome if isinstance(outcome, Done | RetryLater) else Done(refusal=exc.to_dict())
+    if redelivered:
+        return _one_by_one(keys, engine, settings, retries_left, redelivered=True)
+    try:
+        return KeysDone(len(execute_keys(keys, engine=engine, settings=settings)))
+    except Exception as exc:  # noqa: BLE001 - the batch could not be done: key by key
+        log.warning("a chunk of %d keys could not run as one batch (%s: %s); one by one",
+                    len(keys), type(exc).__name__, exc)
+        return _one_by_one(keys, engine, settings, retries_left, redelivered=False)

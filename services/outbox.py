@@ -78,14 +78,9 @@ def record_accepted_many(
 
 def _accept_chunk(conn: Connection, *, chunk: Sequence[tuple[CommandBase, Signed]]
                   ) -> list[Accepted | BusinessRuleError]:
-    answers: list[Accepted | BusinessRuleError] = []
-    for command, signed in chunk:
-        try:
-            answers.append(_accept_one(conn, command, signed))
-        except IdempotencyConflictError as exc:
-            # Raised before anything was written for this command: the chunk goes on.
-            answers.append(exc)
-    return answers
+    # One statement for the chunk; a conflict refuses its own command only.
+    return [answer if isinstance(answer, IdempotencyConflictError) else Accepted(*answer)
+            for answer in command_store.accept_many(conn, chunk)]
 
 
 def mark_redriven(

@@ -35,7 +35,7 @@ from services.errors import (
 from services.settings import Settings
 from services.unit_of_work import run_transaction
 
-__all__ = ["record_refused", "row_refusal", "reject_row"]
+__all__ = ["record_refused", "row_refusal", "admit_row", "reject_row"]
 
 log = logging.getLogger("walletq.refusals")
 
@@ -68,11 +68,19 @@ def row_refusal(record: CommandRecord, *, engine: Engine, settings: Settings,
     if verdict is not None and evidence is not None and signed is not None \
             and evidence.signed == signed:
         return verdict
+    own = admit_row(record, engine=engine, settings=settings)
+    return own if isinstance(own, Refused) else None
+
+
+def admit_row(record: CommandRecord, *, engine: Engine, settings: Settings) -> Admitted | Refused:
+    """A stored row admitted on its own signature, as of when it was recorded, its stored
+    payload held against what was signed: how a worker takes a command it has no message of
+    (a coalesced row, a bulk producer's key)."""
     own = admit(record.message(), engine=engine, settings=settings,
                 accepted_at=record.accepted_at)
     if isinstance(own, Refused):
         return own
-    return _contradiction(record, own)
+    return _contradiction(record, own) or own
 
 
 def _contradiction(record: CommandRecord, own: Admitted) -> Refused | None:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings"]
+__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings", "COALESCE_MAX_LIMIT"]
+
+#: The largest coalescing bound: one transaction holds this many commands' row locks.
+COALESCE_MAX_LIMIT = 1_000
 
 
 class SettingsError(ValueError):
@@ -48,6 +51,9 @@ class Settings:
     sweep_grace_s: float = 60.0
     sweep_batch_max: int = 500
     payout_items_max: int = 10_000
+    # Commands a worker applies in one transaction: the one its message names and others
+    # waiting `accepted` (or a bulk producer's chunk of keys). 1: no coalescing.
+    coalesce_max: int = 100
     payout_chunk_items: int = 2_000  # ~0.2 s per chunk holding the funding account's lock
     # Test-only: sleep this long inside each command's transaction (fault tests).
     test_delay_s: float = 0.0
@@ -75,6 +81,7 @@ _INT_FIELDS = {
     "WALLETQ_SWEEP_BATCH_MAX": "sweep_batch_max",
     "WALLETQ_PAYOUT_ITEMS_MAX": "payout_items_max",
     "WALLETQ_PAYOUT_CHUNK_ITEMS": "payout_chunk_items",
+    "WALLETQ_COALESCE_MAX": "coalesce_max",
 }
 _FLOAT_FIELDS = {
     "WALLETQ_RETRY_BACKOFF_S": "retry_backoff_s",
@@ -148,6 +155,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("WALLETQ_ASSET_SCALE must be at most 8")
     if settings.retry_attempts < 1:
         raise SettingsError("WALLETQ_RETRY_ATTEMPTS must be at least 1")
+    if not 1 <= settings.coalesce_max <= COALESCE_MAX_LIMIT:
+        raise SettingsError(f"WALLETQ_COALESCE_MAX must be between 1 and {COALESCE_MAX_LIMIT}")
     return settings
 
 

@@ -1,9 +1,11 @@
-"""`walletq.execute_command`: a thin adapter from a Celery message to the failure policy.
+"""`walletq.execute_command` and `walletq.execute_keys`: thin adapters from a Celery message
+to the failure policy.
 
-services.message_policy.execute_message decides what becomes of the message; this task
-only hands a `RetryLater` to Celery's autoretry (exponential backoff with jitter, bounded
-by WALLETQ_TASK_RETRIES_MAX and WALLETQ_TASK_BACKOFF_S_MAX through the app's
-task_annotations) and returns a summary of the outcome.
+services.message_policy decides what becomes of the message; these tasks only tell it
+whether the message is a redelivery (the broker says so, or it is a retry: the command then
+takes the path that counts its delivery first), hand a `RetryLater` to Celery's autoretry
+(exponential backoff with jitter, bounded by WALLETQ_TASK_RETRIES_MAX and
+WALLETQ_TASK_BACKOFF_S_MAX through the app's task_annotations) and return a summary.
 """
 
 from __future__ import annotations
@@ -15,10 +17,22 @@ from sqlalchemy.exc import DBAPIError
 
 from services.db import get_engine
 from services.errors import ConcurrentOperationError
-from services.message_policy import TASK_NAME, RetryLater, execute_message
+from services.message_policy import (
+    KEYS_TASK_NAME,
+    TASK_NAME,
+    RetryLater,
+    execute_keys_message,
+    execute_message,
+)
 from services.settings import get_settings
 
-__all__ = ["execute"]
+__all__ = ["execute", "execute_keys"]
+
+
+def _redelivered(task: Task) -> bool:
+    """Delivered before (Redis and RabbitMQ flag a message they restore), or a retry."""
+    delivery = task.request.delivery_info or {}
+    return bool(delivery.get("redelivered")) or bool(task.request.retries)
 
 
 @shared_task(
@@ -34,7 +48,28 @@ __all__ = ["execute"]
 def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     settings = get_settings()
     outcome = execute_message(args, kwargs, engine=get_engine(settings), settings=settings,
-                              retries_left=self.request.retries < self.max_retries)
+                              retries_left=self.request.retries < self.max_retries,
+                              redelivered=_redelivered(self))
     if isinstance(outcome, RetryLater):
         raise outcome.error  # autoretry_for: re-queued with exponential backoff and jitter
+    return outcome.summary()
+
+
+@shared_task(
+    bind=True,
+    name=KEYS_TASK_NAME,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(ConcurrentOperationError, DBAPIError),
+    retry_backoff=True,
+    retry_jitter=True,
+    ignore_result=True,
+)
+def execute_keys(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    settings = get_settings()
+    outcome = execute_keys_message(args, kwargs, engine=get_engine(settings), settings=settings,
+                                   retries_left=self.request.retries < self.max_retries,
+                                   redelivered=_redelivered(self))
+    if isinstance(outcome, RetryLater):
+        raise outcome.error
     return outcome.summary()

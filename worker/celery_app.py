@@ -27,14 +27,15 @@ from celery.worker.request import Request
 
 import celeryconfig
 from services.db import dispose_engines
-from services.message_policy import TASK_NAME
+from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import reset_settings
 
-__all__ = ["app", "make_app", "route_task", "EXECUTE_TASK", "SWEEP_TASK"]
+__all__ = ["app", "make_app", "route_task", "EXECUTE_TASK", "EXECUTE_KEYS_TASK", "SWEEP_TASK"]
 
 log = logging.getLogger("walletq.worker")
 
 EXECUTE_TASK = TASK_NAME
+EXECUTE_KEYS_TASK = KEYS_TASK_NAME
 SWEEP_TASK = "walletq.sweep"
 
 
@@ -83,6 +84,8 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
     names = celeryconfig.queue_names()
     if name == SWEEP_TASK:
         return {"queue": names.maintenance, "routing_key": names.maintenance}
+    if name == EXECUTE_KEYS_TASK:  # single commands only: a chunk of keys never names a batch
+        return {"queue": names.commands, "routing_key": names.commands}
     if name == EXECUTE_TASK:
         payload = (args or [None])[0] if args else (kwargs or {}).get("command")
         command_type = payload.get("type") if isinstance(payload, dict) else None

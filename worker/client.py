@@ -56,9 +56,11 @@ from services import command_store, refusals
 from services.admission import Refused, admit, as_object, sign_if_unsigned
 from services.command_status import ENDED
 from services.command_store import CommandRecord
+from services.command_types import SINGLE_TYPES
 from services.commands import Command
 from services.db import get_engine
 from services.errors import BusinessRuleError
+from services.message_policy import KEYS_PER_MESSAGE_MAX
 from services.outbox import Accepted, record_accepted, record_accepted_many
 from services.refusals import Refusal
 from services.settings import Settings, load_settings
@@ -121,9 +123,10 @@ class WalletClient:
     def submit_many(self, commands: Iterable[Any]) -> list[CommandRecord | BusinessRuleError]:
         """Submit many commands; one answer per command, in order: its record or its refusal.
 
-        Admitted commands are recorded in chunked transactions and published over one
-        producer connection; a refused command (invalid, unauthenticated, forbidden, or an
-        idempotency conflict) records nothing.
+        Admitted commands are recorded in bulk (one statement per chunk) and published as
+        one message per WALLETQ_COALESCE_MAX single commands, naming their keys: a worker
+        applies each such chunk in one transaction. A refused command (invalid,
+        unauthenticated, forbidden, or an idempotency conflict) records nothing.
         """
         answers: list[CommandRecord | BusinessRuleError | None] = []
         parsed: list[tuple[Command, Signed]] = []
@@ -137,15 +140,29 @@ class WalletClient:
                 answers.append(exc)
         outcomes = record_accepted_many(parsed, engine=self.engine, settings=self.settings)
         to_publish: list[CommandRecord] = []
+        keys: list[str] = []
         for slot, outcome in zip(slots, outcomes, strict=True):
             if isinstance(outcome, Accepted):
                 answers[slot] = outcome.record
-                if self._needs_publish(outcome):
+                if outcome.created and outcome.record.type in SINGLE_TYPES:
+                    keys.append(outcome.record.idempotency_key)
+                elif self._needs_publish(outcome):
                     to_publish.append(outcome.record)
             else:
                 answers[slot] = outcome
+        self._publish_keys_logged(keys)
         self._publish_many_logged(to_publish)
         return [answer for answer in answers if answer is not None]
+
+    def _publish_keys_logged(self, keys: list[str]) -> None:
+        step = min(self.settings.coalesce_max, KEYS_PER_MESSAGE_MAX)
+        try:
+            with self.publisher.app.producer_or_acquire() as producer:
+                for start in range(0, len(keys), step):
+                    self.publisher.publish_keys(keys[start:start + step], producer)
+        except Exception:  # noqa: BLE001 - recorded already: the sweep will deliver them
+            log.warning("could not publish %d commands' keys; they stay accepted for the sweep",
+                        len(keys), exc_info=True)
 
     def _needs_publish(self, accepted: Accepted) -> bool:
         return accepted.created or accepted.record.is_stuck(self.settings.sweep_grace_s)

@@ -15,7 +15,7 @@ from celery import Celery
 
 import celeryconfig
 from services.command_store import CommandRecord
-from worker.celery_app import EXECUTE_TASK
+from worker.celery_app import EXECUTE_KEYS_TASK, EXECUTE_TASK
 
 __all__ = ["CeleryPublisher"]
 
@@ -37,6 +37,13 @@ class CeleryPublisher:
 
     def publish(self, record: CommandRecord) -> None:
         self.publish_payload(record.message())
+
+    def publish_keys(self, keys: Sequence[str], producer: Any = None) -> None:
+        """One message naming recorded single commands by key: the worker applies them as
+        one batch, each admitted on its own stored signature."""
+        self.app.send_task(EXECUTE_KEYS_TASK, args=[list(keys)], queue=self.queues.commands,
+                           routing_key=self.queues.commands, producer=producer,
+                           ignore_result=True)
 
     def publish_many(self, records: Sequence[CommandRecord]) -> list[Exception | None]:
         """Send many messages over one producer connection; one entry per record, None if sent."""

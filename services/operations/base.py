@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -19,7 +19,8 @@ from services.ledger import (
 )
 from services.money import format_minor, to_minor
 
-__all__ = ["OperationContext", "Effect", "TransferFacts", "move", "one_transfer_of_amount"]
+__all__ = ["OperationContext", "Effect", "Footprint", "TransferFacts", "move",
+           "one_transfer_of_amount"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,22 @@ class Effect:
 
     result: dict[str, Any]
     transfers: list[Transfer] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The rows a command will lock, known before it runs, so that a batch of commands locks
+    them all at once in the global order (the hold, then the accounts by id).
+
+    `opens` names the accounts it may open: when one does not exist yet, a batch runs the
+    command in a savepoint, so that a refusal undoes the opening too. A hold's accounts
+    (release, refund) are known once the hold is locked: `hold_accounts(hold row)`.
+    """
+
+    accounts: tuple[AccountSpec, ...] = ()
+    opens: frozenset[str] = frozenset()
+    hold_id: str | None = None
+    hold_accounts: Callable[[Any], Footprint] | None = None
 
 
 def move(

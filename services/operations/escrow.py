@@ -20,14 +20,22 @@ from services import schema
 from services.bulk_sql import insert_ignoring_conflicts
 from services.command_fields import Amount, CommandBase, FeeRate, Ident
 from services.errors import EscrowIntegrityError, HoldExistsError, HoldNotOpenError, UnknownHoldError
-from services.ledger import FEES, lock_accounts, make_transfer, post_transfers, user_available, user_escrow
+from services.ledger import (
+    FEES,
+    lock_accounts,
+    make_transfer,
+    post_transfers,
+    user_available,
+    user_escrow,
+)
 from services.money import split_fee
-from services.operations.base import Effect, OperationContext, TransferFacts, move
+from services.operations.base import Effect, Footprint, OperationContext, TransferFacts, move
 from services.permissions import NOTHING_MORE, OVERRIDE_FEE
 
 __all__ = ["TransferToEscrow", "ReleaseFromEscrow", "RefundFromEscrow", "transfer_to_escrow",
            "release_from_escrow", "refund_from_escrow", "release_transfers", "refund_transfers",
-           "fee_rate_needs"]
+           "fee_rate_needs", "lock_holds", "hold_footprint", "release_footprint",
+           "refund_footprint"]
 
 
 class TransferToEscrow(CommandBase):
@@ -81,6 +89,38 @@ def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationCo
     return Effect({"hold_id": cmd.hold_id, "payer": cmd.payer, "payee": cmd.payee,
                    "amount": ctx.fmt(amount), "fee_rate": str(fee_rate),
                    "available": ctx.fmt(locked[available.code].balance_minor)}, [t])
+
+
+def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, Any]:
+    """Lock these holds (those that exist), in id order: a batch takes them before any
+    account, as a single command does."""
+    h = schema.holds
+    rows = conn.execute(select(h).where(h.c.hold_id.in_(hold_ids)).order_by(h.c.id)
+                        .with_for_update()).all()
+    return {row.hold_id: row for row in rows}
+
+
+def hold_footprint(cmd: TransferToEscrow) -> Footprint:
+    escrow = user_escrow(cmd.payer)
+    return Footprint((user_available(cmd.payer), escrow), frozenset({escrow.code}),
+                     hold_id=cmd.hold_id)
+
+
+def _release_accounts(hold: Any) -> Footprint:
+    payee = user_available(hold.payee)
+    return Footprint((user_escrow(hold.payer), payee, FEES), frozenset({payee.code, FEES.code}))
+
+
+def _refund_accounts(hold: Any) -> Footprint:
+    return Footprint((user_escrow(hold.payer), user_available(hold.payer)))
+
+
+def release_footprint(cmd: ReleaseFromEscrow) -> Footprint:
+    return Footprint(hold_id=cmd.hold_id, hold_accounts=_release_accounts)
+
+
+def refund_footprint(cmd: RefundFromEscrow) -> Footprint:
+    return Footprint(hold_id=cmd.hold_id, hold_accounts=_refund_accounts)
 
 
 def _lock_open_hold(conn: Connection, hold_id: str) -> Any:

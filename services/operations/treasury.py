@@ -8,10 +8,11 @@ from sqlalchemy.engine import Connection
 
 from services.command_fields import Amount, CommandBase, Ident
 from services.ledger import ISSUANCE, TREASURY, user_available
-from services.operations.base import Effect, OperationContext, move
+from services.operations.base import Effect, Footprint, OperationContext, move
 
 __all__ = ["AdminCreateTokens", "AdminSellTokensToUser", "UserSellTokensToAdmin",
-           "admin_create_tokens", "admin_sell_tokens_to_user", "user_sell_tokens_to_admin"]
+           "admin_create_tokens", "admin_sell_tokens_to_user", "user_sell_tokens_to_admin",
+           "mint_footprint", "sale_footprint", "buyback_footprint"]
 
 
 class AdminCreateTokens(CommandBase):
@@ -58,3 +59,16 @@ def user_sell_tokens_to_admin(
     t, locked = move(conn, ctx, user, TREASURY, amount, "buyback", {TREASURY.code})
     return Effect({"user": cmd.user, "amount": ctx.fmt(amount),
                    "available": ctx.fmt(locked[user.code].balance_minor)}, [t])
+
+
+def mint_footprint(cmd: AdminCreateTokens) -> Footprint:
+    return Footprint((ISSUANCE, TREASURY), frozenset({ISSUANCE.code, TREASURY.code}))
+
+
+def sale_footprint(cmd: AdminSellTokensToUser) -> Footprint:
+    user = user_available(cmd.user)
+    return Footprint((TREASURY, user), frozenset({TREASURY.code, user.code}))
+
+
+def buyback_footprint(cmd: UserSellTokensToAdmin) -> Footprint:
+    return Footprint((user_available(cmd.user), TREASURY), frozenset({TREASURY.code}))

@@ -9,10 +9,11 @@ from sqlalchemy.engine import Connection
 
 from services.command_fields import Amount, CommandBase, Ident
 from services.ledger import EXTERNAL, user_available
-from services.operations.base import Effect, OperationContext, move
+from services.operations.base import Effect, Footprint, OperationContext, move
 
 __all__ = ["CreditWallet", "DebitWallet", "TransferTokensBetweenUsers", "credit_wallet",
-           "debit_wallet", "transfer_tokens_between_users"]
+           "debit_wallet", "transfer_tokens_between_users", "credit_footprint",
+           "debit_footprint", "transfer_footprint"]
 
 
 class CreditWallet(CommandBase):
@@ -70,3 +71,17 @@ def transfer_tokens_between_users(
     return Effect({"from_user": cmd.from_user, "to_user": cmd.to_user,
                    "amount": ctx.fmt(amount),
                    "from_available": ctx.fmt(locked[payer.code].balance_minor)}, [t])
+
+
+def credit_footprint(cmd: CreditWallet) -> Footprint:
+    user = user_available(cmd.user)
+    return Footprint((EXTERNAL, user), frozenset({EXTERNAL.code, user.code}))
+
+
+def debit_footprint(cmd: DebitWallet) -> Footprint:
+    return Footprint((user_available(cmd.user), EXTERNAL), frozenset({EXTERNAL.code}))
+
+
+def transfer_footprint(cmd: TransferTokensBetweenUsers) -> Footprint:
+    payee = user_available(cmd.to_user)
+    return Footprint((user_available(cmd.from_user), payee), frozenset({payee.code}))

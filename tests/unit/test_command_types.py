@@ -37,6 +37,7 @@ def test_every_entry_has_every_part(entry: CommandType) -> None:
     assert entry.queue in QUEUES
     assert isinstance(entry.roles, tuple) and set(entry.roles) <= {WEB, PAYMENTS, TREASURY}
     assert callable(entry.needs) and len(inspect.signature(entry.needs).parameters) == 1
+    assert (entry.footprint is None) == entry.is_batch  # a handler's rows are known first
 
 
 def test_each_built_in_role_has_the_types_the_design_gives_it() -> None:
@@ -72,6 +73,11 @@ def test_each_type_is_routed_to_its_registered_queue(entry: CommandType) -> None
 def test_an_unknown_type_travels_on_the_commands_queue_where_it_is_refused() -> None:
     assert command_types.queue_of("no_such_type") == "commands"
     assert command_types.queue_of(None) == "commands"
+
+
+def test_a_handler_without_its_footprint_cannot_be_made() -> None:
+    with pytest.raises(TypeError, match="footprint"):
+        CommandType("toy", Toy, one_transfer_of_amount, handler=credit_wallet)
 
 
 def test_an_entry_without_its_verify_rule_cannot_be_made() -> None:
