@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from services import audit, command_store, command_types, ledger
 from services.admission import Admitted, Refused
+from services.bulk_sql import execute_together
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord, Finish
 from services.errors import (
@@ -183,10 +184,18 @@ def apply(conn: Connection, items: Sequence[Item], settings: Settings, *, alone:
         _run(conn, item, prints[item.record.id], book, settings, alone, outcomes)
     if settings.test_delay_s:
         time.sleep(settings.test_delay_s)  # fault tests: a window inside the transaction
-    book.flush(conn)
-    finished = command_store.finish_many(conn, outcomes.finishes)
-    audit.insert_audit_rows(conn, outcomes.audits)
-    return Applied(finished, outcomes.left)
+    return Applied(_write(conn, book, outcomes), outcomes.left)
+
+
+def _write(conn: Connection, book: ledger.Book, outcomes: _Outcomes) -> list[CommandRecord]:
+    """Balances and transfers, outcomes, audit rows: one round trip on PostgreSQL."""
+    if conn.dialect.name != "postgresql" or not outcomes.finishes:
+        book.flush(conn)
+        audit.insert_audit_rows(conn, outcomes.audits)
+        return command_store.finish_many(conn, outcomes.finishes)
+    pending = [*book.flush_pending(conn), audit.audit_rows_pending(outcomes.audits),
+               command_store.finish_many_pending(outcomes.finishes)]
+    return command_store.finished_records(execute_together(conn, pending), outcomes.finishes)
 
 
 def integrity_failure(exc: IntegrityError, key: str) -> FinancialIntegrityError:

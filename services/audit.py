@@ -16,11 +16,11 @@ from sqlalchemy import insert, text
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.bulk_sql import pg_array
+from services.bulk_sql import Pending, pg_array
 from services.ledger import Transfer
 
 __all__ = ["log_financial_operation", "audit_command", "command_audit_row", "insert_audit_rows",
-           "AuditedCommand"]
+           "audit_rows_pending", "AuditedCommand"]
 
 audit_log = logging.getLogger("walletq.audit")
 
@@ -75,17 +75,29 @@ def insert_audit_rows(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         return
     if conn.dialect.name != "postgresql" or len(rows) == 1:
         conn.execute(_INSERT_AUDIT, list(rows))
+        _log(rows)
     else:
-        def texts(name: str) -> str:
-            return pg_array([json.dumps(row[name], default=str) for row in rows])
+        pending = audit_rows_pending(rows)
+        conn.execute(pending.statement, pending.params)
 
-        conn.execute(_INSERT_AUDIT_MANY, {
-            "ids": pg_array([row["command_id"] for row in rows]),
-            "keys": pg_array([row["idempotency_key"] for row in rows]),
-            "types": pg_array([row["command_type"] for row in rows]),
-            "outcomes": pg_array([row["outcome"] for row in rows]),
-            "accounts": texts("accounts"), "amounts": texts("amounts"),
-            "codes": pg_array([row["error_code"] for row in rows]), "details": texts("detail")})
+
+def audit_rows_pending(rows: Sequence[dict[str, Any]]) -> Pending:
+    """The PostgreSQL statement that inserts these rows, to send with others
+    (bulk_sql.execute_together); their log lines are written now."""
+    def texts(name: str) -> str:
+        return pg_array([json.dumps(row[name], default=str) for row in rows])
+
+    _log(rows)
+    return Pending(_INSERT_AUDIT_MANY, {
+        "ids": pg_array([row["command_id"] for row in rows]),
+        "keys": pg_array([row["idempotency_key"] for row in rows]),
+        "types": pg_array([row["command_type"] for row in rows]),
+        "outcomes": pg_array([row["outcome"] for row in rows]),
+        "accounts": texts("accounts"), "amounts": texts("amounts"),
+        "codes": pg_array([row["error_code"] for row in rows]), "details": texts("detail")})
+
+
+def _log(rows: Sequence[dict[str, Any]]) -> None:
     for row in rows:
         audit_log.info(json.dumps({"event": "financial_operation", **row}, default=str))
 

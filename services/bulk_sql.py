@@ -1,23 +1,27 @@
-"""Many rows in one statement, on PostgreSQL and SQLite alike.
+"""Many rows in one statement, on PostgreSQL and SQLite alike; several statements in one
+round trip on PostgreSQL.
 
 On PostgreSQL a bulk insert is one statement of unnested arrays whose text does not
 depend on the number of rows, so it is compiled once and sent in one round trip; each
 array travels as one literal string parsed by the server (`pg_array`). SQLite gets an
-executemany.
+executemany. `execute_together` sends statements built by their tables' owners in one
+round trip (psycopg2 runs several statements in one execute): the end of a transaction
+writes balances, transfers, outcomes and audit rows at the price of one.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Integer, Table, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.sql.elements import TextClause
 
-__all__ = ["pg_array", "insert_rows", "insert_ignoring_conflicts"]
+__all__ = ["pg_array", "insert_rows", "insert_ignoring_conflicts", "Pending", "execute_together"]
 
 
 def pg_array(values: Sequence[Any]) -> str:
@@ -82,3 +86,37 @@ def insert_ignoring_conflicts(
     if len(rows) == 1:
         return conn.execute(stmt.values(**rows[0])).rowcount
     return conn.execute(stmt, list(rows)).rowcount
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A statement and its parameters, built by its table's owner, not yet sent."""
+
+    statement: Any
+    params: dict[str, Any]
+
+
+def execute_together(conn: Connection, pending: Sequence[Pending]) -> CursorResult[Any] | None:
+    """Run the statements in order in one round trip (psycopg2), each with its parameters
+    bound by the driver as always; the last one's rows come back. Elsewhere, one by one."""
+    if not pending:
+        return None
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg2" or len(pending) == 1:
+        result = None
+        for item in pending:
+            result = conn.execute(item.statement, item.params)
+        return result
+    from psycopg2.extensions import encodings
+
+    raw = conn.connection.driver_connection
+    encoding = encodings[raw.encoding]  # type: ignore[union-attr]
+    cursor = raw.cursor()  # type: ignore[union-attr]
+    try:
+        texts = []
+        for item in pending:
+            compiled = item.statement.compile(dialect=conn.dialect)
+            texts.append(cursor.mogrify(str(compiled), compiled.construct_params(item.params))
+                         .decode(encoding))
+    finally:
+        cursor.close()
+    return conn.execution_options(no_parameters=True).exec_driver_sql(";\n".join(texts))

@@ -70,12 +70,14 @@ def execute_command(raw: Any, *, engine: Engine, settings: Settings) -> CommandR
 
 
 def execute_admitted(admitted: Admitted, *, engine: Engine, settings: Settings,
-                     redelivered: bool = False) -> CommandRecord:
+                     redelivered: bool = False, coalesce: bool = False) -> CommandRecord:
     """Apply an admitted command once (see the module's docstring). `redelivered`: the
-    broker says this message was delivered before (or it is a retry): the claimed path."""
+    broker says this message was delivered before (or it is a retry): the claimed path.
+    `coalesce` (a worker): take other untouched commands waiting into the transaction."""
     entry = command_types.get(admitted.command.type)
     if not redelivered and not entry.is_batch:
-        record = _lean(admitted, engine, settings, coalesce=True)
+        record = _lean(admitted, engine, settings,
+                       coalesce=coalesce and settings.coalesce_max > 1)
         if record is not None:
             return record
     return _claimed(admitted, engine, settings)
@@ -98,36 +100,53 @@ def _same(record: CommandRecord, admitted: Admitted) -> bool:
             and record.payload_hash == payload_hash(canonical_payload(admitted.command)))
 
 
-def _others(conn: Connection, trigger: CommandRecord, engine: Engine, settings: Settings
-            ) -> list[Item]:
-    """Untouched commands waiting, coalesced with the trigger; each held to its own signature."""
-    if settings.coalesce_max <= 1:
-        return []
+def _company(conn: Connection, admitted: Admitted, engine: Engine, settings: Settings
+             ) -> tuple[CommandRecord | None, list[Item]]:
+    """The trigger's row if it is untouched and free, and up to `coalesce_max - 1` untouched
+    commands waiting (oldest first, each held to its own signature): one statement."""
+    key = admitted.command.idempotency_key
     rows = command_store.lock_untouched(conn, types=command_types.SINGLE_TYPES,
-                                        limit=settings.coalesce_max - 1, exclude_id=trigger.id)
-    return [Item(row, admit_row(row, engine=engine, settings=settings), counted=False)
-            for row in rows]
+                                        limit=settings.coalesce_max - 1, first=key)
+    trigger = rows[0] if rows and rows[0].idempotency_key == key else None
+    others = rows[1:] if trigger is not None else rows
+    return trigger, [Item(row, admit_row(row, engine=engine, settings=settings), counted=False)
+                     for row in others]
+
+
+def _own_row(conn: Connection, admitted: Admitted, *, expect_new: bool
+             ) -> tuple[CommandRecord | None, bool]:
+    """(the command's row, locked, and whether this delivery recorded it); (None, False) when
+    it must take the claimed path. A row that ended comes back as it is."""
+    key = admitted.command.idempotency_key
+    if expect_new:
+        record = command_store.insert_processing(conn, admitted.command, admitted.signed)
+        if record is not None:
+            return record, True
+    record = command_store.lock(conn, key)
+    if record is None:
+        record = command_store.insert_processing(conn, admitted.command, admitted.signed)
+        return record, record is not None  # None: recorded by someone else meanwhile
+    if not _same(record, admitted):
+        return None, False  # a conflict, or a row held to its own signature
+    if record.terminal or record.untouched:
+        return record, False
+    return None, False  # delivered, swept or re-driven before: count this delivery first
 
 
 def _lean_body(conn: Connection, admitted: Admitted, engine: Engine, settings: Settings,
                coalesce: bool) -> _Lean:
-    key = admitted.command.idempotency_key
-    record = command_store.lock(conn, key)
+    trigger, others = _company(conn, admitted, engine, settings) if coalesce else (None, [])
     counted = False
-    if record is None:
-        record = command_store.insert_processing(conn, admitted.command, admitted.signed)
-        if record is None:
-            return _Lean(None)  # recorded by someone else meanwhile: claim it
-        counted = True
-    elif not _same(record, admitted):
-        return _Lean(None)  # a conflict, or a row held to its own signature: claim it
-    elif record.terminal:
-        return _Lean(record)
-    elif not record.untouched:
-        return _Lean(None)  # delivered, swept or re-driven before: count this delivery first
-    items = [Item(record, admitted, counted)]
-    if coalesce:
-        items += _others(conn, record, engine, settings)
+    if trigger is not None and _same(trigger, admitted):
+        record: CommandRecord | None = trigger
+    else:
+        record, counted = _own_row(conn, admitted, expect_new=not coalesce)
+    if record is None or record.terminal:
+        if not others:
+            return _Lean(record)
+        with ledger.deferred(conn):  # the company is applied all the same
+            return _Lean(record, apply(conn, others, settings, alone=len(others) == 1))
+    items = [Item(record, admitted, counted), *others]
     with ledger.deferred(conn):
         applied = apply(conn, items, settings, alone=len(items) == 1)
     mine = next((r for r in applied.finished if r.id == record.id), record)
@@ -154,7 +173,9 @@ def _lean(admitted: Admitted, engine: Engine, settings: Settings, *, coalesce: b
         # end it (`failed`).
         _count_attempt(admitted, engine, settings)
         raise
-    if lean.record is None or lean.applied is None:
+    if lean.applied is None or lean.record is None:
+        if lean.applied is not None:
+            _run_left(lean.applied.left, engine, settings)
         return lean.record
     mine = next((item for item in lean.applied.left if item.record.id == lean.record.id), None)
     _run_left([item for item in lean.applied.left if item is not mine], engine, settings)

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from services import schema
-from services.bulk_sql import insert_ignoring_conflicts, pg_array
+from services.bulk_sql import Pending, insert_ignoring_conflicts, pg_array
 from services.canonical import canonical_payload, payload_hash
 from services.command_fields import CommandBase
 from services.command_status import ENDED, STUCK, TERMINAL, CommandStatus
@@ -41,6 +41,8 @@ __all__ = [
     "finish",
     "Finish",
     "finish_many",
+    "finish_many_pending",
+    "finished_records",
     "accept_many",
     "refuse",
     "redrive",
@@ -263,21 +265,55 @@ def insert_processing(conn: Connection, command: CommandBase, signed: Signed
     return None if row is None else CommandRecord.from_row(row)
 
 
+def _untouched(*, keys: bool, exclude: bool) -> Any:
+    query = (select(_c).where(_c.c.status == CommandStatus.ACCEPTED.value, _c.c.attempts == 0,
+                              _c.c.updated_at == _c.c.created_at,
+                              _c.c.type.in_(bindparam("types", expanding=True)))
+             .order_by(_c.c.updated_at, _c.c.id).limit(bindparam("limit"))
+             .with_for_update(skip_locked=True))
+    if keys:
+        query = query.where(_c.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+    if exclude:
+        query = query.where(_c.c.idempotency_key != bindparam("first"))
+    return query
+
+
+@functools.cache
+def _untouched_statement(keys: bool) -> Any:
+    return _untouched(keys=keys, exclude=False)
+
+
+@functools.cache
+def _untouched_after_statement() -> Any:
+    """The row under `first` if it is untouched and free, then up to `limit` others: one
+    round trip for a worker's trigger and the company it coalesces."""
+    first = (select(_c).where(_c.c.idempotency_key == bindparam("first"),
+                              _c.c.status == CommandStatus.ACCEPTED.value, _c.c.attempts == 0,
+                              _c.c.updated_at == _c.c.created_at)
+             .with_for_update(skip_locked=True).cte("first_row"))
+    others = _untouched(keys=False, exclude=True).cte("other_rows")
+    return select(first).union_all(select(others))
+
+
 def lock_untouched(conn: Connection, *, types: Iterable[str], limit: int,
-                   keys: Sequence[str] | None = None, exclude_id: int | None = None
+                   keys: Sequence[str] | None = None, first: str | None = None
                    ) -> list[CommandRecord]:
     """Untouched commands of these types (see CommandRecord.untouched), oldest first, at most
     `limit`, locked: rows another transaction holds are skipped, never waited for (FOR
-    UPDATE SKIP LOCKED). Only those under `keys` when given."""
-    query = (select(_c).where(_c.c.status == CommandStatus.ACCEPTED.value, _c.c.attempts == 0,
-                              _c.c.updated_at == _c.c.created_at, _c.c.type.in_(sorted(types)))
-             .order_by(_c.c.updated_at, _c.c.id).limit(limit)
-             .with_for_update(skip_locked=True))
-    if keys is not None:
-        query = query.where(_c.c.idempotency_key.in_(list(keys)))
-    if exclude_id is not None:
-        query = query.where(_c.c.id != exclude_id)
-    return [CommandRecord.from_row(row) for row in conn.execute(query)]
+    UPDATE SKIP LOCKED). Only those under `keys` when given. With `first`, the row under
+    that key comes first when it is untouched and free (of any type), then `limit` others."""
+    params: dict[str, Any] = {"types": sorted(types), "limit": limit}
+    if first is not None:
+        statement = _untouched_after_statement()
+        params["first"] = first
+    else:
+        statement = _untouched_statement(keys is not None)
+        if keys is not None:
+            params["keys"] = list(keys)
+    rows = [CommandRecord.from_row(row) for row in conn.execute(statement, params)]
+    if first is not None and rows and rows[0].idempotency_key != first:
+        rows = [row for row in rows if row.idempotency_key != first]
+    return rows
 
 
 def _conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflictError:
@@ -353,9 +389,16 @@ def finish_many(conn: Connection, outcomes: Sequence[Finish]) -> list[CommandRec
     PostgreSQL; in the order given."""
     if not outcomes:
         return []
-    if conn.dialect.name != "postgresql" or len(outcomes) == 1:
+    if conn.dialect.name != "postgresql":
         return [_finish_one(conn, outcome) for outcome in outcomes]
-    rows = conn.execute(_FINISH_MANY.columns(*_c.c), {
+    pending = finish_many_pending(outcomes)
+    return finished_records(conn.execute(pending.statement, pending.params), outcomes)
+
+
+def finish_many_pending(outcomes: Sequence[Finish]) -> Pending:
+    """finish_many's PostgreSQL statement, to send with others (bulk_sql.execute_together);
+    `finished_records` reads what it returns."""
+    return Pending(_FINISH_MANY, {
         "now": _now(),
         "ids": pg_array([o.command_id for o in outcomes]),
         "statuses": pg_array([o.status for o in outcomes]),
@@ -365,8 +408,12 @@ def finish_many(conn: Connection, outcomes: Sequence[Finish]) -> list[CommandRec
         "messages": pg_array([None if o.error is None else _message(o.error)
                               for o in outcomes]),
         "added": pg_array([o.attempts_added for o in outcomes]),
-    }).all()
-    by_id = {row.id: CommandRecord.from_row(row) for row in rows}
+    })
+
+
+def finished_records(result: Any, outcomes: Sequence[Finish]) -> list[CommandRecord]:
+    """The records finish_many's statement returned, in the order of `outcomes`."""
+    by_id = {row.id: CommandRecord.from_row(row) for row in result.all()}
     if len(by_id) != len(outcomes):
         raise AssertionError(f"Bug! {len(outcomes) - len(by_id)} commands finished twice")
     return [by_id[o.command_id] for o in outcomes]

@@ -26,7 +26,7 @@ from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.bulk_sql import insert_ignoring_conflicts, insert_rows, pg_array
+from services.bulk_sql import Pending, insert_ignoring_conflicts, insert_rows, pg_array
 from services.errors import (
     InsufficientBalanceError,
     TransactionIntegrityError,
@@ -406,18 +406,23 @@ class Book:
 
     def flush(self, conn: Connection) -> None:
         """Write every balance change and transfer posted: one statement on PostgreSQL."""
+        pending = self.flush_pending(conn)
+        for item in pending:
+            conn.execute(item.statement, item.params)
+
+    def flush_pending(self, conn: Connection) -> list[Pending]:
+        """`flush` as statements to send (bulk_sql.execute_together); on SQLite, written now."""
         deltas, transfers = self.deltas(), self.transfers
         self.journal, self.transfers = [], []
         if conn.dialect.name != "postgresql" or not deltas or not transfers:
             _write_now(conn, deltas, transfers)
-            return
+            return []
         columns = list(zip(*transfers, strict=True))
-        conn.execute(_FLUSH, {"ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
-                              "commands": pg_array(list(columns[0])),
-                              "debits": pg_array(list(columns[1])),
-                              "credits": pg_array(list(columns[2])),
-                              "amounts": pg_array(list(columns[3])),
-                              "kinds": pg_array(list(columns[4]))})
+        return [Pending(_FLUSH, {
+            "ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
+            "commands": pg_array(list(columns[0])), "debits": pg_array(list(columns[1])),
+            "credits": pg_array(list(columns[2])), "amounts": pg_array(list(columns[3])),
+            "kinds": pg_array(list(columns[4]))})]
 
 
 # Balances and transfers in one round trip: a data-modifying CTE runs whatever follows it.

@@ -208,7 +208,7 @@ def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: En
     key = command.idempotency_key
     try:
         return Done(execute_admitted(admitted, engine=engine, settings=settings,
-                                     redelivered=redelivered))
+                                     redelivered=redelivered, coalesce=True))
     except IdempotencyConflictError as exc:
         log.warning("refused %s: %s", key, exc.message)
         evidence = Evidence(key, command.type, command.producer, admitted.signed)
