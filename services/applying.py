@@ -157,7 +157,7 @@ def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
         if alone or (isinstance(exc, DBAPIError) and not in_savepoint):
             raise  # alone: the caller's policy; a statement failed: the transaction is lost
         book.rollback_to(mark)
-        log.info("%s left out of its batch (%s: %s); it runs again alone",
+        log.warning("%s left out of its batch (%s: %s); it runs again alone",
                  item.record.idempotency_key, type(exc).__name__, exc)
         outcomes.left.append(item)
         return

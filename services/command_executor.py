@@ -126,8 +126,11 @@ def _own_row(conn: Connection, admitted: Admitted, *, expect_new: bool
     if record is None:
         record = command_store.insert_processing(conn, admitted.command, admitted.signed)
         return record, record is not None  # None: recorded by someone else meanwhile
+    if record.signed != admitted.signed and \
+            record.payload_hash != payload_hash(canonical_payload(admitted.command)):
+        raise command_store.conflict(admitted.command, record)
     if not _same(record, admitted):
-        return None, False  # a conflict, or a row held to its own signature
+        return None, False  # a retry signed afresh, or a row held to its own signature
     if record.terminal or record.untouched:
         return record, False
     return None, False  # delivered, swept or re-driven before: count this delivery first

@@ -44,6 +44,7 @@ __all__ = [
     "finish_many_pending",
     "finished_records",
     "accept_many",
+    "conflict",
     "refuse",
     "redrive",
     "claim_stale",
@@ -213,7 +214,7 @@ def accept(conn: Connection, command: CommandBase, signed: Signed
     record = lock(conn, command.idempotency_key)
     assert record is not None, "a key that conflicted has no row"
     if record.payload_hash != params["digest"]:
-        raise _conflict(command, record)
+        raise conflict(command, record)
     return record, False
 
 
@@ -245,7 +246,7 @@ def claim(conn: Connection, command: CommandBase, signed: Signed) -> CommandReco
     record = get_record(conn, command.idempotency_key)
     assert record is not None, "a key that conflicted has no row"
     if record.payload_hash != params["digest"]:
-        raise _conflict(command, record)
+        raise conflict(command, record)
     assert record.terminal, "an upsert skipped a non-terminal command"
     return record
 
@@ -316,7 +317,7 @@ def lock_untouched(conn: Connection, *, types: Iterable[str], limit: int,
     return rows
 
 
-def _conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflictError:
+def conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflictError:
     # Nothing of the first command (its type, status, result, producer) is told: the key
     # may be another producer's.
     return IdempotencyConflictError(
@@ -472,7 +473,7 @@ def accept_many(conn: Connection, commands: Sequence[tuple[CommandBase, Signed]]
             continue
         record = found[p["key"]]
         out.append((record, False) if record.payload_hash == p["digest"]
-                   else _conflict(command, record))
+                   else conflict(command, record))
     return out
 
 
