@@ -154,8 +154,10 @@ def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
         outcomes.add(item, CommandStatus.REJECTED, error=exc.to_dict(), ids=exc.ids or None)
         return
     except Exception as exc:
-        if alone or (isinstance(exc, DBAPIError) and not in_savepoint):
-            raise  # alone: the caller's policy; a statement failed: the transaction is lost
+        lost = conn.invalidated or (isinstance(exc, DBAPIError)
+                                    and (not in_savepoint or exc.connection_invalidated))
+        if alone or lost:
+            raise  # alone: the caller's policy; the transaction (or its connection) is lost
         book.rollback_to(mark)
         log.warning("%s left out of its batch (%s: %s); it runs again alone",
                  item.record.idempotency_key, type(exc).__name__, exc)

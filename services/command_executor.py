@@ -76,8 +76,7 @@ def execute_admitted(admitted: Admitted, *, engine: Engine, settings: Settings,
     `coalesce` (a worker): take other untouched commands waiting into the transaction."""
     entry = command_types.get(admitted.command.type)
     if not redelivered and not entry.is_batch:
-        record = _lean(admitted, engine, settings,
-                       coalesce=coalesce and settings.coalesce_max > 1)
+        record = _lean(admitted, engine, settings, coalesce=coalesce and _coalesces(engine, settings))
         if record is not None:
             return record
     return _claimed(admitted, engine, settings)
@@ -98,6 +97,12 @@ def _same(record: CommandRecord, admitted: Admitted) -> bool:
     """The row holds exactly this message: its payload and what was signed."""
     return (record.signed == admitted.signed
             and record.payload_hash == payload_hash(canonical_payload(admitted.command)))
+
+
+def _coalesces(engine: Engine, settings: Settings) -> bool:
+    """PostgreSQL only: a company is admitted inside the transaction, and on SQLite (one
+    writer at a time, BEGIN IMMEDIATE) reading a producer there would wait on itself."""
+    return settings.coalesce_max > 1 and engine.dialect.name == "postgresql"
 
 
 def _company(conn: Connection, admitted: Admitted, engine: Engine, settings: Settings
@@ -149,7 +154,8 @@ def _lean_body(conn: Connection, admitted: Admitted, engine: Engine, settings: S
             return _Lean(record)
         with ledger.deferred(conn):  # the company is applied all the same
             return _Lean(record, apply(conn, others, settings, alone=len(others) == 1))
-    items = [Item(record, admitted, counted), *others]
+    # Oldest first, the trigger among them: commands submitted in order apply in order.
+    items = sorted([Item(record, admitted, counted), *others], key=lambda item: item.record.id)
     with ledger.deferred(conn):
         applied = apply(conn, items, settings, alone=len(items) == 1)
     mine = next((r for r in applied.finished if r.id == record.id), record)
@@ -309,8 +315,10 @@ def execute_keys(keys: Sequence[str], *, engine: Engine, settings: Settings
                  ) -> list[CommandRecord]:
     """Apply the untouched commands under these keys, `coalesce_max` per transaction; the
     records they ended. Keys that are unknown, ended, or held by another worker are left
-    to whoever holds them (and the sweep). Raises what a batch cannot get past: the caller
-    then takes the keys one by one."""
+    to whoever holds them (and the sweep). Raises what a batch cannot get past (and, on
+    SQLite, NotImplementedError): the caller then takes the keys one by one."""
+    if not _coalesces(engine, settings):
+        raise NotImplementedError("one command per transaction here: take the keys one by one")
     finished: list[CommandRecord] = []
     step = max(1, settings.coalesce_max)
     for start in range(0, len(keys), step):
