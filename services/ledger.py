@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -350,7 +351,9 @@ def open_user_wallets(conn: Connection, users: Sequence[str]) -> dict[str, int]:
 
 # --- the book of one transaction (the lean path) --------------------------------------------
 
-_BOOK = "walletq.ledger.book"
+#: The book open in this context, with the connection it belongs to (a context variable,
+#: not the connection's own `info`: a connection lost mid-transaction cannot be asked).
+_BOOK: ContextVar[tuple[Connection, Book] | None] = ContextVar("walletq_ledger_book", default=None)
 
 
 class BookMark(NamedTuple):
@@ -447,8 +450,8 @@ def _write_now(conn: Connection, deltas: Mapping[int, int],
 
 
 def _book(conn: Connection) -> Book | None:
-    book: Book | None = conn.info.get(_BOOK)
-    return book
+    current = _BOOK.get()
+    return current[1] if current is not None and current[0] is conn else None
 
 
 def current_book(conn: Connection) -> Book:
@@ -463,10 +466,11 @@ def current_book(conn: Connection) -> Book:
 def deferred(conn: Connection) -> Iterator[Book]:
     """Defer this transaction's ledger writes to `Book.flush`, which the caller runs before
     it commits; leaving the block without flushing discards them (the caller rolls back)."""
-    if _BOOK in conn.info:
-        raise TransactionIntegrityError("Bug! a ledger book is open on this connection already")
-    book = conn.info[_BOOK] = Book()
+    if _BOOK.get() is not None:
+        raise TransactionIntegrityError("Bug! a ledger book is open in this context already")
+    book = Book()
+    token = _BOOK.set((conn, book))
     try:
         yield book
     finally:
-        conn.info.pop(_BOOK, None)
+        _BOOK.reset(token)
