@@ -15,7 +15,10 @@ ledger writes are deferred (services.ledger.deferred):
    caller runs it again on its own once the batch has committed, where the usual policy
    (retry, or `failed`) applies to it alone;
 3. the ledger's writes (balances and transfers), every outcome and every audit row, in
-   three statements whatever the number of commands.
+   three statements whatever the number of commands, sent in one round trip. Hot accounts
+   are locked there, last (services.ledger); when their legs overdraw them by then,
+   `ledger.HotAccountShort` is raised and the caller applies the commands again with
+   their hot accounts locked first.
 
 A command row that fails its own signature check (`Item.refusal`) ends `rejected` here,
 with the reason, as services.refusing.reject_row would end it.
@@ -195,9 +198,16 @@ def _write(conn: Connection, book: ledger.Book, outcomes: _Outcomes) -> list[Com
         book.flush(conn)
         audit.insert_audit_rows(conn, outcomes.audits)
         return command_store.finish_many(conn, outcomes.finishes)
+    hot = book.hot_ids()
     pending = [*book.flush_pending(conn), audit.audit_rows_pending(outcomes.audits),
                command_store.finish_many_pending(outcomes.finishes)]
-    return command_store.finished_records(execute_together(conn, pending), outcomes.finishes)
+    try:
+        result = execute_together(conn, pending)
+    except IntegrityError as exc:
+        if hot and "balance_nonnegative" in str(exc.orig):
+            raise ledger.HotAccountShort(str(exc.orig)) from exc
+        raise
+    return command_store.finished_records(result, outcomes.finishes)
 
 
 def integrity_failure(exc: IntegrityError, key: str) -> FinancialIntegrityError:

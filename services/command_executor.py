@@ -171,6 +171,10 @@ def _lean(admitted: Admitted, engine: Engine, settings: Settings, *, coalesce: b
                                lambda conn: _lean_body(conn, admitted, engine, settings, coalesce))
     except RejectLater as later:
         return _reject_later(later, engine, settings)
+    except ledger.HotAccountShort as short:
+        log.info("%s: a hot account could not cover it at the flush (%s); again with its hot "
+                 "accounts locked first", key, str(short).splitlines()[0])
+        return None  # the claimed path locks hot accounts first
     except IntegrityError as exc:
         _count_attempt(admitted, engine, settings)
         raise integrity_failure(exc, key) from exc
@@ -291,7 +295,7 @@ def _apply_claimed(conn: Connection, admitted: Admitted, settings: Settings) -> 
     assert record is not None, "claimed command vanished"
     if record.terminal:
         return record
-    with ledger.deferred(conn):
+    with ledger.deferred(conn, hot_first=True):  # the slow path takes no chance
         return apply(conn, [Item(record, admitted, counted=True)], settings,
                      alone=True).finished[0]
 

@@ -13,6 +13,15 @@ costs no statement) and the balance changes and transfers posted, checked under 
 as always; `Book.flush` writes them all at the end of the transaction in one statement,
 and `Book.rollback_to` forgets what a refused command posted (docs/ARCHITECTURE.md, "The
 lean path and coalescing").
+
+Hot accounts (the platform's and the system's: every release credits `platform:fees`,
+every sale debits `platform:treasury`) are not locked while the transaction works: their
+balance is read, a debit is checked against it (and, when that reading cannot cover it,
+against the row locked there and then), and their legs are written once, at the end, in
+the flush, which locks them last (after every user account, in id order) and so holds
+their lock only through the commit. A debit that the locked row can no longer cover by
+then fails the CHECK constraint: `HotAccountShort`, and the caller applies the command
+again with its hot accounts locked first (docs/ARCHITECTURE.md, "Hot accounts").
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ __all__ = [
     "validate_balance_integrity",
     "Book",
     "BookMark",
+    "HotAccountShort",
+    "is_hot",
     "deferred",
     "current_book",
     "lock_footprint",
@@ -77,6 +88,11 @@ FEES = AccountSpec("platform:fees", "fees", None, False)
 ISSUANCE = AccountSpec("system:issuance", "issuance", None, True)
 EXTERNAL = AccountSpec("system:external", "external", None, True)
 _FIXED = {spec.code: spec for spec in (TREASURY, FEES, ISSUANCE, EXTERNAL)}
+
+
+def is_hot(code: str) -> bool:
+    """The platform's and the system's accounts: every command of some type touches one."""
+    return not code.startswith("user:")
 
 
 def user_available(user: str) -> AccountSpec:
@@ -117,13 +133,17 @@ def validate_balance_integrity(
 
 @dataclass
 class LockedAccount:
-    """An account row locked FOR UPDATE in this transaction; its balance tracks our writes."""
+    """An account row locked FOR UPDATE in this transaction; its balance tracks our writes.
+
+    Inside `deferred`, a hot account is read, not locked (`exact` False) until a debit its
+    reading cannot cover locks it, or the flush does."""
 
     id: int
     code: str
     user_id: str | None
     balance_minor: int
     may_go_negative: bool
+    exact: bool = True
 
 
 def lock_accounts(
@@ -139,13 +159,13 @@ def lock_accounts(
     known = {code: book.locked[code] for code in wanted if code in book.locked} if book else {}
     if len(known) == len(wanted):
         return known
-    locked = {**known, **_select_for_update(conn, sorted(set(wanted) - set(known)))}
+    locked = {**known, **_select(conn, sorted(set(wanted) - set(known)), book)}
     # Open what is missing (usually nothing), then lock the whole set again in id order.
     to_open = [wanted[code].row() for code in sorted(open_missing)
                if code in wanted and code not in locked]
     if to_open:
         insert_ignoring_conflicts(conn, schema.accounts, to_open, ["code"])
-        locked = {**known, **_select_for_update(conn, sorted(set(wanted) - set(known)))}
+        locked = {**known, **_select(conn, sorted(set(wanted) - set(known)), book)}
     if book is not None:
         book.remember(locked)
     for code, spec in sorted(wanted.items()):
@@ -170,17 +190,45 @@ _INSERT_TRANSFER = insert(schema.transfers).values(
 )
 
 
+# Users' accounts locked in id order, hot ones read (the book locks them at its flush).
+_LOCK_COLD_READ_HOT = text(
+    "WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative FROM accounts "
+    "WHERE code = ANY(CAST(:cold AS TEXT[])) ORDER BY id FOR UPDATE) "
+    "SELECT id, code, user_id, balance_minor, may_go_negative, true AS exact FROM cold "
+    "UNION ALL SELECT id, code, user_id, balance_minor, may_go_negative, false AS exact "
+    "FROM accounts WHERE code = ANY(CAST(:hot AS TEXT[]))")
+# Every account locked: users' in id order, then hot ones in id order.
+_LOCK_COLD_THEN_HOT = text(
+    "SELECT id, code, user_id, balance_minor, may_go_negative FROM accounts "
+    "WHERE code = ANY(CAST(:codes AS TEXT[])) ORDER BY code NOT LIKE 'user:%', id FOR UPDATE")
+
+
 def _select_for_update(conn: Connection, codes: list[str]) -> dict[str, LockedAccount]:
     rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
     return {row.code: LockedAccount(*row) for row in rows}
 
 
+def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, LockedAccount]:
+    """Outside a book, every account locked in id order; inside one (PostgreSQL), users'
+    accounts locked in id order and hot ones read, or, `hot_first`, locked after them."""
+    if book is None or conn.dialect.name != "postgresql" or not codes:
+        return _select_for_update(conn, codes) if codes else {}
+    if book.hot_first:
+        rows = conn.execute(_LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
+        return {row.code: LockedAccount(*row) for row in rows}
+    hot = [code for code in codes if is_hot(code)]
+    cold = [code for code in codes if not is_hot(code)]
+    rows = conn.execute(_LOCK_COLD_READ_HOT, {"cold": pg_array(cold), "hot": pg_array(hot)}).all()
+    return {row.code: LockedAccount(*row) for row in rows}
+
+
 def lock_footprint(conn: Connection, specs: Iterable[AccountSpec]) -> dict[str, LockedAccount]:
-    """Lock, in one statement and in id order, every existing account a batch of commands
-    will touch (none is opened here: a command opens its own, so that a refusal undoes it)."""
+    """Lock, in one statement, every existing account a batch of commands will touch: users'
+    in id order, hot ones read (see the module's docstring). None is opened here: a command
+    opens its own, so that a refusal undoes it."""
     book = _book(conn)
     codes = sorted({spec.code for spec in specs} - (set(book.locked) if book else set()))
-    locked = _select_for_update(conn, codes) if codes else {}
+    locked = _select(conn, codes, book)
     if book is not None:
         book.remember(locked)
     return locked
@@ -220,13 +268,16 @@ def post_transfers(conn: Connection, command_id: int, transfers: Sequence[Transf
 
 def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
     debit, credit = transfer.debit, transfer.credit
+    book = _book(conn)
+    if book is not None and not debit.exact and not debit.may_go_negative \
+            and debit.balance_minor < transfer.amount_minor:
+        book.lock_exact(conn, debit)  # a refusal is decided under the lock, never on a reading
     validate_balance_integrity(
         account_code=debit.code,
         balance_minor=debit.balance_minor,
         debit_minor=transfer.amount_minor,
         may_go_negative=debit.may_go_negative,
     )
-    book = _book(conn)
     if book is not None:
         book.post(command_id, transfer)
         return
@@ -362,10 +413,17 @@ class BookMark(NamedTuple):
     transfers: int
 
 
+class HotAccountShort(Exception):  # noqa: N818 - a signal to the caller, not an error
+    """A hot account's debits, checked against its reading, overdraw the locked row at the
+    flush: apply the command again with its hot accounts locked first (`hot_first`)."""
+
+
 @dataclass
 class Book:
     """What one transaction locked and posted, written at its end by `flush`."""
 
+    #: Lock hot accounts with the others (after them), not at the flush: exact throughout.
+    hot_first: bool = False
     locked: dict[str, LockedAccount] = field(default_factory=dict)
     #: (account id, delta, the locked account whose tracked balance it changed, if any).
     journal: list[tuple[int, int, LockedAccount | None]] = field(default_factory=list)
@@ -386,6 +444,15 @@ class Book:
 
     def add_deltas(self, deltas: Mapping[int, int]) -> None:
         self.journal += [(account_id, delta, None) for account_id, delta in deltas.items() if delta]
+
+    def lock_exact(self, conn: Connection, account: LockedAccount) -> None:
+        """Lock a hot account now, and track its exact balance from here on."""
+        balance = conn.execute(_LOCK_ONE, {"id": account.id}).scalar_one()
+        pending = sum(delta for account_id, delta, _ in self.journal if account_id == account.id)
+        account.balance_minor, account.exact = balance + pending, True
+
+    def hot_ids(self) -> list[int]:
+        return sorted(account.id for account in self.locked.values() if not account.exact)
 
     def mark(self) -> BookMark:
         return BookMark(len(self.locked), len(self.journal), len(self.transfers))
@@ -421,13 +488,19 @@ class Book:
             _write_now(conn, deltas, transfers)
             return []
         columns = list(zip(*transfers, strict=True))
-        return [Pending(_FLUSH, {
+        hot = [account_id for account_id in self.hot_ids() if account_id in deltas]
+        lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)})] if hot else []
+        return [*lock_hot, Pending(_FLUSH, {
             "ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
             "commands": pg_array(list(columns[0])), "debits": pg_array(list(columns[1])),
             "credits": pg_array(list(columns[2])), "amounts": pg_array(list(columns[3])),
             "kinds": pg_array(list(columns[4]))})]
 
 
+_LOCK_ONE = text("SELECT balance_minor FROM accounts WHERE id = :id FOR UPDATE")
+# Hot accounts locked last, in id order, just before their legs are written.
+_LOCK_HOT = text("SELECT id FROM accounts WHERE id = ANY(CAST(:ids AS BIGINT[])) ORDER BY id "
+                 "FOR UPDATE")
 # Balances and transfers in one round trip: a data-modifying CTE runs whatever follows it.
 _FLUSH = text(
     "WITH moved AS (UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
@@ -463,12 +536,13 @@ def current_book(conn: Connection) -> Book:
 
 
 @contextmanager
-def deferred(conn: Connection) -> Iterator[Book]:
+def deferred(conn: Connection, *, hot_first: bool = False) -> Iterator[Book]:
     """Defer this transaction's ledger writes to `Book.flush`, which the caller runs before
-    it commits; leaving the block without flushing discards them (the caller rolls back)."""
+    it commits; leaving the block without flushing discards them (the caller rolls back).
+    `hot_first`: lock hot accounts with the others instead of at the flush."""
     if _BOOK.get() is not None:
         raise TransactionIntegrityError("Bug! a ledger book is open in this context already")
-    book = Book()
+    book = Book(hot_first=hot_first)
     token = _BOOK.set((conn, book))
     try:
         yield book

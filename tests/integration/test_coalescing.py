@@ -286,3 +286,19 @@ def test_wallet_service_never_takes_other_commands_into_its_transaction(
     funded.transfer_tokens_between_users("bob", "carol", "1.00", idempotency_key="n-2")
     assert record(engine, "n-1").status == "accepted"
     assert record(engine, "n-2").status == "succeeded"
+
+
+def test_a_batch_applies_its_commands_oldest_first_whichever_message_came_first(
+    engine: Engine, settings: Settings
+) -> None:
+    mint = {"type": "admin_create_tokens", "idempotency_key": "o-mint", "amount": "50.00"}
+    sale = {"type": "admin_sell_tokens_to_user", "idempotency_key": "o-sale", "user": "alice",
+            "amount": "50.00"}
+    accept(engine, settings, mint, sale)  # submitted in this order
+    outcome = execute_message((signed(sale),), {}, engine=engine, settings=settings,
+                              retries_left=True)  # the sale's message arrives first
+    assert isinstance(outcome, Done) and outcome.record is not None
+    assert outcome.record.status == "succeeded"
+    assert record(engine, "o-mint").status == "succeeded"
+    assert balances(engine)["user:alice:available"] == 5000
+    assert_ledger_holds(engine)
