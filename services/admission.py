@@ -39,7 +39,8 @@ from services.permissions import allows, missing
 from services.settings import Settings
 from services.signing import PRODUCER_PATTERN, Signed, Signer, SigningError, signed_form
 
-__all__ = ["Evidence", "Admitted", "Refused", "Admission", "as_object", "admit", "sign_if_unsigned"]
+__all__ = ["Evidence", "Admitted", "Refused", "Admission", "SignedHere", "as_object", "admit",
+           "sign_if_unsigned"]
 
 _TYPE_CHARS_MAX = 60
 
@@ -56,13 +57,14 @@ class Evidence:
     shape_problem: str | None = None
 
     @classmethod
-    def of(cls, obj: Any) -> Evidence:
+    def of(cls, obj: Any, signed: Signed | None = None) -> Evidence:
+        """What `obj` claims; `signed`, its signed form when the caller made it already."""
         if not isinstance(obj, dict):
             return cls()
         key, claimed, producer = obj.get("idempotency_key"), obj.get("type"), obj.get("producer")
-        signed, problem = None, None
+        problem = None
         try:
-            signed = signed_form(obj)
+            signed = signed or signed_form(obj)
         except SigningError as exc:
             problem = str(exc)
         return cls(key if isinstance(key, str) and re.fullmatch(ID_PATTERN, key) else None,
@@ -142,17 +144,29 @@ def _valid_when_accepted(principal: Principal, evidence: Evidence, engine: Engin
 
 
 def _authenticated(evidence: Evidence, engine: Engine, settings: Settings,
-                   accepted_at: datetime | None, directory: ProducerDirectory) -> Principal:
+                   accepted_at: datetime | None, directory: ProducerDirectory,
+                   signer_public: str | None = None) -> Principal:
     if evidence.signed is None:
         raise UnauthenticatedError(evidence.shape_problem or "no signature")
     principal = authenticate(evidence.signed, engine=engine, ttl_s=settings.producer_cache_s,
-                             directory=directory)
+                             directory=directory, signer_public=signer_public)
     _valid_when_accepted(principal, evidence, engine, accepted_at)
     return principal
 
 
+@dataclass(frozen=True)
+class SignedHere:
+    """A command this process signed a moment ago: its signed form and the signing key's
+    public half. Its signature is good by construction; the key must still be the
+    producer's, valid, and the role must allow what it asks."""
+
+    signed: Signed
+    public_text: str
+
+
 def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime | None = None,
-          directory: ProducerDirectory = DIRECTORY) -> Admission:
+          directory: ProducerDirectory = DIRECTORY, signed_here: SignedHere | None = None
+          ) -> Admission:
     """Admitted, or Refused with the reason (see the module's docstring for the order).
 
     Database errors (reading the producer) propagate: they are not the command's fault.
@@ -161,9 +175,10 @@ def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime
         obj = as_object(raw)
     except InvalidCommandError as exc:
         return Refused(exc, Evidence(), authenticated=False)
-    evidence = Evidence.of(obj)
+    evidence = Evidence.of(obj, signed_here.signed if signed_here is not None else None)
     try:
-        principal = _authenticated(evidence, engine, settings, accepted_at, directory)
+        principal = _authenticated(evidence, engine, settings, accepted_at, directory,
+                                   signed_here.public_text if signed_here is not None else None)
     except UnauthenticatedError as exc:
         exc.ids.setdefault("idempotency_key", evidence.key)
         return Refused(exc, evidence, authenticated=False)

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from services import command_store, command_types, ledger
-from services.admission import Admitted, Refused, admit
+from services.admission import Admitted, Refused, SignedHere, admit
 from services.applying import Applied, Item, RejectLater, apply, integrity_failure, rejection
 from services.audit import audit_command, insert_audit_rows
 from services.canonical import canonical_payload, payload_hash
@@ -53,7 +53,8 @@ __all__ = ["execute_command", "execute_admitted", "execute_keys", "record_failur
 log = logging.getLogger("walletq.executor")
 
 
-def execute_command(raw: Any, *, engine: Engine, settings: Settings) -> CommandRecord:
+def execute_command(raw: Any, *, engine: Engine, settings: Settings,
+                    signed_here: SignedHere | None = None) -> CommandRecord:
     """Admit a signed command, then apply it once; a duplicate gets the stored outcome.
 
     Raises the refusal as its typed error: UnauthenticatedError or ForbiddenError (audited
@@ -61,7 +62,7 @@ def execute_command(raw: Any, *, engine: Engine, settings: Settings) -> CommandR
     IdempotencyConflictError (the first command untouched) or ConcurrentOperationError
     (transient errors outlasted the retries).
     """
-    admission = admit(raw, engine=engine, settings=settings)
+    admission = admit(raw, engine=engine, settings=settings, signed_here=signed_here)
     if isinstance(admission, Refused):
         if not isinstance(admission.error, InvalidCommandError):
             record_refused(raw, admission, engine=engine, settings=settings, source="service")

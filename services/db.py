@@ -14,16 +14,34 @@ from sqlalchemy.engine import Engine
 
 from services.settings import Settings
 
-__all__ = ["make_engine", "get_engine", "dispose_engines", "schema_is_current", "upgrade"]
+__all__ = ["make_engine", "get_engine", "dispose_engines", "schema_is_current", "upgrade",
+           "for_transactions"]
 
 _engines: dict[str, Engine] = {}
+#: Each PostgreSQL engine's twin without pre-ping, for transactions (see for_transactions).
+_unpinged: dict[int, Engine] = {}
 _lock = threading.Lock()
+
+
+def for_transactions(engine: Engine) -> Engine:
+    """The engine to run a retried transaction on: the same database, without the pre-ping
+    round trip at every checkout. A transaction is re-run whole when its connection turns
+    out dead (services.unit_of_work), so it does not need the ping that reads, which have
+    no retry loop, do. An engine made elsewhere is its own."""
+    return _unpinged.get(id(engine), engine)
 
 
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     url = settings.database_url
     if url.startswith("sqlite"):
         return _sqlite_engine(url, **kwargs)
+    engine = _postgres_engine(settings, pre_ping=True, **dict(kwargs))
+    _unpinged[id(engine)] = _postgres_engine(settings, pre_ping=False, **kwargs)
+    return engine
+
+
+def _postgres_engine(settings: Settings, *, pre_ping: bool, **kwargs: Any) -> Engine:
+    url = settings.database_url
     options = (
         f"-c lock_timeout={settings.lock_timeout_ms} "
         f"-c statement_timeout={settings.statement_timeout_ms} "
@@ -34,8 +52,9 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         url,
         connect_args=connect_args,
         # A pooled connection the server dropped (restart, pg_terminate_backend) is replaced
-        # at checkout: reads have no retry loop around them. One round trip per checkout.
-        pool_pre_ping=True,
+        # at checkout: reads have no retry loop around them. One round trip per checkout
+        # (transactions use a twin without it: for_transactions).
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         pool_size=kwargs.pop("pool_size", 10),
         max_overflow=kwargs.pop("max_overflow", 20),
@@ -86,6 +105,9 @@ def dispose_engines() -> None:
     with _lock:
         for engine in _engines.values():
             engine.dispose(close=False)
+            twin = _unpinged.pop(id(engine), None)
+            if twin is not None:
+                twin.dispose(close=False)
         _engines.clear()
 
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from services.db import for_transactions
 from services.errors import ConcurrentOperationError, TransactionIntegrityError
 from services.settings import Settings
 
@@ -49,13 +50,14 @@ def current_connection() -> Connection | None:
 def atomic_financial_operation(engine: Engine, label: str = "operation") -> Iterator[Connection]:
     """Open a transaction, or join the one already open: only the outermost level commits."""
     joined = _current.get()
+    own = for_transactions(engine)
     if joined is not None:
-        if joined.engine is not engine:
+        if joined.engine is not engine and joined.engine is not own:
             raise TransactionIntegrityError("nested operation on another database")
         yield joined
         return
     started = time.perf_counter()
-    with engine.connect() as conn:
+    with own.connect() as conn:
         token = _current.set(conn)
         try:
             conn.begin()

@@ -18,7 +18,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from services import command_store, schema
-from services.admission import as_object, sign_if_unsigned
+from services.admission import SignedHere, as_object, sign_if_unsigned
 from services.command_executor import execute_command
 from services.command_fields import CommandBase
 from services.command_status import CommandStatus
@@ -29,7 +29,7 @@ from services.ledger import user_available, user_escrow
 from services.money import to_decimal
 from services.producer_identity import signer_for
 from services.settings import Settings, get_settings
-from services.signing import Signer
+from services.signing import Signer, public_key_text
 
 __all__ = ["WalletService", "Balance", "raise_for_outcome"]
 
@@ -60,6 +60,7 @@ class WalletService:
         self.settings = settings or get_settings()
         self.engine = engine or get_engine(self.settings)
         self._signer = signer
+        self._signer_public: tuple[Signer, str] | None = None
 
     @property
     def signer(self) -> Signer | None:
@@ -72,10 +73,21 @@ class WalletService:
 
     def execute(self, command: Any) -> CommandRecord:
         """Apply a command (model, dict or JSON) once, signed as this process's producer
-        unless it carries a signature; returns its stored outcome."""
+        unless it carries a signature; returns its stored outcome. A command signed here is
+        not verified again (its key must still be the producer's, valid, and allowed)."""
+        here = None
         if not isinstance(command, CommandBase) and "signature" not in as_object(command):
-            command, _ = sign_if_unsigned(command, self.signer)
-        return execute_command(command, engine=self.engine, settings=self.settings)
+            signer = self.signer
+            command, signed = sign_if_unsigned(command, signer)
+            if signer is not None:
+                here = SignedHere(signed, self._public_text(signer))
+        return execute_command(command, engine=self.engine, settings=self.settings,
+                               signed_here=here)
+
+    def _public_text(self, signer: Signer) -> str:
+        if self._signer_public is None or self._signer_public[0] is not signer:
+            self._signer_public = (signer, public_key_text(signer.private_key.public_key()))
+        return self._signer_public[1]
 
     def _run(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:
         data = {"type": type_, "idempotency_key": key or f"direct:{uuid.uuid4().hex}"}

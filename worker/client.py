@@ -53,7 +53,7 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from services import command_store, refusals
-from services.admission import Refused, admit, as_object, sign_if_unsigned
+from services.admission import Refused, SignedHere, admit, as_object, sign_if_unsigned
 from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.command_types import SINGLE_TYPES
@@ -64,7 +64,7 @@ from services.message_policy import KEYS_PER_MESSAGE_MAX
 from services.outbox import Accepted, record_accepted, record_accepted_many
 from services.refusals import Refusal
 from services.settings import Settings, load_settings
-from services.signing import Signed, Signer
+from services.signing import Signed, Signer, public_key_text
 from services.wallet_service import WalletService
 from worker.celery_app import make_app
 from worker.publisher import CeleryPublisher
@@ -85,11 +85,17 @@ class WalletClient:
         self.engine = engine or get_engine(settings)
         self.publisher = CeleryPublisher(app, env)
         self._service = WalletService(self.engine, settings, signer)
+        self._signer_public: tuple[Signer, str] | None = None
 
     @property
     def signer(self) -> Signer | None:
         """The producer this client signs as, found (or, embedded, made) on first use."""
         return self._service.signer
+
+    def _public_text(self, signer: Signer) -> str:
+        if self._signer_public is None or self._signer_public[0] is not signer:
+            self._signer_public = (signer, public_key_text(signer.private_key.public_key()))
+        return self._signer_public[1]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WalletClient:
@@ -104,10 +110,14 @@ class WalletClient:
     # --- submitting ------------------------------------------------------------------
 
     def _admit(self, command: Any) -> tuple[Command, Signed]:
-        """Sign (unless signed) and admit; the refusal is raised, nothing recorded."""
+        """Sign (unless signed) and admit; the refusal is raised, nothing recorded. A command
+        signed here is not verified again: its key must be the producer's, valid, allowed."""
         obj = as_object(command)
-        signed_obj, _ = sign_if_unsigned(obj, None if "signature" in obj else self.signer)
-        admission = admit(signed_obj, engine=self.engine, settings=self.settings)
+        signer = None if "signature" in obj else self.signer
+        signed_obj, signed = sign_if_unsigned(obj, signer)
+        here = None if signer is None else SignedHere(signed, self._public_text(signer))
+        admission = admit(signed_obj, engine=self.engine, settings=self.settings,
+                          signed_here=here)
         if isinstance(admission, Refused):
             raise admission.error
         return admission.command, admission.signed
