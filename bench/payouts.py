@@ -1,46 +1,55 @@
-"""Benchmark: batch payouts against single commands, through the same worker. Not a test.
+"""Payouts against their ceiling, measured in one run. Not a test.
 
-In one run, on a database of its own (walletq_bench_<random>, dropped at the end) and a
-worker subprocess of its own (`celery -A worker worker`, Redis broker, queues of its own):
+    python bench/payouts.py [--runs 3] [--items 10000] [--big 100000] [--workers 2]
+                            [--concurrency 1] [--chunk N]
 
-  (a)  10,000 payouts as `walletq payout` does it: one payout_batch command
-  (b)  the same 10,000 payouts as 10,000 admin_sell_tokens_to_user commands
-  (a') 100,000 payouts as (a): the file split into batches of WALLETQ_PAYOUT_ITEMS_MAX
+Each run, on a database and queues of its own (bench/harness.py):
 
-and prints items/s for each and the ratio a/b, then where the time goes: the client's
-submit, the queue and claim, the chunks; and per chunk phase (lock, decide, insert,
-update, progress, commit) from the same 10,000 paid in this process.
-Each scenario pays fresh users (their wallets are opened by the payment), so each does
-the same work. `--sync` measures the services without the queue: every scenario runs in
-this process. Durable commits: the script reports the server's synchronous_commit.
+  ceiling  a minimal set-based payout in raw SQL (psycopg2, one client, chunks of the same
+           size): lock the funder, open the wallets, insert the transfers from arrays,
+           update the balances, commit
+  (a)      --items payouts as one payout_batch command through the workers
+  (a')     --big payouts through `walletq payout FILE.csv` (the whole process: read and
+           validate the file, submit its batches, wait for the workers, report)
+  (a'')    the same file paid again under another key: every item a duplicate, nothing paid
+  phases   where a chunk's time goes, from --items paid in this process (lock, decide, pay,
+           progress, commit)
 
-    python bench/payouts.py [--items 10000] [--big 100000] [--concurrency 2] [--sync]
+and prints items/s with each as a ratio of the ceiling, and of the goal (20,000 items/s).
+Durable commits (synchronous_commit as the server has it, printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+import psycopg2
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PG_URL = os.environ.get("WALLETQ_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-BROKER_URL = os.environ.get("WALLETQ_TEST_REDIS_URL", "redis://127.0.0.1:6379") + "/0"
+from bench.harness import (  # noqa: E402 - after the path is set
+    Scratch,
+    commands_ended,
+    machine_load,
+    median_of,
+    print_table,
+    progress,
+    wait_until,
+)
+
+GOAL_ITEMS_S = 20_000
 
 
 def payout_rows(prefix: str, n: int) -> list[dict[str, str]]:
-    """n payouts of 1.00 to 99.99 to n users; references unique per scenario."""
+    """n payouts of 1.00 to 99.99 to n new users; references unique per scenario."""
     rows = []
     for i in range(n):
         minor = 100 + (i * 7919) % 9_900
@@ -49,255 +58,149 @@ def payout_rows(prefix: str, n: int) -> list[dict[str, str]]:
     return rows
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.tag = uuid.uuid4().hex[:10]
-        self.db_name = f"walletq_bench_{self.tag}"
-        self.admin = create_engine(make_url(PG_URL), isolation_level="AUTOCOMMIT", pool_size=1)
-        self.url = make_url(PG_URL).set(database=self.db_name).render_as_string(hide_password=False)
-        self.folder = Path(tempfile.mkdtemp(prefix="walletq-bench-"))
-        self.env = {
-            "WALLETQ_DATABASE_URL": self.url,
-            "WALLETQ_BROKER_URL": BROKER_URL,
-            "WALLETQ_QUEUE_PREFIX": f"bench{self.tag}.",
-            "WALLETQ_HOME": str(self.folder / "home"),
-            "WALLETQ_STATEMENT_TIMEOUT_MS": "120000",
-        }
-        if args.chunk is not None:
-            self.env["WALLETQ_PAYOUT_CHUNK_ITEMS"] = str(args.chunk)
-        self.worker: subprocess.Popen[bytes] | None = None
+def raw_sql_rate(url: str, n: int, chunk: int) -> float:
+    """Items per second of a minimal set-based payout in plain SQL, one client."""
+    dsn = url.replace("postgresql+psycopg2://", "postgresql://")
+    conn = psycopg2.connect(dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE sql_accounts (id BIGSERIAL PRIMARY KEY, code TEXT UNIQUE NOT NULL, "
+                    "balance BIGINT NOT NULL CHECK (balance >= 0))")
+        cur.execute("CREATE TABLE sql_transfers (id BIGSERIAL PRIMARY KEY, debit BIGINT NOT NULL "
+                    "REFERENCES sql_accounts, credit BIGINT NOT NULL REFERENCES sql_accounts, "
+                    "amount BIGINT NOT NULL CHECK (amount > 0))")
+        cur.execute("INSERT INTO sql_accounts (code, balance) VALUES ('funder', 1000000000000)")
+    started = time.perf_counter()
+    with conn.cursor() as cur:
+        for start in range(0, n, chunk):
+            codes = [f"w{i}" for i in range(start, min(n, start + chunk))]
+            amounts = [100 + i % 9_900 for i in range(len(codes))]
+            cur.execute("SELECT id FROM sql_accounts WHERE code = 'funder' FOR UPDATE")
+            funder = cur.fetchone()[0]
+            cur.execute("INSERT INTO sql_accounts (code, balance) SELECT unnest(%s::text[]), 0 "
+                        "RETURNING id", (codes,))
+            ids = [row[0] for row in cur.fetchall()]
+            cur.execute("INSERT INTO sql_transfers (debit, credit, amount) SELECT %s, "
+                        "unnest(%s::bigint[]), unnest(%s::bigint[])", (funder, ids, amounts))
+            cur.execute("UPDATE sql_accounts SET balance = balance + v.d FROM unnest("
+                        "%s::bigint[], %s::bigint[]) AS v(id, d) WHERE sql_accounts.id = v.id",
+                        (ids + [funder], amounts + [-sum(amounts)]))
+            conn.commit()
+    conn.close()
+    return n / (time.perf_counter() - started)
 
-    # --- set-up and tear-down -----------------------------------------------------------
 
-    def setup(self) -> None:
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
-        os.environ.update(self.env)
-        from services.db import upgrade
-        from services.settings import get_settings, reset_settings
+def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["user", "amount", "reference"])
+        writer.writeheader()
+        writer.writerows(rows)
 
-        reset_settings()
-        upgrade(get_settings())
 
-    def start_worker(self) -> None:
-        ready = self.folder / "worker.ready"
-        log = (self.folder / "worker.log").open("ab")
-        env = {**os.environ, **self.env, "WALLETQ_WORKER_READY_FILE": str(ready)}
-        prefix = self.env["WALLETQ_QUEUE_PREFIX"]
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=WARNING",
-             "-c", str(self.args.concurrency), "-P", "prefork", "-n", f"bench{self.tag}@%h",
-             "-Q", f"{prefix}commands,{prefix}payouts", "--without-mingle", "--without-gossip",
-             "--without-heartbeat"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {self.folder / 'worker.log'}")
-            time.sleep(0.05)
+def cli_payout(scratch: Scratch, path: Path, key: str) -> tuple[float, dict[str, Any]]:
+    walletq = str(Path(sys.executable).parent / "walletq")
+    started = time.perf_counter()
+    done = subprocess.run([walletq, "--json", "payout", str(path), "--key", key], capture_output=True,
+                          text=True, env={**os.environ, **scratch.env}, check=False)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    return elapsed, json.loads(done.stdout.splitlines()[-1])
 
-    def teardown(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, 9)
-                self.worker.wait(10)
-        from services.db import dispose_engines
 
-        dispose_engines()
-        with self.admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
-        self.admin.dispose()
+def phases(n: int) -> tuple[dict[str, float], int]:
+    """The same n payouts paid in this process: seconds per chunk phase."""
+    from services import payouts
+    from services.wallet_service import WalletService
 
-    # --- scenarios ----------------------------------------------------------------------
+    payouts.TIMINGS.reset()
+    WalletService().execute({"type": "payout_batch", "idempotency_key": "bench-phases",
+                             "items": payout_rows("phase", n)})
+    return dict(payouts.TIMINGS.seconds), payouts.TIMINGS.chunks
 
-    def mint(self, amount: str) -> None:
-        from services.command_executor import execute_command
 
-        execute_command({"type": "admin_create_tokens", "idempotency_key": f"mint-{uuid.uuid4().hex}",
-                         "amount": amount}, **_runtime())
-
-    def run_batches(self, prefix: str, n: int) -> dict[str, Any]:
-        """(a): the rows as `walletq payout` sends them: batches of at most the item limit."""
-        from services.payouts.file import PayoutFile, batch_commands
+def one_run(args: argparse.Namespace, run: int) -> tuple[dict[str, float], dict[str, float], int]:
+    extra = {"WALLETQ_PAYOUT_CHUNK_ITEMS": str(args.chunk)} if args.chunk else {}
+    with Scratch(extra) as scratch:
+        from services.db import get_engine
         from services.settings import get_settings
-
-        rows = payout_rows(prefix, n)
-        commands = batch_commands(PayoutFile(rows, list(range(n)), prefix), "platform:treasury",
-                                  f"bench-{prefix}", False, get_settings().payout_items_max)
-        keys = [c["idempotency_key"] for c in commands]
-        timing = self.pay(commands, keys, batch_size=1, poll_s=0.01)
-        return {"items": n, **timing, "spans": self.batch_spans(keys), "paid": self.paid(keys)}
-
-    def run_singles(self, prefix: str, n: int) -> dict[str, Any]:
-        """(b): one admin_sell_tokens_to_user command per payout."""
-        rows = payout_rows(prefix, n)
-        commands = [{"type": "admin_sell_tokens_to_user", "idempotency_key": f"bench-{r['reference']}",
-                     "user": r["user"], "amount": r["amount"]} for r in rows]
-        keys = [c["idempotency_key"] for c in commands]
-        return {"items": n, **self.pay(commands, keys, batch_size=1000, poll_s=0.1)}
-
-    def pay(self, commands: list[dict[str, Any]], keys: list[str], *, batch_size: int,
-            poll_s: float) -> dict[str, float]:
-        """Execute in process (--sync), or submit (batch_size at a time) and wait for the worker."""
-        started = time.perf_counter()
-        if self.args.sync:
-            from services.command_executor import execute_command
-
-            for command in commands:
-                execute_command(command, **_runtime())
-            submitted = time.perf_counter()
-        else:
-            client = self.client()
-            for start in range(0, len(commands), batch_size):
-                chunk = commands[start:start + batch_size]
-                if batch_size == 1:
-                    client.submit(chunk[0])
-                else:
-                    client.submit_many(chunk)
-            submitted = time.perf_counter()
-            self.wait(keys, poll_s=poll_s)
-        return {"seconds": time.perf_counter() - started, "submit_s": submitted - started}
-
-    def client(self) -> Any:
+        from services.wallet_service import WalletService
         from worker.client import WalletClient
 
-        if not hasattr(self, "_client"):
-            self._client = WalletClient.from_env()
-        return self._client
+        settings = get_settings()
+        engine = get_engine(settings)
+        chunk = settings.payout_chunk_items
+        figures: dict[str, float] = {}
+        progress(f"run {run}: raw SQL payout, {args.big:,} items in chunks of {chunk:,}")
+        figures["sql"] = raw_sql_rate(scratch.url, args.big, chunk)
+        WalletService().admin_create_tokens(f"{(args.items + 2 * args.big) * 100}.00",
+                                            idempotency_key="mint")
+        client = WalletClient.from_env()
+        with scratch.workers_running(args.workers, args.concurrency):
+            progress(f"run {run}: (a) {args.items:,} as one payout batch")
+            started = time.perf_counter()
+            client.submit({"type": "payout_batch", "idempotency_key": "bench-a",
+                           "items": payout_rows("a", args.items)})
+            wait_until(lambda: commands_ended(engine, ["bench-a"]) == 1, poll_s=0.01)
+            figures["batch"] = args.items / (time.perf_counter() - started)
+            progress(f"run {run}: (a') {args.big:,} through `walletq payout`")
+            path = scratch.folder / "payouts.csv"
+            write_csv(path, payout_rows("big", args.big))
+            elapsed, report = cli_payout(scratch, path, "bench-big")
+            assert report["paid"] == args.big, report
+            figures["cli"] = args.big / elapsed
+            progress(f"run {run}: (a'') the same file again under another key")
+            elapsed, again = cli_payout(scratch, path, "bench-big-again")
+            assert (again["paid"], again["duplicate"]) == (0, args.big), again
+            figures["again"] = args.big / elapsed
+        client.close()
+        progress(f"run {run}: phases, {args.items:,} in process")
+        seconds, chunks = phases(args.items)
+        from services.verify import verify_ledger
 
-    def wait(self, keys: list[str], poll_s: float) -> None:
-        engine = _runtime()["engine"]
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                left = conn.execute(text(
-                    "SELECT COUNT(*) FROM commands WHERE idempotency_key = ANY(:k) "
-                    "AND status IN ('succeeded', 'rejected', 'failed')"), {"k": keys}).scalar_one()
-            if left == len(keys):
-                return
-            time.sleep(poll_s)
-        raise TimeoutError(f"{len(keys)} commands did not end; see {self.folder / 'worker.log'}")
-
-    def batch_spans(self, keys: list[str]) -> dict[str, float]:
-        """From the database: accepted → first chunk started → last chunk committed."""
-
-        with _runtime()["engine"].connect() as conn:
-            row = conn.execute(text(
-                "SELECT EXTRACT(EPOCH FROM MIN(b.created_at) - MIN(c.created_at)),"
-                " EXTRACT(EPOCH FROM MAX(b.completed_at) - MIN(b.created_at)) "
-                "FROM commands c JOIN payout_batches b ON b.command_id = c.id "
-                "WHERE c.idempotency_key = ANY(:k)"), {"k": keys}).one()
-        return {"to_first_chunk_s": float(row[0]), "chunks_s": float(row[1])}
-
-    def paid(self, keys: list[str]) -> int:
-
-        with _runtime()["engine"].connect() as conn:
-            return int(conn.execute(text(
-                "SELECT SUM(b.items_paid) FROM commands c JOIN payout_batches b "
-                "ON b.command_id = c.id WHERE c.idempotency_key = ANY(:k)"), {"k": keys}).scalar_one())
-
-    def phases(self, n: int) -> tuple[dict[str, float], int, float]:
-        """The same n payouts paid in this process: seconds per chunk phase."""
-        from services import payouts
-        from services.command_executor import execute_command
-        from services.commands import CommandLimits, parse_command
-        from services.settings import get_settings
-
-        rows = payout_rows("phase", n)
-        command = {"type": "payout_batch", "idempotency_key": "bench-phases", "items": rows}
-        started = time.perf_counter()
-        parsed = parse_command(command, CommandLimits.from_settings(get_settings()))
-        parse_s = time.perf_counter() - started
-        payouts.TIMINGS.reset()
-        execute_command(parsed, **_runtime())
-        return dict(payouts.TIMINGS.seconds), payouts.TIMINGS.chunks, parse_s
+        failed = [c.name for c in verify_ledger(engine, settings.asset_scale) if not c.ok]
+        assert not failed, f"walletq verify failed: {failed}"
+        with engine.connect() as conn:
+            figures["_sync"] = 1.0 if conn.exec_driver_sql("SHOW synchronous_commit").scalar() \
+                == "on" else 0.0
+    return figures, seconds, chunks
 
 
-def _runtime() -> dict[str, Any]:
-    """The engine and settings of this process's WALLETQ_* environment."""
-    from services.db import get_engine
-    from services.settings import get_settings
-
-    settings = get_settings()
-    return {"engine": get_engine(settings), "settings": settings}
-
-
-def _rate(result: dict[str, Any]) -> float:
-    return result["items"] / result["seconds"]
-
-
-def report(bench: Bench, a: dict[str, Any], b: dict[str, Any], big: dict[str, Any],
-           phases: tuple[dict[str, float], int, float], sync_commit: str) -> None:
-    mode = "in process (--sync)" if bench.args.sync else (
-        f"worker, concurrency {bench.args.concurrency}, Redis")
-    print(f"\nwalletq payouts benchmark: {mode}; chunk {bench.args.chunk} items; "
-          f"synchronous_commit={sync_commit}")
-    line = f"{'scenario':<52} {'items':>8} {'seconds':>9} {'items/s':>10}"
-    print(line + "\n" + "-" * len(line))
-    rows: list[tuple[str, dict[str, Any]]] = [
-        (f"(a)  {a['items']:,} payouts, payout_batch", a),
-        (f"(b)  {b['items']:,} single admin_sell_tokens_to_user", b),
-        (f"(a') {big['items']:,} payouts, payout_batch x{-(-big['items'] // bench.items_max)}", big),
-    ][:3 if big["items"] else 2]
-    for name, result in rows:
-        print(f"{name:<52} {result['items']:>8,} {result['seconds']:>9.2f} {_rate(result):>10,.0f}")
-    print(f"{'ratio a/b':<52} {'':>8} {'':>9} {_rate(a) / _rate(b):>9.1f}x")
-    print("\nwhere the time goes")
-    for name, result in (("(a)", a), ("(a')", big))[:2 if big["items"] else 1]:
-        spans = result["spans"]
-        print(f"  {name:<5} client submit (validate, record, publish) {result['submit_s']:.3f} s; "
-              f"accepted -> first chunk {spans['to_first_chunk_s']:.3f} s; "
-              f"chunks {spans['chunks_s']:.3f} s")
-    seconds, chunks, parse_s = phases
-    body = sum(v for k, v in seconds.items() if k != "transaction")
-    commit = seconds.get("transaction", 0.0) - body
-    print(f"  per chunk, {bench.args.items:,} payouts in process ({chunks} chunks; parsing the command "
-          f"{parse_s * 1e3:.0f} ms):")
-    for phase in ("lock", "decide", "insert", "update", "progress"):
-        print(f"    {phase:<9} {seconds.get(phase, 0.0) / max(chunks, 1) * 1e3:7.2f} ms")
-    print(f"    {'commit+':<9} {commit / max(chunks, 1) * 1e3:7.2f} ms  (begin, command lock, "
-          "batch read, commit)")
+def report(title: str, f: dict[str, float], args: argparse.Namespace) -> None:
+    print_table(title, [
+        ("minimal set-based payout in raw SQL, one client", f"{f['sql']:,.0f} items/s",
+         "(ceiling)"),
+        (f"(a)   {args.items:,} as one payout_batch, {args.workers} worker(s) x {args.concurrency}",
+         f"{f['batch']:,.0f} items/s", f"{f['batch'] / f['sql']:.2f} x SQL"),
+        (f"(a')  {args.big:,} through `walletq payout` (whole process)", f"{f['cli']:,.0f} items/s",
+         f"{f['cli'] / f['sql']:.2f} x SQL, {f['cli'] / GOAL_ITEMS_S:.2f} x goal 20,000/s"),
+        ("(a'') the same file again, another key (all duplicates)", f"{f['again']:,.0f} items/s",
+         f"{f['again'] / f['sql']:.2f} x SQL"),
+    ])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=None,
                         help="items per chunk (default: WALLETQ_PAYOUT_CHUNK_ITEMS or its default)")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--sync", action="store_true", help="no queue: run in this process")
     args = parser.parse_args()
-    bench = Bench(args)
-    bench.setup()
-    try:
-        from services.settings import get_settings
-
-        bench.items_max = get_settings().payout_items_max
-        args.chunk = get_settings().payout_chunk_items
-        with _runtime()["engine"].connect() as conn:
-            sync_commit = conn.execute(text("SHOW synchronous_commit")).scalar_one()
-        if not args.sync:
-            bench.start_worker()
-        bench.mint(f"{(args.items * 3 + args.big) * 100}.00")
-        def step(what: str) -> None:
-            return print(f"... {what}", file=sys.stderr, flush=True)
-        step(f"(a) {args.items:,} as one payout batch")
-        a = bench.run_batches("a", args.items)
-        step(f"(b) {args.items:,} single commands")
-        b = bench.run_singles("b", args.items)
-        step(f"(a') {args.big:,} as payout batches")
-        big = bench.run_batches("big", args.big) if args.big else {"items": 0, "paid": 0}
-        step("phases in process")
-        phases = bench.phases(args.items)
-        assert a["paid"] == args.items and big["paid"] == args.big, "not every payout was paid"
-        report(bench, a, b, big, phases, sync_commit)
-    finally:
-        bench.teardown()
+    runs = []
+    for run in range(1, args.runs + 1):
+        before = machine_load()
+        figures, seconds, chunks = one_run(args, run)
+        runs.append(figures)
+        report(f"run {run} of {args.runs} ({before} before, {machine_load()} after; "
+               f"synchronous_commit={'on' if figures['_sync'] else 'off'})", figures, args)
+        body = sum(v for k, v in seconds.items() if k != "transaction")
+        print(f"per chunk of the in-process run ({chunks} chunks): " + ", ".join(
+            f"{phase} {seconds.get(phase, 0.0) / max(chunks, 1) * 1e3:.1f} ms"
+            for phase in ("lock", "decide", "pay", "progress"))
+            + f", commit and the rest {(seconds.get('transaction', 0.0) - body) / max(chunks, 1) * 1e3:.1f} ms")
+    if args.runs > 1:
+        report(f"median of {args.runs} runs", median_of(runs), args)
 
 
 if __name__ == "__main__":

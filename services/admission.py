@@ -165,8 +165,8 @@ class SignedHere:
 
 
 def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime | None = None,
-          directory: ProducerDirectory = DIRECTORY, signed_here: SignedHere | None = None
-          ) -> Admission:
+          directory: ProducerDirectory = DIRECTORY, signed_here: SignedHere | None = None,
+          evidence: Evidence | None = None) -> Admission:
     """Admitted, or Refused with the reason (see the module's docstring for the order).
 
     Database errors (reading the producer) propagate: they are not the command's fault.
@@ -175,7 +175,8 @@ def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime
         obj = as_object(raw)
     except InvalidCommandError as exc:
         return Refused(exc, Evidence(), authenticated=False)
-    evidence = Evidence.of(obj, signed_here.signed if signed_here is not None else None)
+    # `evidence`: what the caller read of this very object already (its canonical form).
+    evidence = evidence or Evidence.of(obj, signed_here.signed if signed_here is not None else None)
     try:
         principal = _authenticated(evidence, engine, settings, accepted_at, directory,
                                    signed_here.public_text if signed_here is not None else None)

@@ -68,6 +68,7 @@ __all__ = [
     "deferred",
     "current_book",
     "lock_footprint",
+    "read_account",
 ]
 
 
@@ -326,13 +327,25 @@ def _write_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     )
 
 
+def read_account(conn: Connection, spec: AccountSpec) -> LockedAccount | None:
+    """A hot account read, not locked (`exact` False): post_fan_out debits it last, and the
+    CHECK constraint refuses the debit if the row no longer covers it by then."""
+    a = schema.accounts
+    row = conn.execute(select(a.c.id, a.c.code, a.c.user_id, a.c.balance_minor,
+                              a.c.may_go_negative).where(a.c.code == spec.code)).one_or_none()
+    return None if row is None else LockedAccount(*row, exact=False)
+
+
 def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
                  credits: Sequence[tuple[int, int]], kind: str) -> None:
     """One locked account pays many: (credit account id, amount) each a transfer.
 
     The transfers go in one statement and every balance in one more; the debit is checked
     once, for the total, under its lock. The credited rows are locked by the UPDATE, in
-    ascending id order like every other balance write.
+    ascending id order like every other balance write. A hot debit account that was only
+    read (`exact` False) is written last, alone, so that its lock is held only through the
+    commit: two chunks paying from it run side by side (docs/ARCHITECTURE.md, "Hot
+    accounts"); if it no longer covers the total, the CHECK constraint refuses it.
     """
     if not credits:
         return
@@ -354,8 +367,12 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
     deltas: dict[int, int] = {}
     for account_id, amount_minor in credits:
         deltas[account_id] = deltas.get(account_id, 0) + amount_minor
-    deltas[debit.id] = -total
-    apply_balance_deltas(conn, deltas)
+    if debit.exact:
+        deltas[debit.id] = -total
+        apply_balance_deltas(conn, deltas)
+    else:
+        apply_balance_deltas(conn, deltas)
+        apply_balance_deltas(conn, {debit.id: -total})
     debit.balance_minor -= total
 
 

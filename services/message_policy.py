@@ -156,10 +156,10 @@ def _refuse(raw: Any, refused: Refused, engine: Engine, settings: Settings) -> M
     return Done(record=record, refusal=exc.to_dict(), key=refused.evidence.key)
 
 
-def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool
-           ) -> Admitted | MessageOutcome:
+def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool,
+           evidence: Evidence | None = None) -> Admitted | MessageOutcome:
     try:
-        admission = admit(raw, engine=engine, settings=settings)
+        admission = admit(raw, engine=engine, settings=settings, evidence=evidence)
     except Exception as exc:  # noqa: BLE001 - reading the producer failed; nothing is written
         if retryable(exc) and retries_left:
             return RetryLater(exc)
@@ -172,9 +172,8 @@ def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool
     return admission
 
 
-def _already_ended(raw: Any, engine: Engine) -> Done | None:
+def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
     """The stored outcome, when the message is exactly the signed form of a row that ended."""
-    evidence = Evidence.of(raw)
     if evidence.key is None or evidence.signed is None:
         return None
     with engine.connect() as conn:
@@ -195,13 +194,14 @@ def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: En
     except InvalidCommandError as exc:
         log.warning("refused a message that is not a valid command: %s", exc.message)
         return _refuse(raw, Refused(exc, Evidence(), authenticated=False), engine, settings)
+    evidence = Evidence.of(raw)  # one canonical form of the message, for both uses
     try:
-        ended = _already_ended(raw, engine)
+        ended = _already_ended(evidence, engine)
     except Exception:  # noqa: BLE001 - a shortcut only: admission reads again, retrying
         ended = None
     if ended is not None:
         return ended
-    admitted = _admit(raw, engine, settings, retries_left)
+    admitted = _admit(raw, engine, settings, retries_left, evidence if evidence.key else None)
     if not isinstance(admitted, Admitted):
         return admitted
     command = admitted.command

@@ -124,7 +124,15 @@ class WalletClient:
 
     def submit(self, command: Any) -> CommandRecord:
         """Sign, admit, record as accepted, publish; returns the command record at once."""
-        parsed, signed = self._admit(command)
+        return self.submit_admitted(*self.admit(command))
+
+    def admit(self, command: Any) -> tuple[Command, Signed]:
+        """Sign (unless signed) and admit as `submit` does, recording nothing: a caller that
+        must refuse a whole set before submitting any (a payout file) admits each first."""
+        return self._admit(command)
+
+    def submit_admitted(self, parsed: Command, signed: Signed) -> CommandRecord:
+        """Record and publish a command `admit` admitted (validated once, not again)."""
         accepted = record_accepted(parsed, signed, engine=self.engine, settings=self.settings)
         if self._needs_publish(accepted):
             self._publish_logged(accepted.record)

@@ -1,8 +1,11 @@
 """Running a payout batch: a sequence of short transactions, one per chunk of items.
 
 Each chunk (the whole batch in one, in atomic mode), under the command's row lock: locks
-the funding account (recipients are only credited: the UPDATE that credits them takes
-their row locks, by ascending id), reads which of its references that account paid
+the funding account — a hot one (the treasury, the fees) is only read, so that chunks
+paying from it run side by side, and debited last; a chunk that meets another (the account
+no longer covers it, a reference paid meanwhile, a refusal to decide) runs again with the
+account locked (`ChunkRace`) — (recipients are only credited: the UPDATE that credits them
+takes their row locks, by ascending id), reads which of its references that account paid
 before, decides every item in plain Python (services.payouts.decision), opens the wallets
 of new recipients, then pays with set-based SQL through the ledger (`post_fan_out`),
 writes the items' outcomes and the batch's progress, and one audit row. Progress commits
@@ -12,18 +15,27 @@ yet decided. The command stays `processing` until the last chunk writes `succeed
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from services import command_store
 from services.audit import log_financial_operation
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
 from services.errors import BusinessRuleError, ForbiddenError, TransactionIntegrityError
-from services.ledger import account_spec, lock_accounts, open_user_wallets, post_fan_out
+from services.ledger import (
+    account_spec,
+    is_hot,
+    lock_accounts,
+    open_user_wallets,
+    post_fan_out,
+    read_account,
+)
 from services.money import format_minor
 from services.payouts import store
 from services.payouts.command import PayoutBatch
@@ -36,16 +48,30 @@ from services.unit_of_work import run_transaction
 __all__ = ["execute_payout_batch", "TRANSFER_KIND"]
 
 TRANSFER_KIND = "payout"
+log = logging.getLogger("walletq.payouts")
 
 
-def _lock_funding(conn: Connection, from_account: str) -> Any:
+class ChunkRace(Exception):  # noqa: N818 - a signal to the caller, not an error
+    """A chunk paid from a hot account it only read met another chunk: its funding account
+    no longer covered it, or a reference it decided unpaid was paid meanwhile (the unique
+    index refused it). Nothing was written; the chunk runs again with the account locked."""
+
+
+def _lock_funding(conn: Connection, from_account: str, *, exact: bool = True) -> Any:
     """The funding account, locked (opened if it is a platform account); a refusal if it
     may not fund a payout. Every chunk paid from it queues here, so its balance and the
-    references it paid are read after the last chunk paying from it committed."""
+    references it paid are read after the last chunk paying from it committed.
+
+    Not `exact`: a hot (platform) account is read, not locked, so that chunks paying from
+    it run side by side; its debit is written last and a race is caught (ChunkRace)."""
     spec = account_spec(from_account)
     if spec is None or spec.kind not in FUNDING_KINDS:
         return ForbiddenError(f"{from_account} may not fund a payout: only platform:treasury, "
                               "platform:fees or a user's available account", account=from_account)
+    if not exact and is_hot(spec.code):
+        found = read_account(conn, spec)
+        if found is not None:
+            return found
     opened = {spec.code} if spec.user_id is None else set()
     try:
         return lock_accounts(conn, [spec], open_missing=opened)[spec.code]
@@ -53,16 +79,19 @@ def _lock_funding(conn: Connection, from_account: str) -> Any:
         return exc
 
 
-def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item]) -> ChunkOutcome:
+def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: bool
+                 ) -> ChunkOutcome:
     """Decide and pay one chunk; raises a BusinessRuleError (nothing written) in atomic mode."""
     started = time.perf_counter()
-    funding = _lock_funding(conn, batch.from_account)
+    funding = _lock_funding(conn, batch.from_account, exact=exact)
     if isinstance(funding, BusinessRuleError):
         raise TransactionIntegrityError(f"Bug! funding account {batch.from_account}: {funding}")
     references = [item.reference for item in chunk]
     paid_before = store.paid_before(conn, funding.id, references)
     started = TIMINGS.add("lock", started)
     decisions = decide(chunk, paid_before, funding.balance_minor, funding.code)
+    if not funding.exact and any(d.outcome == "rejected" for d in decisions):
+        raise ChunkRace("a refusal is decided on the locked account, never on a reading")
     if batch.atomic and any(d.outcome == "rejected" for d in decisions):
         raise atomic_refusal(decisions, funding.code, funding.balance_minor)
     paid = [d.item for d in decisions if d.outcome == "paid"]
@@ -71,9 +100,14 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item]) -> Chunk
         raise TransactionIntegrityError("Bug! a chunk overdraws its funding account")
     wallets = open_user_wallets(conn, list({item.user for item in paid}))
     started = TIMINGS.add("decide", started)
-    store.insert_decisions(conn, batch.command_id, funding.id, decisions)
-    post_fan_out(conn, batch.command_id, funding,
-                 [(wallets[item.user], item.amount_minor) for item in paid], TRANSFER_KIND)
+    try:
+        store.insert_decisions(conn, batch.command_id, funding.id, decisions)
+        post_fan_out(conn, batch.command_id, funding,
+                     [(wallets[item.user], item.amount_minor) for item in paid], TRANSFER_KIND)
+    except IntegrityError as exc:
+        if funding.exact:
+            raise
+        raise ChunkRace(str(exc.orig).splitlines()[0]) from exc
     TIMINGS.add("pay", started)
     return ChunkOutcome(len(paid), sum(d.outcome == "rejected" for d in decisions),
                         sum(d.outcome == "duplicate" for d in decisions), amount_paid)
@@ -116,7 +150,7 @@ def _reject(conn: Connection, key: str, batch: Batch, exc: BusinessRuleError) ->
 
 
 def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
-          settings: Settings) -> tuple[bool, int]:
+          settings: Settings, exact: bool = True) -> tuple[bool, int]:
     """One transaction: the next chunk of the batch. Returns (finished, chunks_done)."""
     key = command.idempotency_key
     record = command_store.lock(conn, key)
@@ -127,7 +161,7 @@ def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
     batch = store.load_batch(conn, record.id)
     if batch is None:
         batch = store.start_batch(conn, record.id, command, items, settings.payout_chunk_items)
-        funding = _lock_funding(conn, command.from_account)
+        funding = _lock_funding(conn, command.from_account, exact=exact)
         if isinstance(funding, BusinessRuleError):
             _reject(conn, key, batch, funding)
             return True, 0
@@ -136,7 +170,7 @@ def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
                                         f"its command {record.status}")
     chunk = items[batch.next_index:batch.next_index + batch.chunk_items]
     try:
-        done = _apply_chunk(conn, batch, chunk)
+        done = _apply_chunk(conn, batch, chunk, exact)
     except BusinessRuleError as exc:  # atomic mode: nothing was written
         _reject(conn, key, batch, exc)
         return True, 0
@@ -162,8 +196,15 @@ def execute_payout_batch(engine: Engine, command: PayoutBatch, settings: Setting
     key = command.idempotency_key
     while True:
         started = time.perf_counter()
-        finished, chunks_done = run_transaction(
-            engine, settings, f"payout {key}", lambda conn: _step(conn, command, items, settings))
+        try:
+            finished, chunks_done = run_transaction(
+                engine, settings, f"payout {key}",
+                lambda conn: _step(conn, command, items, settings, exact=False))
+        except ChunkRace as race:
+            log.info("payout %s: %s; the chunk again, its funding account locked", key, race)
+            finished, chunks_done = run_transaction(
+                engine, settings, f"payout {key}",
+                lambda conn: _step(conn, command, items, settings, exact=True))
         TIMINGS.chunks += 1
         TIMINGS.seconds["transaction"] = (TIMINGS.seconds.get("transaction", 0.0)
                                           + time.perf_counter() - started)

@@ -80,13 +80,18 @@ class SyncRunner:
         return self.thread is not None and not self.thread.is_alive()
 
 
-def _submit(commands: list[dict[str, Any]]) -> None:
+def _submit(out: Output, commands: list[dict[str, Any]]) -> None:
+    """Every batch admitted (validated, once) before any is recorded: a refusal submits none."""
     from worker.client import WalletClient
 
     client = WalletClient.from_env()
     try:
-        for command in commands:
-            client.submit(command)
+        try:
+            admitted = [client.admit(command) for command in commands]
+        except InvalidCommandError as exc:
+            out.fail(f"nothing submitted: {exc.message}", 2)
+        for parsed, signed in admitted:
+            client.submit_admitted(parsed, signed)
     finally:
         client.close()
 
@@ -196,8 +201,9 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
     signer = WalletService(settings=settings).signer  # this process's producer
     try:
         commands = [sign_if_unsigned(command, signer)[0] for command in unsigned]
-        for command in commands:
-            parse_command(command, limits)
+        if sync:  # the worker path admits each batch before submitting any (_submit)
+            for command in commands:
+                parse_command(command, limits)
     except InvalidCommandError as exc:
         out.fail(f"nothing submitted: {exc.message}", 2)
     keys = [command["idempotency_key"] for command in commands]
@@ -206,7 +212,7 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
         runner = SyncRunner(commands, settings)
         runner.start()
     else:
-        _submit(commands)
+        _submit(out, commands)
         if no_wait:
             states = _progress(keys, settings)
             _report(out, str(file), from_account, states, [], True)
