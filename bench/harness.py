@@ -33,6 +33,23 @@ PG_URL = os.environ.get("WALLETQ_TEST_PG_URL",
 REDIS_URL = os.environ.get("WALLETQ_TEST_REDIS_URL", "redis://127.0.0.1:6379") + "/0"
 
 
+def scratch_database() -> tuple[str, str]:
+    """A database of the run's own: (its name, its URL); drop it with drop_database."""
+    name = f"walletq_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(make_url(PG_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return name, make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(name: str) -> None:
+    admin = create_engine(make_url(PG_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 

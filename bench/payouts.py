@@ -195,10 +195,11 @@ def main() -> None:
         report(f"run {run} of {args.runs} ({before} before, {machine_load()} after; "
                f"synchronous_commit={'on' if figures['_sync'] else 'off'})", figures, args)
         body = sum(v for k, v in seconds.items() if k != "transaction")
+        rest_ms = (seconds.get("transaction", 0.0) - body) / max(chunks, 1) * 1e3
         print(f"per chunk of the in-process run ({chunks} chunks): " + ", ".join(
             f"{phase} {seconds.get(phase, 0.0) / max(chunks, 1) * 1e3:.1f} ms"
             for phase in ("lock", "decide", "pay", "progress"))
-            + f", commit and the rest {(seconds.get('transaction', 0.0) - body) / max(chunks, 1) * 1e3:.1f} ms")
+            + f", commit and the rest {rest_ms:.1f} ms")
     if args.runs > 1:
         report(f"median of {args.runs} runs", median_of(runs), args)
 

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import _drop, _scratch_database  # bench/pipeline.py: the same scratch database
+from harness import drop_database as _drop  # bench/harness.py: the benchmarks' scratch database
+from harness import scratch_database as _scratch_database
 from rich.console import Console
 from rich.table import Table
 
