@@ -1,0 +1,80 @@
+"""Payout chunks paying from a hot account run side by side: the account is read, not
+locked, and debited last. Two batches racing on the same references, or on a treasury that
+cannot cover both, still pay each reference once and never overdraw it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from services.wallet_service import WalletService
+from tests.integration.ledger_reads import assert_ledger_holds, balances, record
+
+
+def batch(key: str, prefix: str, n: int, amount: str = "1.00") -> dict[str, Any]:
+    return {"type": "payout_batch", "idempotency_key": key,
+            "items": [{"user": f"{prefix}-u{i}", "amount": amount, "reference": f"{prefix}-r{i}"}
+                      for i in range(n)]}
+
+
+def run_together(service: WalletService, *commands: dict[str, Any]) -> list[Any]:
+    barrier = threading.Barrier(len(commands))
+    outcomes: list[Any] = [None] * len(commands)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        outcomes[i] = service.execute(commands[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(commands))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return outcomes
+
+
+def paid_per_reference(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text(
+            "SELECT reference, COUNT(*) FROM payout_items WHERE outcome = 'paid' "
+            "GROUP BY reference")).all())  # type: ignore[arg-type]
+
+
+def test_the_same_file_paid_twice_at_once_under_two_keys_pays_each_reference_once(
+    service: WalletService, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="walletq.payouts")
+    service.admin_create_tokens("100000.00", idempotency_key="mint")
+    first, second = run_together(service, batch("pay-1", "f", 3000), batch("pay-2", "f", 3000))
+    assert (first.status, second.status) == ("succeeded", "succeeded")
+    paid = paid_per_reference(engine)
+    assert len(paid) == 3000 and set(paid.values()) == {1}
+    results = [first.result, second.result]
+    assert sorted(r["paid"] + r["duplicate"] for r in results) == [3000, 3000]
+    assert sum(r["paid"] for r in results) == 3000
+    assert balances(engine)["platform:treasury"] == 10_000_000 - 300_000
+    # The chunks ran side by side and met: the unique index refused one, which ran again.
+    assert any("the chunk again, its funding account locked" in r.getMessage()
+               for r in caplog.records)
+    assert_ledger_holds(engine)
+
+
+def test_two_batches_the_treasury_cannot_both_cover_never_overdraw_it(
+    service: WalletService, engine: Engine
+) -> None:
+    service.admin_create_tokens("5000.00", idempotency_key="mint")  # 500,000 minor units
+    outcomes = run_together(service, batch("a", "a", 4000), batch("b", "b", 4000))
+    assert {o.status for o in outcomes} == {"succeeded"}
+    paid = sum(o.result["paid"] for o in outcomes)
+    rejected = sum(o.result["rejected"] for o in outcomes)
+    assert paid == 5000 and rejected == 3000  # 1.00 each: exactly what the treasury held
+    assert balances(engine)["platform:treasury"] == 0
+    assert {o.result["rejected_by_code"].get("insufficient_balance", 0) for o in outcomes} \
+        <= {0, 1000, 2000, 3000}
+    assert record(engine, "a").status == "succeeded"
+    assert_ledger_holds(engine)
