@@ -150,6 +150,8 @@ def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
                 effect = entry.handler(conn, command, ctx)
         else:
             effect = entry.handler(conn, command, ctx)
+    except ledger.HotAccountShort:
+        raise  # what the batch posted before overdraws a hot account: the whole batch again
     except BusinessRuleError as exc:
         if writes_first and alone:
             raise RejectLater(item, exc) from exc
@@ -198,7 +200,7 @@ def _write(conn: Connection, book: ledger.Book, outcomes: _Outcomes) -> list[Com
         book.flush(conn)
         audit.insert_audit_rows(conn, outcomes.audits)
         return command_store.finish_many(conn, outcomes.finishes)
-    hot = book.hot_ids()
+    hot = book.read_hot
     pending = [*book.flush_pending(conn), audit.audit_rows_pending(outcomes.audits),
                command_store.finish_many_pending(outcomes.finishes)]
     try:

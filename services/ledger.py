@@ -67,6 +67,9 @@ __all__ = [
     "is_hot",
     "deferred",
     "current_book",
+    "keep",
+    "kept",
+    "defer",
     "lock_footprint",
     "read_account",
 ]
@@ -428,6 +431,8 @@ class BookMark(NamedTuple):
     locked: int
     journal: int
     transfers: int
+    writes: int
+    kept: dict[tuple[str, str], Any]
 
 
 class HotAccountShort(Exception):  # noqa: N818 - a signal to the caller, not an error
@@ -446,10 +451,16 @@ class Book:
     journal: list[tuple[int, int, LockedAccount | None]] = field(default_factory=list)
     #: (command id, debit id, credit id, amount, kind), in posting order.
     transfers: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+    #: Rows another owner locked in this transaction (a hold), by (table, key): read again
+    #: from here; and that owner's own writes, sent with the flush (`keep`, `defer`).
+    kept: dict[tuple[str, str], Any] = field(default_factory=dict)
+    writes: list[Pending] = field(default_factory=list)
+    _read_hot: bool = False
 
     def remember(self, locked: Mapping[str, LockedAccount]) -> None:
         for code, account in locked.items():
             self.locked.setdefault(code, account)
+            self._read_hot = self._read_hot or not account.exact
 
     def post(self, command_id: int, transfer: Transfer) -> None:
         """A transfer checked under its locks: both legs tracked now, written at flush."""
@@ -463,16 +474,26 @@ class Book:
         self.journal += [(account_id, delta, None) for account_id, delta in deltas.items() if delta]
 
     def lock_exact(self, conn: Connection, account: LockedAccount) -> None:
-        """Lock a hot account now, and track its exact balance from here on."""
+        """Lock a hot account now, and track its exact balance from here on. If what this
+        transaction posted against its reading already overdraws it: HotAccountShort."""
         balance = conn.execute(_LOCK_ONE, {"id": account.id}).scalar_one()
         pending = sum(delta for account_id, delta, _ in self.journal if account_id == account.id)
         account.balance_minor, account.exact = balance + pending, True
+        if not account.may_go_negative and account.balance_minor < 0:
+            raise HotAccountShort(f"{account.code}: {balance} minor units, {-pending} posted")
 
     def hot_ids(self) -> list[int]:
         return sorted(account.id for account in self.locked.values() if not account.exact)
 
+    @property
+    def read_hot(self) -> bool:
+        """Some hot account was read, not locked, in this transaction: a refusal of its
+        legs by the CHECK constraint at the flush is a shortfall, not a bug."""
+        return self._read_hot or bool(self.hot_ids())
+
     def mark(self) -> BookMark:
-        return BookMark(len(self.locked), len(self.journal), len(self.transfers))
+        return BookMark(len(self.locked), len(self.journal), len(self.transfers),
+                        len(self.writes), dict(self.kept))
 
     def rollback_to(self, mark: BookMark) -> None:
         """Forget what was posted (and locked) since `mark`: a refused command leaves nothing.
@@ -482,6 +503,8 @@ class Book:
                 account.balance_minor -= delta
         del self.journal[mark.journal:]
         del self.transfers[mark.transfers:]
+        del self.writes[mark.writes:]
+        self.kept = mark.kept
         for code in list(self.locked)[mark.locked:]:
             del self.locked[code]
 
@@ -498,16 +521,19 @@ class Book:
             conn.execute(item.statement, item.params)
 
     def flush_pending(self, conn: Connection) -> list[Pending]:
-        """`flush` as statements to send (bulk_sql.execute_together); on SQLite, written now."""
-        deltas, transfers = self.deltas(), self.transfers
-        self.journal, self.transfers = [], []
+        """`flush` as statements to send (bulk_sql.execute_together); on SQLite, written now.
+        Other owners' deferred writes come first, in the order they were made."""
+        deltas, transfers, writes = self.deltas(), self.transfers, self.writes
+        self.journal, self.transfers, self.writes = [], [], []
         if conn.dialect.name != "postgresql" or not deltas or not transfers:
+            for write in writes:
+                conn.execute(write.statement, write.params)
             _write_now(conn, deltas, transfers)
             return []
         columns = list(zip(*transfers, strict=True))
         hot = [account_id for account_id in self.hot_ids() if account_id in deltas]
         lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)})] if hot else []
-        return [*lock_hot, Pending(_FLUSH, {
+        return [*writes, *lock_hot, Pending(_FLUSH, {
             "ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
             "commands": pg_array(list(columns[0])), "debits": pg_array(list(columns[1])),
             "credits": pg_array(list(columns[2])), "amounts": pg_array(list(columns[3])),
@@ -542,6 +568,29 @@ def _write_now(conn: Connection, deltas: Mapping[int, int],
 def _book(conn: Connection) -> Book | None:
     current = _BOOK.get()
     return current[1] if current is not None and current[0] is conn else None
+
+
+def keep(conn: Connection, table: str, key: str, row: Any) -> None:
+    """Remember a row this transaction locked (or changed), when a book is open."""
+    book = _book(conn)
+    if book is not None:
+        book.kept[(table, key)] = row
+
+
+def kept(conn: Connection, table: str, key: str) -> Any:
+    """A row `keep` remembered in this transaction, or None."""
+    book = _book(conn)
+    return None if book is None else book.kept.get((table, key))
+
+
+def defer(conn: Connection, write: Pending) -> bool:
+    """Send this write with the book's flush (True), or nothing (False: no book is open,
+    the caller writes now). For the owner of a row the transaction locked already."""
+    book = _book(conn)
+    if book is None:
+        return False
+    book.writes.append(write)
+    return True
 
 
 def current_book(conn: Connection) -> Book:

@@ -8,6 +8,7 @@ names); its release uses that rate unless such a producer names another.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -17,11 +18,14 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.bulk_sql import insert_ignoring_conflicts
+from services.bulk_sql import Pending, insert_ignoring_conflicts
 from services.command_fields import Amount, CommandBase, FeeRate, Ident
 from services.errors import EscrowIntegrityError, HoldExistsError, HoldNotOpenError, UnknownHoldError
 from services.ledger import (
     FEES,
+    defer,
+    keep,
+    kept,
     lock_accounts,
     make_transfer,
     post_transfers,
@@ -93,10 +97,13 @@ def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationCo
 
 def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, Any]:
     """Lock these holds (those that exist), in id order: a batch takes them before any
-    account, as a single command does."""
+    account, as a single command does. The transaction's book keeps them (a release reads
+    its hold from there)."""
     h = schema.holds
     rows = conn.execute(select(h).where(h.c.hold_id.in_(hold_ids)).order_by(h.c.id)
                         .with_for_update()).all()
+    for row in rows:
+        keep(conn, "holds", row.hold_id, row)
     return {row.hold_id: row for row in rows}
 
 
@@ -125,7 +132,10 @@ def refund_footprint(cmd: RefundFromEscrow) -> Footprint:
 
 def _lock_open_hold(conn: Connection, hold_id: str) -> Any:
     h = schema.holds
-    hold = conn.execute(select(h).where(h.c.hold_id == hold_id).with_for_update()).one_or_none()
+    hold = kept(conn, "holds", hold_id)
+    if hold is None:
+        hold = conn.execute(select(h).where(h.c.hold_id == hold_id).with_for_update()
+                            ).one_or_none()
     if hold is None:
         raise UnknownHoldError(f"no hold {hold_id!r}", hold_id=hold_id)
     if hold.status != "held":
@@ -140,9 +150,24 @@ def _close_hold(conn: Connection, hold: Any, status: str, ctx: OperationContext,
                               "closed_at": datetime.now(UTC), "fee_minor": fee_minor}
     if fee_rate is not None:  # the rate a release applied; a refund leaves the hold's own
         values["fee_rate"] = str(fee_rate)
-    done = conn.execute(update(h).where(h.c.id == hold.id, h.c.status == "held").values(values))
+    statement = update(h).where(h.c.id == hold.id, h.c.status == "held").values(values)
+    if kept(conn, "holds", hold.hold_id) is not None:
+        # Locked by this transaction's batch: closed with its flush, and closed for the rest
+        # of the batch now (a second close of it finds it closed).
+        defer(conn, Pending(statement, {}))
+        keep(conn, "holds", hold.hold_id, _Closed(hold.hold_id, status))
+        return
+    done = conn.execute(statement)
     if done.rowcount != 1:
         raise EscrowIntegrityError(f"hold {hold.hold_id!r} changed under its lock")
+
+
+@dataclass(frozen=True)
+class _Closed:
+    """What a batch knows of a hold it closed and has not written yet."""
+
+    hold_id: str
+    status: str
 
 
 def _rate_of(hold: Any, ctx: OperationContext) -> Decimal:
