@@ -35,16 +35,14 @@ def _redelivered(task: Task) -> bool:
     return bool(delivery.get("redelivered")) or bool(task.request.retries)
 
 
-@shared_task(
-    bind=True,
-    name=TASK_NAME,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(ConcurrentOperationError, DBAPIError),
-    retry_backoff=True,
-    retry_jitter=True,
-    ignore_result=True,
-)
+#: Both tasks: late acks, a lost worker's message back to the queue, Celery's autoretry of
+#: a transient failure (bounded through the app's task_annotations), no result.
+_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True,
+            "autoretry_for": (ConcurrentOperationError, DBAPIError), "retry_backoff": True,
+            "retry_jitter": True, "ignore_result": True}
+
+
+@shared_task(name=TASK_NAME, **_OPTIONS)
 def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     settings = get_settings()
     outcome = execute_message(args, kwargs, engine=get_engine(settings), settings=settings,
@@ -55,16 +53,7 @@ def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return outcome.summary()
 
 
-@shared_task(
-    bind=True,
-    name=KEYS_TASK_NAME,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(ConcurrentOperationError, DBAPIError),
-    retry_backoff=True,
-    retry_jitter=True,
-    ignore_result=True,
-)
+@shared_task(name=KEYS_TASK_NAME, **_OPTIONS)
 def execute_keys(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     settings = get_settings()
     outcome = execute_keys_message(args, kwargs, engine=get_engine(settings), settings=settings,

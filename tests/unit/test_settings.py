@@ -96,3 +96,11 @@ def test_settings_are_immutable() -> None:
     settings = load_settings({})
     with pytest.raises(AttributeError):
         settings.asset_scale = 3  # type: ignore[misc]
+
+
+def test_the_coalescing_bound_defaults_to_100_and_stays_between_1_and_1000() -> None:
+    assert load_settings({}).coalesce_max == 100
+    assert load_settings({"WALLETQ_COALESCE_MAX": "1"}).coalesce_max == 1
+    for bad in ("0", "1001", "x"):
+        with pytest.raises(SettingsError, match="WALLETQ_COALESCE_MAX"):
+            load_settings({"WALLETQ_COALESCE_MAX": bad})
