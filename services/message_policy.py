@@ -281,8 +281,8 @@ def execute_keys_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engin
         log.warning("refused a message that is not a chunk of keys: %s", exc.message)
         outcome = _refuse(args, Refused(exc, Evidence(), authenticated=False), engine, settings)
         return outcome if isinstance(outcome, Done | RetryLater) else Done(refusal=exc.to_dict())
-    if redelivered:
-        return _one_by_one(keys, engine, settings, retries_left, redelivered=True)
+    if redelivered or engine.dialect.name != "postgresql":  # SQLite: one writer, one by one
+        return _one_by_one(keys, engine, settings, retries_left, redelivered=redelivered)
     try:
         return KeysDone(len(execute_keys(keys, engine=engine, settings=settings)))
     except Exception as exc:  # noqa: BLE001 - the batch could not be done: key by key
