@@ -7,12 +7,13 @@ one, so `pytest tests/unit` runs on a machine with no server at all."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
@@ -24,7 +25,17 @@ from services.settings import Settings, load_settings
 from services.signing import read_private_key
 from services.wallet_service import WalletService
 from tests import servers
+from tests.support.env import strip_walletq_env
 from tests.support.signing import ADMIN_PRODUCER, TEST_PRODUCERS, key_file, make_keys
+
+# Hypothesis: `ci` (the default) keeps every property and state machine test within the
+# suite's budget; `pytest --hypothesis-profile=long` runs them far deeper.
+_PROFILE_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+hypothesis_settings.register_profile("ci", max_examples=20, stateful_step_count=30,
+                                     **_PROFILE_COMMON)
+hypothesis_settings.register_profile("long", max_examples=400, stateful_step_count=60,
+                                     **_PROFILE_COMMON)
+hypothesis_settings.load_profile("ci")
 
 
 def _admin_engine() -> Engine:
@@ -97,9 +108,7 @@ def pg_url(pg_admin: Engine, pg_template: str) -> Iterator[str]:
 def walletq_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The WALLETQ_* environment of a test: its own database, fast in-process retries, and
     the producer `test-admin` (role admin) signing what the edges submit."""
-    for key in list(os.environ):
-        if key.startswith("WALLETQ_"):
-            monkeypatch.delenv(key)
+    strip_walletq_env(monkeypatch)
     env = {
         "WALLETQ_DATABASE_URL": pg_url,
         "WALLETQ_HOME": str(tmp_path / "home"),
@@ -134,9 +143,7 @@ def service(settings: Settings, engine: Engine) -> WalletService:
 @pytest.fixture
 def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Embedded mode: no WALLETQ_DATABASE_URL, a SQLite file under a temporary home."""
-    for key in list(os.environ):
-        if key.startswith("WALLETQ_"):
-            monkeypatch.delenv(key)
+    strip_walletq_env(monkeypatch)
     monkeypatch.setenv("WALLETQ_HOME", str(tmp_path / "home"))
     settings_module.reset_settings()
     settings = settings_module.get_settings()

@@ -11,7 +11,8 @@ import os
 import shutil
 import socket
 import subprocess
-import time
+
+from tests.support.polling import eventually
 
 PG_URL = os.environ.get("WALLETQ_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("WALLETQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -32,12 +33,11 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 
 
 def _wait(host: str, port: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if port_open(host, port):
-            return True
-        time.sleep(0.2)
-    return False
+    try:
+        eventually(lambda: port_open(host, port), timeout_s)
+    except AssertionError:
+        return False
+    return True
 
 
 def ensure_postgres() -> str | None:

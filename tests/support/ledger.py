@@ -1,4 +1,5 @@
-"""Reads the integration tests check the ledger with: plain SQL, independent of the services."""
+"""The ledger as the tests read it: every invariant through services.verify, and plain-SQL
+reads independent of the services (what moved, what was recorded)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,28 @@ from sqlalchemy.engine import Engine
 
 from services import schema
 from services.command_store import CommandRecord, get_record
+from services.settings import Settings
 from services.verify import verify_ledger
+
+__all__ = ["assert_ledger_sound", "CHECKS", "transfers", "balances", "audit", "audit_outcomes",
+           "record", "hold", "count"]
+
+#: The invariants of docs/ARCHITECTURE.md that verify must report, at least.
+CHECKS = ("sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
+          "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique",
+          "commands_are_signed", "commands_have_their_audit")
+
+
+def assert_ledger_sound(engine: Engine, settings: Settings) -> None:
+    """Every invariant holds. A verify that checks nothing, or skips one, fails here too."""
+    checks = verify_ledger(engine, settings.asset_scale)
+    names = [check.name for check in checks]
+    assert checks, "verify returned no checks"
+    assert len(set(names)) == len(names), f"a check ran twice: {names}"
+    missing = [name for name in CHECKS if name not in names]
+    assert not missing, f"verify did not run {missing}"
+    failed = [check.to_dict() for check in checks if not check.ok]
+    assert not failed, failed
 
 
 def transfers(engine: Engine, key: str | None = None) -> list[tuple[str, str, int, str]]:
@@ -26,17 +48,29 @@ def transfers(engine: Engine, key: str | None = None) -> list[tuple[str, str, in
 
 
 def balances(engine: Engine) -> dict[str, int]:
+    """Every account's balance in minor units, by code."""
     with engine.connect() as conn:
         return dict(conn.execute(text("SELECT code, balance_minor FROM accounts")).all())  # type: ignore[arg-type]
 
 
 def audit(engine: Engine, key: str) -> list[dict[str, Any]]:
+    """A command's audit rows, oldest first."""
     a = schema.audit_events
     with engine.connect() as conn:
         rows = conn.execute(
             select(a.c.command_id, a.c.command_type, a.c.outcome, a.c.error_code, a.c.accounts,
                    a.c.amounts, a.c.detail).where(a.c.idempotency_key == key).order_by(a.c.id))
         return [dict(row._mapping) for row in rows]
+
+
+def audit_outcomes(engine: Engine, key: str | None = None) -> list[tuple[str, str | None]]:
+    """(outcome, error code) of every audit row, or of one key's, oldest first."""
+    a = schema.audit_events
+    query = select(a.c.outcome, a.c.error_code).order_by(a.c.id)
+    if key is not None:
+        query = query.where(a.c.idempotency_key == key)
+    with engine.connect() as conn:
+        return [(row.outcome, row.error_code) for row in conn.execute(query)]
 
 
 def record(engine: Engine, key: str) -> CommandRecord:
@@ -55,10 +89,3 @@ def hold(engine: Engine, hold_id: str) -> dict[str, Any] | None:
 def count(engine: Engine, table: str) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
-
-
-def assert_ledger_holds(engine: Engine, scale: int = 2) -> None:
-    checks = verify_ledger(engine, scale)
-    failed = [c for c in checks if not c.ok]
-    assert not failed, failed
-    assert len(checks) == 8
