@@ -6,6 +6,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import jsonschema
 import pytest
 
 from services import commands
@@ -347,3 +348,17 @@ def test_the_json_schema_names_every_command_type_and_forbids_unknown_fields() -
     assert credit["properties"]["amount"]["type"] == "string"
     assert set(credit["required"]) >= {"type", "idempotency_key", "user", "amount"}
     assert credit["properties"]["user"]["pattern"] == "^[A-Za-z0-9._:-]{1,200}$"
+
+
+def test_the_json_schema_is_valid_under_its_meta_schema_and_agrees_with_the_parser() -> None:
+    schema = command_json_schema()
+    validator_class = jsonschema.validators.validator_for(schema)
+    assert validator_class is jsonschema.Draft202012Validator
+    validator_class.check_schema(schema)  # the meta-schema check: raises SchemaError if not
+    validator = validator_class(schema)
+    for example in VALID:
+        errors = [error.message for error in validator.iter_errors(example)]
+        assert not errors, (example["type"], errors)
+    assert not validator.is_valid({**CREDIT, "surprise": 1})  # unknown fields are errors
+    assert not validator.is_valid({**CREDIT, "amount": 10})  # a JSON number is no amount
+    assert not validator.is_valid({**CREDIT, "type": "no_such_type"})

@@ -1,0 +1,28 @@
+"""What a payout chunk decides for each item: pure rules, no database."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.payouts import Item, decide
+
+
+def test_decide_pays_what_the_balance_covers_and_skips_what_was_paid_before() -> None:
+    items = [Item(0, "a", 50, "r0"), Item(1, "b", 60, "r1"), Item(2, "c", 40, "r2"),
+             Item(3, "d", 10, "r3"), Item(4, "boss", 1, "r4")]
+    got = decide(items, {"r2"}, 100, "user:boss:available")
+    assert [(d.outcome, d.error_code) for d in got] == [
+        ("paid", None), ("rejected", "insufficient_balance"), ("duplicate", None),
+        ("paid", None), ("rejected", "forbidden")]
+
+
+@pytest.mark.parametrize("funder", ["platform:treasury", "platform:fees"])
+def test_a_platform_account_may_pay_any_user(funder: str) -> None:
+    got = decide([Item(0, "treasury", 5, "r0"), Item(1, "fees", 5, "r1")], set(), 10, funder)
+    assert [d.outcome for d in got] == ["paid", "paid"]
+
+
+def test_an_item_exactly_the_balance_left_is_paid_and_nothing_after_it() -> None:
+    got = decide([Item(0, "a", 7, "r0"), Item(1, "b", 3, "r1"), Item(2, "c", 1, "r2")],
+                 set(), 10, "platform:treasury")
+    assert [d.outcome for d in got] == ["paid", "paid", "rejected"]
