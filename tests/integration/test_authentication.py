@@ -37,7 +37,7 @@ from services.signing import signed_form
 from services.sweep import run_once
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import audit, balances, transfers
+from tests.support.ledger import audit, balances, transfers
 from tests.support.signing import TEST_PRODUCERS, signed, signer
 
 MINT = {"type": "admin_create_tokens", "idempotency_key": "mint-1", "amount": "1000000.00"}

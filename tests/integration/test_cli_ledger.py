@@ -4,15 +4,11 @@ db upgrade, balance, balances, history, verify, schema; --json before or after t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
@@ -21,7 +17,8 @@ from services.db import dispose_engines, get_engine
 from services.settings import get_settings
 from services.wallet_service import WalletService
 from tests import servers
-from worker.cli import cli
+from tests.support.cli import walletq
+from tests.support.env import strip_walletq_env
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -39,20 +36,12 @@ def ledger(request: pytest.FixtureRequest) -> WalletService:
     return service
 
 
-def walletq(*args: str) -> Result:
-    return CliRunner(env={"COLUMNS": "200"}).invoke(cli, list(args), catch_exceptions=False)
-
-
-def json_lines(result: Result) -> list[Any]:
-    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-
-
 def both_orders(*args: str) -> list[Any]:
     """The command's JSON lines, the same with --json before the command and after it."""
     before, after = walletq("--json", *args), walletq(*args, "--json")
     assert before.exit_code == after.exit_code == 0, (before.output, after.output)
     assert before.stdout == after.stdout
-    return json_lines(before)
+    return before.json_lines()
 
 
 def test_balance_prints_available_and_escrow_as_json_with_json_before_or_after(
@@ -72,7 +61,7 @@ def test_balance_prints_a_table_for_people(ledger: WalletService) -> None:
 def test_the_balance_of_an_unknown_user_exits_1_with_the_error_code(ledger: WalletService) -> None:
     result = walletq("balance", "nobody", "--json")
     assert result.exit_code == 1
-    [error] = json_lines(result)
+    [error] = result.json_lines()
     assert error["error"]["code"] == "unknown_user" and "nobody" in error["error"]["message"]
     plain = walletq("balance", "nobody")
     assert plain.exit_code == 1 and "nobody" in plain.stderr
@@ -103,7 +92,7 @@ def test_history_prints_an_accounts_transfers_newest_first(ledger: WalletService
 
 
 def test_history_takes_an_account_code_and_a_limit(ledger: WalletService) -> None:
-    rows = json_lines(walletq("history", "user:alice:escrow", "--limit", "1", "--json"))
+    rows = walletq("history", "user:alice:escrow", "--limit", "1", "--json").json_lines()
     assert [(r["kind"], r["amount"]) for r in rows] == [("hold", "5.00")]
     assert walletq("history", "alice", "--limit", "0").exit_code == 2
     table = walletq("history", "bob")
@@ -112,7 +101,7 @@ def test_history_takes_an_account_code_and_a_limit(ledger: WalletService) -> Non
 
 def test_history_of_an_unknown_account_exits_1(ledger: WalletService) -> None:
     result = walletq("--json", "history", "nobody")
-    assert result.exit_code == 1 and json_lines(result)[0]["error"]["code"] == "unknown_user"
+    assert result.exit_code == 1 and result.json_lines()[0]["error"]["code"] == "unknown_user"
 
 
 def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(ledger: WalletService) -> None:
@@ -136,7 +125,7 @@ def test_verify_exits_non_zero_naming_the_account_whose_balance_was_corrupted(
                           " WHERE code = 'user:bob:available'"))
     result = walletq("verify", "--json")
     assert result.exit_code == 1
-    [report] = json_lines(result)
+    [report] = result.json_lines()
     assert report["ok"] is False
     failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
     assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers"}
@@ -151,7 +140,7 @@ def test_verify_exits_non_zero_naming_the_account_whose_balance_was_corrupted(
 def test_verify_names_the_escrow_that_disagrees_with_its_holds(ledger: WalletService) -> None:
     with ledger.engine.begin() as conn:
         conn.execute(text("UPDATE holds SET status = 'refunded', closed_by = opened_by"))
-    [report] = json_lines(walletq("--json", "verify"))
+    [report] = walletq("--json", "verify").json_lines()
     failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
     assert set(failed) == {"escrow_equals_open_holds"}
     assert "1 users disagree: alice (escrow 500, open holds 0)" == failed["escrow_equals_open_holds"]
@@ -170,16 +159,14 @@ def test_schema_prints_the_json_schema_of_the_commands(ledger: WalletService) ->
 def test_an_embedded_home_gets_its_schema_on_first_use(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in list(os.environ):
-        if key.startswith("WALLETQ_"):
-            monkeypatch.delenv(key)
+    strip_walletq_env(monkeypatch)
     monkeypatch.setenv("WALLETQ_HOME", str(tmp_path / "fresh"))
     settings_module.reset_settings()
     try:
         result = walletq("--json", "balances")
         assert result.exit_code == 0 and result.stdout == ""
         assert (tmp_path / "fresh" / "walletq.db").exists()
-        assert json_lines(walletq("--json", "verify"))[0]["ok"] is True
+        assert walletq("--json", "verify").json_lines()[0]["ok"] is True
     finally:
         settings_module.reset_settings()
         dispose_engines()
@@ -192,9 +179,7 @@ def test_a_server_database_without_schema_asks_for_db_upgrade_which_creates_it(
     with pg_admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(servers.PG_URL).set(database=name).render_as_string(hide_password=False)
-    for key in list(os.environ):
-        if key.startswith("WALLETQ_"):
-            monkeypatch.delenv(key)
+    strip_walletq_env(monkeypatch)
     monkeypatch.setenv("WALLETQ_DATABASE_URL", url)
     monkeypatch.setenv("WALLETQ_HOME", str(tmp_path))
     settings_module.reset_settings()
@@ -203,9 +188,9 @@ def test_a_server_database_without_schema_asks_for_db_upgrade_which_creates_it(
         assert refused.exit_code == 1 and "walletq db upgrade" in refused.stderr
         upgraded = walletq("db", "upgrade", "--json")
         assert upgraded.exit_code == 0, upgraded.output
-        assert json_lines(upgraded)[0]["ok"] is True
+        assert upgraded.json_lines()[0]["ok"] is True
         assert walletq("--json", "db", "upgrade").exit_code == 0  # twice is harmless
-        assert json_lines(walletq("verify", "--json"))[0]["ok"] is True
+        assert walletq("verify", "--json").json_lines()[0]["ok"] is True
     finally:
         settings_module.reset_settings()
         dispose_engines()
@@ -220,13 +205,21 @@ def test_the_installed_walletq_command_runs_verify_in_its_own_process(
     service.credit_wallet("alice", "92.50")
     service.transfer_to_escrow("o-1", "alice", "bob", "5.00")
     service.credit_wallet("alice", "5.00")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WALLETQ_")}
-    env.update(walletq_env)
-    walletq_bin = Path(sys.executable).parent / "walletq"
-    done = subprocess.run([str(walletq_bin), "verify", "--json"], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["ok"] is True
-    balance = subprocess.run([str(walletq_bin), "--json", "balance", "alice"], env=env,
-                             capture_output=True, text=True, timeout=60, check=False)
-    assert json.loads(balance.stdout) == {"user": "alice", "available": "92.50", "escrow": "5.00"}
+    done = walletq("verify", "--json", process=True)
+    assert done.exit_code == 0, done
+    assert done.json()["ok"] is True
+    balance = walletq("--json", "balance", "alice", process=True)
+    assert balance.json() == {"user": "alice", "available": "92.50", "escrow": "5.00"}
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "console-script"])
+def test_a_setting_that_makes_no_sense_exits_2_naming_the_variable(
+    walletq_env: dict[str, str], process: bool
+) -> None:
+    bad = {"WALLETQ_ASSET_SCALE": "two"}
+    as_json = walletq("--json", "balances", env=bad, process=process)
+    assert as_json.exit_code == 2, as_json
+    error = as_json.json()["error"]
+    assert error["code"] == "invalid_settings" and "WALLETQ_ASSET_SCALE='two'" in error["message"]
+    human = walletq("verify", env={"WALLETQ_FEE_RATE": "1.5"}, process=process)
+    assert human.exit_code == 2 and "WALLETQ_FEE_RATE" in human.stderr

@@ -18,8 +18,9 @@ from services.atomic_transaction_manager import (
     atomic_financial_operation,
     execute_with_retry,
 )
+from services.settings import Settings
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import assert_ledger_holds, balances, record, transfers
+from tests.support.ledger import assert_ledger_sound, balances, record, transfers
 
 A, B = "user:a:available", "user:b:available"
 
@@ -68,7 +69,7 @@ class Side:
 
 
 def test_the_loser_of_a_deadlock_is_retried_by_execute_with_retry_and_succeeds(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     service.credit_wallet("a", "10.00", idempotency_key="dep-a")
     service.credit_wallet("b", "10.00", idempotency_key="dep-b")
@@ -97,11 +98,11 @@ def test_the_loser_of_a_deadlock_is_retried_by_execute_with_retry_and_succeeds(
     assert len(transfers(engine, "a-pays-b")) == len(transfers(engine, "b-pays-a")) == 1
     assert record(engine, loser.key).attempts == 1
     assert balances(engine)[A] == balances(engine)[B] == 1000
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_deadlock_that_keeps_recurring_ends_in_a_concurrent_operation_error(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     service.credit_wallet("a", "10.00", idempotency_key="dep-a")
     service.credit_wallet("b", "10.00", idempotency_key="dep-b")
@@ -123,4 +124,4 @@ def test_a_deadlock_that_keeps_recurring_ends_in_a_concurrent_operation_error(
         raise AssertionError("ConcurrentOperationError not raised")
     assert len(attempts) == 3
     assert atm.retry_stats.exhausted == exhausted_before + 1
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)

@@ -20,8 +20,9 @@ from services.atomic_transaction_manager import (
     atomic_financial_operation,
 )
 from services.command_executor import execute_command
+from services.settings import Settings
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import assert_ledger_holds, audit, balances, record, transfers
+from tests.support.ledger import assert_ledger_sound, audit, balances, record, transfers
 from tests.support.signing import prepared, signed
 
 THREADS = 20
@@ -48,7 +49,7 @@ def outcome(rec: Any) -> str:
 
 
 def test_twenty_threads_submitting_the_same_credit_at_once_make_one_effect(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     results = all_at_once(lambda _: service.execute(dict(CREDIT)))
     assert not [r for r in results if isinstance(r, Exception)], results
@@ -57,11 +58,11 @@ def test_twenty_threads_submitting_the_same_credit_at_once_make_one_effect(
     assert transfers(engine, "dep-81") == [("system:external", "user:alice:available", 1000, "credit")]
     assert balances(engine)["user:alice:available"] == 1000
     assert len(audit(engine, "dep-81")) == 1
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_twenty_threads_releasing_the_same_hold_under_one_key_pay_once(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     service.credit_wallet("alice", "50.00", idempotency_key="dep")
     service.transfer_to_escrow("o-1", "alice", "bob", "30.00", idempotency_key="hold")
@@ -70,11 +71,11 @@ def test_twenty_threads_releasing_the_same_hold_under_one_key_pay_once(
     assert results[0]["payee_amount"] == "27.00" and results[0]["fee"] == "3.00"
     assert [leg[2] for leg in transfers(engine, "done")] == [2700, 300]
     assert balances(engine)["user:bob:available"] == 2700
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_twenty_threads_submitting_the_same_refused_command_all_get_the_same_refusal(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     service.credit_wallet("alice", "5.00", idempotency_key="dep")
     command = {"type": "debit_wallet", "idempotency_key": "wd", "user": "alice", "amount": "6.00"}
@@ -82,11 +83,11 @@ def test_twenty_threads_submitting_the_same_refused_command_all_get_the_same_ref
     assert {outcome(r) for r in results} == {outcome(record(engine, "wd"))}
     assert results[0].status == "rejected" and results[0].error["code"] == "insufficient_balance"
     assert len(audit(engine, "wd")) == 1
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_twenty_threads_with_one_key_and_twenty_payloads_leave_one_winner_and_nineteen_conflicts(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     results = all_at_once(lambda i: service.execute({**CREDIT, "amount": f"{i + 1}.00"}))
     winners = [r for r in results if not isinstance(r, Exception)]
@@ -94,7 +95,7 @@ def test_twenty_threads_with_one_key_and_twenty_payloads_leave_one_winner_and_ni
     assert len(winners) == 1 and len(conflicts) == THREADS - 1, results
     paid = int(winners[0].result["amount"].split(".")[0]) * 100
     assert transfers(engine, "dep-81") == [("system:external", "user:alice:available", paid, "credit")]
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_duplicate_gets_the_stored_outcome_without_a_second_effect_or_attempt(

@@ -20,9 +20,10 @@ from services.atomic_transaction_manager import (
     UnknownHoldError,
     UnknownUserError,
 )
+from services.settings import Settings
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import (
-    assert_ledger_holds,
+from tests.support.ledger import (
+    assert_ledger_sound,
     audit,
     balances,
     count,
@@ -79,7 +80,7 @@ def assert_refused(service: WalletService, key: str, error: type[FinancialIntegr
     assert (rows[0]["command_id"], rows[0]["outcome"], rows[0]["error_code"]) == (
         rec.id, "rejected", code)
     assert rows[0]["amounts"] == [] and rows[0]["detail"]["error"]["code"] == code
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, service.settings)
     return caught.value
 
 
@@ -95,7 +96,7 @@ def funded(service: WalletService) -> WalletService:
 
 
 def test_credit_wallet_moves_external_money_into_a_new_users_available(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     result = service.credit_wallet("alice", "10.00", idempotency_key="dep-1", memo="first")
     assert result == {"user": "alice", "amount": "10.00", "available": "10.00"}
@@ -103,7 +104,7 @@ def test_credit_wallet_moves_external_money_into_a_new_users_available(
     assert balances(engine) == {EXT: -1000, avail("alice"): 1000}
     assert service.balance("alice").to_dict() == {"user": "alice", "available": "10.00",
                                                   "escrow": "0.00"}
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_second_credit_adds_to_the_same_account(service: WalletService, engine: Engine) -> None:
@@ -113,13 +114,15 @@ def test_a_second_credit_adds_to_the_same_account(service: WalletService, engine
     assert balances(engine) == {EXT: -1005, avail("alice"): 1005}
 
 
-def test_debit_wallet_moves_available_money_out(service: WalletService, engine: Engine) -> None:
+def test_debit_wallet_moves_available_money_out(
+    service: WalletService, engine: Engine, settings: Settings
+) -> None:
     service.credit_wallet("alice", "10.00", idempotency_key="dep-1")
     result = service.debit_wallet("alice", "3.50", idempotency_key="wd-1")
     assert result == {"user": "alice", "amount": "3.50", "available": "6.50"}
     assert_succeeded(engine, "wd-1", "debit_wallet", result, [(avail("alice"), EXT, 350, "debit")])
     assert balances(engine) == {EXT: -650, avail("alice"): 650}
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_debit_of_the_whole_balance_leaves_zero(service: WalletService, engine: Engine) -> None:
@@ -129,7 +132,7 @@ def test_a_debit_of_the_whole_balance_leaves_zero(service: WalletService, engine
 
 
 def test_transfer_between_users_moves_available_to_available_opening_the_payee(
-    funded: WalletService, engine: Engine
+    funded: WalletService, engine: Engine, settings: Settings
 ) -> None:
     result = funded.transfer_tokens_between_users("alice", "bob", "2.50", idempotency_key="t-1")
     assert result == {"from_user": "alice", "to_user": "bob", "amount": "2.50",
@@ -137,11 +140,11 @@ def test_transfer_between_users_moves_available_to_available_opening_the_payee(
     assert_succeeded(engine, "t-1", "transfer_tokens_between_users", result,
                      [(avail("alice"), avail("bob"), 250, "transfer")])
     assert balances(engine)[avail("alice")] == 9750 and balances(engine)[avail("bob")] == 250
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_transfer_to_escrow_opens_a_hold_and_moves_available_to_escrow(
-    funded: WalletService, engine: Engine
+    funded: WalletService, engine: Engine, settings: Settings
 ) -> None:
     result = funded.transfer_to_escrow("o-7", "alice", "bob", "5.00", idempotency_key="o-7-hold")
     assert result == {"hold_id": "o-7", "payer": "alice", "payee": "bob", "amount": "5.00",
@@ -157,11 +160,11 @@ def test_transfer_to_escrow_opens_a_hold_and_moves_available_to_escrow(
     assert funded.balance("alice").escrow == Decimal("5.00")
     assert funded.open_holds("alice") == [{"hold_id": "o-7", "payee": "bob",
                                            "amount": Decimal("5.00")}]
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_release_pays_the_payee_the_amount_less_the_default_fee_and_the_fee_to_platform(
-    funded: WalletService, engine: Engine
+    funded: WalletService, engine: Engine, settings: Settings
 ) -> None:
     funded.transfer_to_escrow("o-7", "alice", "bob", "5.55", idempotency_key="o-7-hold")
     result = funded.release_from_escrow("o-7", idempotency_key="o-7-done")
@@ -178,7 +181,7 @@ def test_release_pays_the_payee_the_amount_less_the_default_fee_and_the_fee_to_p
     money = balances(engine)
     assert (money[escrow("alice")], money[avail("bob")], money[FEES]) == (0, 499, 56)
     assert funded.open_holds("alice") == []
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +191,7 @@ def test_release_pays_the_payee_the_amount_less_the_default_fee_and_the_fee_to_p
      ("1", [("fee", 2000)])],
 )
 def test_release_with_an_explicit_fee_rate_posts_only_the_legs_with_money(
-    funded: WalletService, engine: Engine, rate: str, legs: list[tuple[str, int]]
+    funded: WalletService, engine: Engine, rate: str, legs: list[tuple[str, int]], settings: Settings
 ) -> None:
     funded.transfer_to_escrow("o-8", "alice", "bob", "20.00", idempotency_key="o-8-hold")
     result = funded.release_from_escrow("o-8", fee_rate=rate, idempotency_key="o-8-done")
@@ -196,11 +199,11 @@ def test_release_with_an_explicit_fee_rate_posts_only_the_legs_with_money(
     posted = [(kind, amount) for _, _, amount, kind in transfers(engine, "o-8-done")]
     assert posted == legs
     assert sum(amount for _, amount in posted) == 2000
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_refund_returns_the_hold_to_the_payers_available(
-    funded: WalletService, engine: Engine
+    funded: WalletService, engine: Engine, settings: Settings
 ) -> None:
     funded.transfer_to_escrow("o-9", "alice", "bob", "7.00", idempotency_key="o-9-hold")
     result = funded.refund_from_escrow("o-9", idempotency_key="o-9-cancel")
@@ -211,11 +214,11 @@ def test_refund_returns_the_hold_to_the_payers_available(
     assert closed is not None and closed["status"] == "refunded" and closed["fee_minor"] is None
     assert funded.balance("alice").to_dict() == {"user": "alice", "available": "100.00",
                                                  "escrow": "0.00"}
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_admin_create_tokens_mints_from_issuance_into_the_treasury(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     result = service.admin_create_tokens("1000000.00", idempotency_key="mint-1")
     assert result == {"amount": "1000000.00", "treasury": "1000000.00"}
@@ -223,28 +226,30 @@ def test_admin_create_tokens_mints_from_issuance_into_the_treasury(
                      [(ISSUANCE, TREASURY, 10**8, "mint")])
     assert balances(engine) == {ISSUANCE: -(10**8), TREASURY: 10**8}
     assert service.total_supply() == Decimal("1000000.00")
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
-def test_admin_sell_tokens_moves_treasury_to_the_user(service: WalletService, engine: Engine) -> None:
+def test_admin_sell_tokens_moves_treasury_to_the_user(
+    service: WalletService, engine: Engine, settings: Settings
+) -> None:
     service.admin_create_tokens("1000.00", idempotency_key="mint-1")
     result = service.admin_sell_tokens_to_user("alice", "100.00", idempotency_key="sale-3")
     assert result == {"user": "alice", "amount": "100.00", "available": "100.00"}
     assert_succeeded(engine, "sale-3", "admin_sell_tokens_to_user", result,
                      [(TREASURY, avail("alice"), 10000, "sale")])
     assert balances(engine)[TREASURY] == 90000
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_user_sell_tokens_moves_the_users_available_back_to_treasury(
-    funded: WalletService, engine: Engine
+    funded: WalletService, engine: Engine, settings: Settings
 ) -> None:
     result = funded.user_sell_tokens_to_admin("alice", "50.00", idempotency_key="cash-4")
     assert result == {"user": "alice", "amount": "50.00", "available": "50.00"}
     assert_succeeded(engine, "cash-4", "user_sell_tokens_to_admin", result,
                      [(avail("alice"), TREASURY, 5000, "buyback")])
     assert balances(engine)[TREASURY] == 95000
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_an_operation_without_a_key_gets_a_fresh_one_each_call(
@@ -421,7 +426,7 @@ def test_history_lists_an_accounts_transfers_newest_first_signed_from_its_side(
 
 
 def test_release_without_a_fee_rate_uses_the_configured_walletq_fee_rate(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     monkeypatch.setenv("WALLETQ_FEE_RATE", "0.035")
     settings_module.reset_settings()
@@ -432,4 +437,4 @@ def test_release_without_a_fee_rate_uses_the_configured_walletq_fee_rate(
     # 3.5% of 10.50 is 0.3675 → 0.37 (nearest; no tie), and 10.13 + 0.37 = 10.50.
     assert (result["fee_rate"], result["fee"], result["payee_amount"]) == ("0.035", "0.37", "10.13")
     assert hold(engine, "o-1")["fee_rate"] == "0.035"  # type: ignore[index]
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)

@@ -11,27 +11,22 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from services import payouts, schema
+from services import payouts, schema, sweep
 from services.atomic_transaction_manager import InvalidCommandError
 from services.command_executor import execute_command
 from services.db import get_engine
-from services.payouts import Item, decide, payout_item_rows, payout_progress
+from services.payouts import payout_item_rows, payout_progress
 from services.verify import verify_ledger
+from tests.support.builders import item, payout
+from tests.support.ledger import assert_ledger_sound
+from tests.support.outbox import age
+from tests.support.publishing import FakePublisher
 from tests.support.signing import signed
 
 
 def batch(key, items, **fields):
     """A payout_batch command, signed as the test's producer (an admin: any funding account)."""
-    return signed({"type": "payout_batch", "idempotency_key": key, "items": items, **fields})
-
-
-def item(user, amount, reference):
-    return {"user": user, "amount": amount, "reference": reference}
-
-
-def assert_ledger_ok(engine, settings):
-    checks = verify_ledger(engine, settings.asset_scale)
-    assert all(check.ok for check in checks), [c.detail for c in checks if not c.ok]
+    return signed(payout(key, items, **fields))
 
 
 def outcomes(engine, settings, key):
@@ -60,18 +55,6 @@ def count_transfers(engine, kind="payout"):
 def _no_hooks():
     yield
     payouts.AFTER_CHUNK_HOOKS.clear()
-
-
-# --- the pure decision ------------------------------------------------------------------
-
-
-def test_decide_pays_what_the_balance_covers_and_skips_what_was_paid_before():
-    items = [Item(0, "a", 50, "r0"), Item(1, "b", 60, "r1"), Item(2, "c", 40, "r2"),
-             Item(3, "d", 10, "r3"), Item(4, "boss", 1, "r4")]
-    got = decide(items, {"r2"}, 100, "user:boss:available")
-    assert [(d.outcome, d.error_code) for d in got] == [
-        ("paid", None), ("rejected", "insufficient_balance"), ("duplicate", None),
-        ("paid", None), ("rejected", "forbidden")]
 
 
 # --- schema -----------------------------------------------------------------------------
@@ -140,7 +123,7 @@ def test_ten_thousand_items_pay_until_the_treasury_runs_dry(service, engine, set
     assert service.balance("known-0").available == Decimal("1.00") + sum(
         Decimal(r["amount"]) for n, r in enumerate(rows)
         if r["user"] == "known-0" and expected[f"inv-{n}"][0] == "paid")
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_reference_paid_before_is_a_duplicate_in_a_later_batch(service, engine, settings):
@@ -154,7 +137,7 @@ def test_a_reference_paid_before_is_a_duplicate_in_a_later_batch(service, engine
     assert service.balance("ann").available == Decimal("1.00")
     balances = {row["account"]: row["balance"] for row in service.balances()}
     assert balances["platform:treasury"] == Decimal("94.00")
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 def test_the_same_batch_again_returns_its_stored_outcome(service, engine, settings):
@@ -186,7 +169,7 @@ def test_only_the_platform_or_a_users_available_account_may_fund(service, engine
                              engine=engine, settings=settings)
     assert record.status == "rejected" and record.error["code"] == "forbidden"
     assert count_transfers(engine) == (0, 0)
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_user_pays_others_from_their_wallet_but_not_themself(service, engine, settings):
@@ -205,7 +188,7 @@ def test_a_user_pays_others_from_their_wallet_but_not_themself(service, engine, 
                               engine=engine, settings=settings)
     assert unknown.status == "rejected" and unknown.error["code"] == "unknown_user"
     assert record.result["paid"] == 1
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 def test_the_fees_account_funds_a_payout_and_an_empty_one_pays_nothing(engine, settings):
@@ -213,7 +196,7 @@ def test_the_fees_account_funds_a_payout_and_an_empty_one_pays_nothing(engine, s
                                    from_account="platform:fees"), engine=engine, settings=settings)
     assert record.status == "succeeded" and record.result["rejected"] == 1
     assert outcomes(engine, settings, "fees-1") == {"fe-1": ("rejected", "insufficient_balance")}
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 # --- atomic -----------------------------------------------------------------------------
@@ -235,7 +218,7 @@ def test_an_atomic_batch_with_one_item_it_cannot_cover_pays_nothing(service, eng
     ok = execute_command(batch("atomic-2", rows[:10], atomic=True), engine=engine,
                          settings=settings)
     assert ok.status == "succeeded" and ok.result["paid"] == 10 and ok.result["chunks"] == 1
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 # --- crashes and races ------------------------------------------------------------------
@@ -272,7 +255,7 @@ def test_a_crash_after_the_first_chunk_resumes_and_pays_each_item_once(
     assert set(times_paid(engine, "cr-").values()) == {1} and len(times_paid(engine)) == n
     assert count_transfers(engine) == (n, n * 125)
     assert service.balance("c-0").available == Decimal("1.25") * len(range(0, n, 300))
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_crash_after_chunk_two_resumes_from_the_last_committed_chunk(
@@ -300,7 +283,7 @@ def test_a_crash_after_chunk_two_resumes_from_the_last_committed_chunk(
     assert seen == [1, 2]
     assert record.result["chunks"] == 9 and record.result["paid"] == 420
     assert set(times_paid(engine, "sm-").values()) == {1}
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
 def test_two_batches_sharing_references_at_once_pay_each_reference_once(
@@ -335,16 +318,39 @@ def test_two_batches_sharing_references_at_once_pay_each_reference_once(
     assert len(paid) == 1_800 and set(paid.values()) == {1}
     for n in (0, 599, 1_199):
         assert service.balance(f"sh-{n}").available == Decimal("3.00")
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)
 
 
-def test_a_batch_left_processing_is_not_swept_while_it_progresses(service, engine, settings):
-    service.admin_create_tokens("10.00")
-    execute_command(batch("hb", [item("ann", "1.00", "hb-1")]), engine=engine, settings=settings)
-    with engine.connect() as conn:
-        updated, completed = conn.execute(text(
-            "SELECT updated_at, completed_at FROM commands WHERE idempotency_key = 'hb'")).one()
-    assert updated == completed
+def test_a_batch_left_processing_is_not_swept_while_it_progresses(
+        service, engine, settings, monkeypatch):
+    """Each committed chunk restarts the command's clock, so a long batch that is moving
+    is never republished, however long it has been running; a stalled one is."""
+    from services import settings as settings_module
+
+    monkeypatch.setenv("WALLETQ_PAYOUT_CHUNK_ITEMS", "10")
+    settings_module.reset_settings()
+    small = settings_module.get_settings()
+    service.admin_create_tokens("100.00")
+    swept = []
+
+    def after_chunk(key, chunks_done):
+        if chunks_done == 1:
+            age(engine, key, 3600)  # as if the batch had started an hour ago and stalled
+            stalled = sweep.run_once(FakePublisher(), engine=engine, settings=small, grace_s=60)
+            swept.append(stalled.found)
+            age(engine, key, 3600)  # undo the sweep's own restart of the clock
+        elif chunks_done == 2:  # chunk 2 committed since: the batch is moving again
+            publisher = FakePublisher()
+            moving = sweep.run_once(publisher, engine=engine, settings=small, grace_s=60)
+            swept.append(moving.found)
+            assert publisher.published == []
+
+    payouts.AFTER_CHUNK_HOOKS.append(after_chunk)
+    record = execute_command(batch("hb", [item(f"u{n}", "1.00", f"hb-{n}") for n in range(30)]),
+                             engine=engine, settings=small)
+    assert record.status == "succeeded" and record.result["chunks"] == 3
+    assert swept == [1, 0]
+    assert_ledger_sound(engine, settings)
 
 
 # --- embedded -----------------------------------------------------------------------------
@@ -360,4 +366,4 @@ def test_a_payout_on_embedded_sqlite(sqlite_env):
     assert record.result["paid"] == 5 and record.result["rejected"] == 2
     again = execute_command(batch("sq-2", rows[:2]), engine=engine, settings=settings)
     assert again.result["duplicate"] == 2
-    assert_ledger_ok(engine, settings)
+    assert_ledger_sound(engine, settings)

@@ -22,8 +22,8 @@ from services.db import make_engine
 from services.operations import escrow
 from services.settings import Settings
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import (
-    assert_ledger_holds,
+from tests.support.ledger import (
+    assert_ledger_sound,
     audit,
     balances,
     count,
@@ -61,7 +61,7 @@ def held(service: WalletService) -> WalletService:
 
 
 def test_a_failure_after_the_first_leg_of_a_release_leaves_no_trace(
-    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     before = (balances(engine), transfers(engine), hold(engine, "o-1"), count(engine, "audit_events"))
     calls = fail_on_call(monkeypatch, 2, Injected("the fee leg failed"))
@@ -74,11 +74,11 @@ def test_a_failure_after_the_first_leg_of_a_release_leaves_no_trace(
     assert transfers(engine, "done") == []
     assert record(engine, "done").status == "processing"  # claimed, never succeeded
     assert audit(engine, "done") == []
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_the_same_release_run_again_after_the_failure_succeeds_once(
-    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     fail_on_call(monkeypatch, 2, Injected("the fee leg failed"))
     with pytest.raises(Injected):
@@ -88,11 +88,11 @@ def test_the_same_release_run_again_after_the_failure_succeeds_once(
     assert (result["payee_amount"], result["fee"]) == ("9.00", "1.00")
     assert [leg[2] for leg in transfers(engine, "done")] == [900, 100]
     assert record(engine, "done").attempts == 2
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_deadlock_on_the_second_leg_reruns_the_whole_transaction_once(
-    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     orig = Exception("deadlock detected")
     orig.pgcode = "40P01"  # type: ignore[attr-defined]
@@ -105,11 +105,11 @@ def test_a_deadlock_on_the_second_leg_reruns_the_whole_transaction_once(
     assert (result["payee_amount"], result["fee"]) == ("9.00", "1.00")
     assert [leg[2] for leg in transfers(engine, "done")] == [900, 100]  # no leg twice
     assert len(audit(engine, "done")) == 1
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_failure_in_refund_after_the_leg_keeps_the_hold_open(
-    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     real_close = escrow._close_hold
 
@@ -122,7 +122,7 @@ def test_a_failure_in_refund_after_the_leg_keeps_the_hold_open(
     with pytest.raises(Injected):
         held.refund_from_escrow("o-1", idempotency_key="undo")
     assert balances(engine) == before and hold(engine, "o-1")["status"] == "held"  # type: ignore[index]
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_a_failure_in_refund_after_the_leg_keeps_the_hold_open(
 )
 def test_the_check_constraint_refuses_a_negative_balance_when_the_services_check_is_bypassed(
     held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch, operation: str,
-    args: tuple[str, ...],
+    args: tuple[str, ...], settings: Settings,
 ) -> None:
     monkeypatch.setattr(ledger, "validate_balance_integrity", lambda **_: None)
     before = (balances(engine), transfers(engine), count(engine, "holds"))
@@ -147,7 +147,7 @@ def test_the_check_constraint_refuses_a_negative_balance_when_the_services_check
     assert (balances(engine), transfers(engine), count(engine, "holds")) == before
     assert record(engine, "bad").status == "processing"
     monkeypatch.undo()
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 @pytest.mark.parametrize("table", ["transfers", "audit_events"])
@@ -163,10 +163,10 @@ def test_transfers_and_audit_events_are_append_only(
     assert count(engine, table) == rows_before
 
 
-def test_an_amount_cannot_be_edited_in_place(held: WalletService, engine: Engine) -> None:
+def test_an_amount_cannot_be_edited_in_place(held: WalletService, engine: Engine, settings: Settings) -> None:
     with pytest.raises(DBAPIError, match="append-only; UPDATE refused"), engine.begin() as conn:
         conn.execute(text("UPDATE transfers SET amount_minor = amount_minor + 1"))
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 # --- atomic_financial_operation ---------------------------------------------------------
@@ -208,7 +208,7 @@ def test_a_failure_in_the_inner_operation_rolls_back_everything(engine: Engine) 
 
 
 def test_commands_run_inside_one_open_operation_commit_or_roll_back_together(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     with pytest.raises(Injected), atomic_financial_operation(engine, "batch"):
         service.credit_wallet("alice", "5.00", idempotency_key="a")
@@ -219,7 +219,7 @@ def test_commands_run_inside_one_open_operation_commit_or_roll_back_together(
         service.credit_wallet("alice", "5.00", idempotency_key="a")
         service.credit_wallet("bob", "5.00", idempotency_key="b")
     assert count(engine, "transfers") == 2
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_nested_operation_on_another_database_is_refused(

@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from services import schema
 from services.db import get_engine
 from services.settings import get_settings
+from services.wallet_service import WalletService
+from tests.support.builders import item, payout
+from tests.support.ledger import count
 
 a, c, t, h = schema.accounts, schema.commands, schema.transfers, schema.holds
 
@@ -206,8 +209,22 @@ def test_a_payload_over_four_megabytes_is_refused_on_postgresql(pg: Engine) -> N
             "payload_length")
 
 
-def test_the_append_only_function_refuses_with_restrict_violation_on_postgresql(pg: Engine) -> None:
-    with pg.connect() as conn:
-        triggers = set(conn.execute(text(
-            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")).scalars())
-    assert {"transfers_append_only", "audit_events_append_only"} <= triggers
+APPEND_ONLY = ["transfers", "audit_events", "payout_items"]
+
+
+@pytest.mark.parametrize("statement", ["UPDATE {table} SET command_id = command_id",
+                                       "DELETE FROM {table}"])
+@pytest.mark.parametrize("table", APPEND_ONLY)
+def test_the_append_only_function_refuses_with_restrict_violation_on_postgresql(
+    pg: Engine, table: str, statement: str
+) -> None:
+    service = WalletService(pg, get_settings())
+    service.admin_create_tokens("10.00")
+    service.execute(payout("pay-1", [item("bob", "1.00", "r-1")]))
+    rows_before = count(pg, table)
+    assert rows_before > 0
+    with pytest.raises(DBAPIError) as caught, pg.begin() as conn:
+        conn.execute(text(statement.format(table=table)))
+    assert caught.value.orig.pgcode == "23001"  # type: ignore[union-attr]  # restrict_violation
+    assert f"{table} is append-only" in str(caught.value.orig)
+    assert count(pg, table) == rows_before

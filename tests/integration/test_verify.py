@@ -14,14 +14,13 @@ from services import schema
 from services.canonical import canonical_payload, payload_hash
 from services.command_fields import CommandLimits
 from services.commands import parse_command
+from services.settings import Settings
 from services.signing import signed_form
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
+from tests.support.builders import item, payout
+from tests.support.ledger import CHECKS, assert_ledger_sound
 from tests.support.signing import signed
-
-CHECKS = ["sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
-          "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique",
-          "commands_are_signed", "commands_have_their_audit"]
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def sql(engine: Engine, *statements: str) -> None:
 
 def test_a_ledger_after_every_operation_passes_all_eight_checks(busy: WalletService, engine: Engine) -> None:
     checks = verify_ledger(engine, 2)
-    assert [c.name for c in checks] == CHECKS
+    assert [c.name for c in checks] == list(CHECKS)
     assert all(c.ok for c in checks), checks
     details = {c.name: c.detail for c in checks}
     assert details["sum_of_balances_is_zero"] == "sum of all balances = 0 minor units"
@@ -63,8 +62,8 @@ def test_a_ledger_after_every_operation_passes_all_eight_checks(busy: WalletServ
         "12 commands have exactly the transfers their outcome implies")
 
 
-def test_an_empty_ledger_passes(engine: Engine) -> None:
-    assert all(c.ok for c in verify_ledger(engine, 2))
+def test_an_empty_ledger_passes(engine: Engine, settings: Settings) -> None:
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_balance_edited_behind_the_ledgers_back_is_named(busy: WalletService, engine: Engine) -> None:
@@ -265,3 +264,59 @@ def test_commands_from_before_signatures_pass_only_up_to_the_recorded_epoch(
     assert "commands_are_signed" not in failed
     forge_credit(engine, "new-1", "nina", 100, audited="succeeded")
     assert "new-1" in failures(engine)["commands_are_signed"]
+# --- payouts: a batch's transfers are its paid items, its items the ones it counts -------
+
+
+@pytest.fixture
+def paid(service: WalletService) -> WalletService:
+    """A payout of three items: two paid (3.00 and 4.00), one rejected."""
+    service.admin_create_tokens("7.00", idempotency_key="mint")
+    service.execute(payout("pay-1", [item("ann", "3.00", "r-1"), item("ben", "4.00", "r-2"),
+                                     item("cy", "1.00", "r-3")]))
+    return service
+
+
+def test_a_payout_whose_progress_counts_another_payment_is_named(
+    paid: WalletService, engine: Engine
+) -> None:
+    assert failures(engine) == {}
+    sql(engine, "UPDATE payout_batches SET items_paid = items_paid + 1,"
+                " items_rejected = items_rejected - 1")
+    assert failures(engine) == {"commands_have_their_transfers": (
+        "1 commands disagree: pay-1 (payout_batch succeeded: 2 transfers of 700 minor units; "
+        "batch paid 3 of 700; items paid 2 of 700)")}
+
+
+def test_a_payout_item_recorded_unpaid_though_it_was_paid_is_named(
+    paid: WalletService, engine: Engine
+) -> None:
+    sql(engine, "ALTER TABLE payout_items DISABLE TRIGGER payout_items_append_only",
+        "UPDATE payout_items SET outcome = 'rejected', error_code = 'insufficient_balance'"
+        " WHERE reference = 'r-2'")
+    detail = failures(engine)["commands_have_their_transfers"]
+    assert detail == ("1 commands disagree: pay-1 (payout_batch succeeded: 2 transfers of 700 "
+                      "minor units; batch paid 2 of 700; items paid 1 of 300)")
+
+
+def test_a_payout_item_the_batch_never_decided_is_named(
+    paid: WalletService, engine: Engine
+) -> None:
+    sql(engine, "INSERT INTO payout_items (command_id, item_index, user_id, amount_minor,"
+                " reference, outcome, error_code, funding_account_id)"
+                " SELECT command_id, 9, user_id, amount_minor, 'r-9', 'rejected',"
+                " 'insufficient_balance', funding_account_id FROM payout_items"
+                " WHERE reference = 'r-3'")
+    assert failures(engine) == {"commands_have_their_transfers": (
+        "1 commands disagree: pay-1 (payout_batch succeeded: 4 items; the batch decided 3)")}
+
+
+def test_a_payout_transfer_beyond_its_paid_items_is_named(
+    paid: WalletService, engine: Engine
+) -> None:
+    sql(engine, "INSERT INTO transfers (command_id, debit_account_id, credit_account_id,"
+                " amount_minor, kind) SELECT t.command_id, t.debit_account_id,"
+                " t.credit_account_id, 100, 'payout' FROM transfers t"
+                " JOIN commands c ON c.id = t.command_id WHERE c.idempotency_key = 'pay-1'"
+                " ORDER BY t.id LIMIT 1")
+    assert "pay-1 (payout_batch succeeded: 3 transfers of 800 minor units; batch paid 2 of 700" in (
+        failures(engine)["commands_have_their_transfers"])
