@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,10 +30,9 @@ import pytest
 import redis
 
 from services import settings as settings_module
-from services.db import dispose_engines, get_engine
-from services.settings import get_settings
-from services.verify import verify_ledger
+from services.db import dispose_engines
 from tests import servers
+from tests.support.polling import eventually
 
 REDIS_DB = 0
 BROKER_URL = f"{servers.REDIS_URL}/{REDIS_DB}"
@@ -89,14 +87,18 @@ class WorkerProcess:
                                      start_new_session=True, cwd=str(self.folder))
         log.close()
         self.starts += 1
-        deadline = time.monotonic() + timeout_s
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"worker not ready after {timeout_s} s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}:\n{self.log_tail()}")
+            return self.ready_file.exists()
+
+        try:
+            eventually(ready, timeout_s, describe=self.log_tail)
+        except AssertionError:
+            self.kill()
+            raise
         return self
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -223,10 +225,3 @@ def client(pipeline_env: dict[str, str]) -> Iterator[object]:
     wallet.close()
     dispose_engines()
 
-
-def assert_ledger_verifies() -> None:
-    """Every invariant (docs/ARCHITECTURE.md) holds on the test's database."""
-    settings = get_settings()
-    checks = verify_ledger(get_engine(settings), settings.asset_scale)
-    failed = [check.to_dict() for check in checks if not check.ok]
-    assert not failed, failed

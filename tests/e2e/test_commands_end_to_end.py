@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from tests.e2e.conftest import assert_ledger_verifies
-from tests.e2e.helpers import json_lines, transfers_of, walletq
+from tests.support.cli import walletq
+from tests.support.ledger import assert_ledger_sound, transfers
 
 # Phases: a command of one phase may depend on an earlier phase's effect, never on one
 # of its own (the worker runs two at a time, in any order).
@@ -51,8 +51,8 @@ def _check_outcome(client) -> None:
     for user, (available, escrow) in EXPECTED.items():
         balance = client.balance(user)
         assert balance == {"available": Decimal(available), "escrow": Decimal(escrow)}, user
-    assert transfers_of("o-1-done") == 2  # payee and fee
-    assert_ledger_verifies()
+    assert len(transfers(client.engine, "o-1-done")) == 2  # payee and fee
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_every_command_type_through_the_client_is_applied_by_the_worker(worker, client):
@@ -70,28 +70,28 @@ def test_every_command_type_through_walletq_submit_is_applied_by_the_worker(work
 
     for phase in PHASES:
         lines = "".join(json.dumps(command) + "\n" for command in phase)
-        done = walletq("--json", "submit", "-", stdin=lines)
-        assert done.returncode == 0, done.stderr
-        answers = json_lines(done.stdout)
+        done = walletq("--json", "submit", "-", stdin=lines, process=True)
+        assert done.exit_code == 0, done
+        answers = done.json_lines()
         assert [a["idempotency_key"] for a in answers] == [c["idempotency_key"] for c in phase]
         for command in phase:
             waited = walletq("status", command["idempotency_key"], "--wait", "30", "--json")
-            assert waited.returncode == 0, (waited.stdout, waited.stderr, worker.log_tail())
-            assert json_lines(waited.stdout)[0]["status"] == "succeeded"
+            assert waited.exit_code == 0, (waited, worker.log_tail())
+            assert waited.json()["status"] == "succeeded"
     _check_outcome(client)
 
 
 def test_a_single_command_submitted_by_the_cli_prints_its_record(worker, client):
     done = walletq("submit", '{"type": "credit_wallet", "idempotency_key": "d-9", '
-                   '"user": "zoe", "amount": "3.00"}', "--json")
-    assert done.returncode == 0, done.stderr
-    record = json_lines(done.stdout)[0]
+                   '"user": "zoe", "amount": "3.00"}', "--json", process=True)
+    assert done.exit_code == 0, done
+    record = done.json()
     assert record["idempotency_key"] == "d-9" and record["type"] == "credit_wallet"
     assert record["status"] in ("accepted", "processing", "succeeded")
     assert set(record) == {"idempotency_key", "type", "status", "result", "error", "attempts",
                            "created_at", "completed_at"}
     assert client.wait("d-9", timeout=20).status == "succeeded"
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_a_business_refusal_is_a_rejected_outcome_not_a_task_failure(worker, client):
@@ -102,4 +102,4 @@ def test_a_business_refusal_is_a_rejected_outcome_not_a_task_failure(worker, cli
     assert record.error["code"] == "unknown_user"
     assert record.attempts == 1
     assert "Traceback" not in worker.log_text()
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)

@@ -7,7 +7,6 @@ three commands) working."""
 
 from __future__ import annotations
 
-import json
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -25,8 +24,9 @@ from services.db import get_engine
 from services.errors import ForbiddenError
 from services.settings import get_settings, load_settings
 from services.signing import signed_form
-from tests.e2e.conftest import assert_ledger_verifies
-from tests.e2e.helpers import accept_only, audit_outcomes, json_lines, transfers_of, walletq
+from tests.support.cli import walletq
+from tests.support.ledger import assert_ledger_sound, audit_outcomes, transfers
+from tests.support.outbox import accept_only
 from tests.support.signing import signed
 from worker.celery_app import EXECUTE_TASK
 from worker.client import WalletClient
@@ -76,14 +76,14 @@ def test_the_issues_raw_messages_with_no_credential_mint_and_move_nothing(worker
         key = message["idempotency_key"]
         assert client.status(key) is None, f"{key} took its key"
         assert [r.error_code for r in client.refusals(key)] == ["unauthenticated"] * 3
-        assert audit_outcomes(key) == [("refused", "unauthenticated")] * 3
+        assert audit_outcomes(client.engine, key) == [("refused", "unauthenticated")] * 3
     with pytest.raises(Exception, match="no wallet"):
         client.balance("mallory")
     # The keys were not squatted: the real treasury mints under one of them.
     send(client, signed(attack[0] | {"amount": "5.00"}, "test-treasury"))
     assert client.wait("evil-mint", timeout=30).status == "succeeded"
     assert worker.alive
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_forged_stolen_and_out_of_role_messages_each_move_nothing_and_are_audited(
@@ -116,13 +116,13 @@ def test_forged_stolen_and_out_of_role_messages_each_move_nothing_and_are_audite
     for name, (message, code) in cases.items():
         key = message["idempotency_key"]
         assert client.status(key) is None, name
-        assert audit_outcomes(key) == [("refused", code)], name
+        assert audit_outcomes(client.engine, key) == [("refused", code)], name
         [refusal] = client.refusals(key)
         assert refusal.error_code == code and refusal.authenticated == (code == "forbidden"), name
     assert client.balance("marker")["available"] == Decimal("0.01")
     with pytest.raises(Exception, match="no wallet"):
         client.balance("alice")
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_a_signed_command_replayed_with_a_new_signature_is_a_duplicate(worker, client):
@@ -136,12 +136,12 @@ def test_a_signed_command_replayed_with_a_new_signature_is_a_duplicate(worker, c
     send(client, respelled)
     client.submit(respelled)  # through the outbox too: the stored record comes back
     marker(client, "after-replay")
-    assert transfers_of("dep-1") == 1
+    assert len(transfers(client.engine, "dep-1")) == 1
     # The replay reached the worker and got the stored outcome: neither refused nor run again.
     assert worker.log_text().count("'idempotency_key': 'dep-1', 'status': 'succeeded'") == 2
-    assert client.refusals("dep-1") == [] and audit_outcomes("dep-1") == [("succeeded", None)]
+    assert client.refusals("dep-1") == [] and audit_outcomes(client.engine, "dep-1") == [("succeeded", None)]
     assert client.balance("alice")["available"] == Decimal("10.00")
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_the_web_role_cannot_pick_a_fee_or_fund_a_payout_from_a_user(worker, client, pipeline_env):
@@ -184,7 +184,7 @@ def test_the_web_role_cannot_pick_a_fee_or_fund_a_payout_from_a_user(worker, cli
     assert client.balance("alice")["available"] == Decimal("30.00")
     with pytest.raises(Exception, match="no wallet"):
         client.balance("mallory")
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_a_row_written_straight_into_commands_ends_rejected_and_the_sweep_stops(worker, client):
@@ -197,14 +197,14 @@ def test_a_row_written_straight_into_commands_ends_rejected_and_the_sweep_stops(
             idempotency_key="forged", type="admin_create_tokens", payload=canonical,
             payload_hash=payload_hash(canonical), status="accepted", attempts=0,
             producer="test-web", signed_payload=form.text, signature="C" * 86))
-    swept = json.loads(walletq("--json", "sweep", "--grace", "0").stdout)
+    swept = walletq("--json", "sweep", "--grace", "0").json()
     assert swept["republished"] == 1
     record = client.wait("forged", timeout=30)
     assert record.status == "rejected" and record.error["code"] == "unauthenticated", \
         worker.log_tail()
-    assert json.loads(walletq("--json", "sweep", "--grace", "0").stdout)["found"] == 0
+    assert walletq("--json", "sweep", "--grace", "0").json()["found"] == 0
     assert total_supply() == 0
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_a_key_rotated_after_its_command_was_accepted_still_verifies_it(worker, client):
@@ -214,10 +214,10 @@ def test_a_key_rotated_after_its_command_was_accepted_still_verifies_it(worker, 
         producers.create(conn, "shop", "payments", old.public_key())
     lost = signed({"type": "credit_wallet", "idempotency_key": "lost", "user": "alice",
                    "amount": "3.00"}, "shop", key=old)
-    accept_only(lost)  # recorded, its message lost
+    accept_only(lost, client.engine, client.settings)  # recorded, its message lost
     with engine.begin() as conn:
         producers.rotate(conn, "shop", Ed25519PrivateKey.generate().public_key())
-    assert json.loads(walletq("--json", "sweep", "--grace", "0").stdout)["republished"] == 1
+    assert walletq("--json", "sweep", "--grace", "0").json()["republished"] == 1
     assert client.wait("lost", timeout=30).status == "succeeded", worker.log_tail()
     late = signed({"type": "credit_wallet", "idempotency_key": "late", "user": "alice",
                    "amount": "3.00"}, "shop", key=old)
@@ -226,7 +226,7 @@ def test_a_key_rotated_after_its_command_was_accepted_still_verifies_it(worker, 
     assert client.status("late") is None
     assert [r.error_code for r in client.refusals("late")] == ["unauthenticated"]
     assert client.balance("alice")["available"] == Decimal("3.00")
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_a_foreign_producers_conflicting_replay_is_readable_as_refused_by_its_key(worker, client):
@@ -240,11 +240,10 @@ def test_a_foreign_producers_conflicting_replay_is_readable_as_refused_by_its_ke
     assert refusal.error_code == "idempotency_conflict" and refusal.authenticated
     for secret in ("credit_wallet", "succeeded", "alice", "test-admin"):
         assert secret not in refusal.error_message
-    shown = [json.loads(line) for line in
-             walletq("--json", "refusals", "shared", "--producer", "test-web").stdout.splitlines()]
+    shown = walletq("--json", "refusals", "shared", "--producer", "test-web").json_lines()
     assert [r["error"]["code"] for r in shown] == ["idempotency_conflict"]
     assert client.status("shared").status == "succeeded"  # untouched
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_the_readmes_three_commands_create_a_producer_and_submit_a_signed_command(
@@ -252,16 +251,16 @@ def test_the_readmes_three_commands_create_a_producer_and_submit_a_signed_comman
     key_file = tmp_path / "web-1.key"
     made = walletq("--json", "producer", "create", "web-1", "--role", "payments",
                    "--key-out", str(key_file))
-    assert made.returncode == 0, made.stderr
+    assert made.exit_code == 0, made
     env = {"WALLETQ_PRODUCER": "web-1", "WALLETQ_PRODUCER_KEY_FILE": str(key_file)}
     done = walletq("--json", "submit", '{"type": "credit_wallet", "idempotency_key": "dep-81", '
                    '"user": "alice", "amount": "10.00"}', env=env)
-    assert done.returncode == 0, done.stderr
+    assert done.exit_code == 0, done
     status = walletq("--json", "status", "dep-81", "--wait", "30", env=env)
-    [record] = json_lines(status.stdout)
+    [record] = status.json_lines()
     assert record["status"] == "succeeded", worker.log_tail()
     with get_engine(load_settings({**os.environ, **pipeline_env})).connect() as conn:
         stored = conn.execute(select(schema.commands.c.producer, schema.commands.c.signature)
                               .where(schema.commands.c.idempotency_key == "dep-81")).one()
     assert stored.producer == "web-1" and len(stored.signature) == 86
-    assert walletq("verify").returncode == 0
+    assert walletq("verify").exit_code == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.e2e.conftest import assert_ledger_verifies
+from tests.support.ledger import assert_ledger_sound
 
 
 def test_a_real_worker_answers_a_submitted_command(worker, client):
@@ -11,7 +11,7 @@ def test_a_real_worker_answers_a_submitted_command(worker, client):
     record = client.wait("dep-1", timeout=20)
     assert record.status == "succeeded", worker.log_tail()
     assert str(client.balance("alice")["available"]) == "10.00"
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)
 
 
 def test_a_killed_worker_restarts_on_the_same_queues(worker, client):
@@ -22,4 +22,4 @@ def test_a_killed_worker_restarts_on_the_same_queues(worker, client):
     worker.start()
     assert client.wait("dep-2", timeout=20).status == "succeeded", worker.log_tail()
     assert worker.starts == 2
-    assert_ledger_verifies()
+    assert_ledger_sound(client.engine, client.settings)

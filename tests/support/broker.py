@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import redis
 
-__all__ = ["queue_state", "broker_idle"]
+from services.message_policy import KEYS_TASK_NAME
+
+__all__ = ["queue_state", "broker_idle", "queued_commands"]
 
 
 def queue_state(url: str, prefix: str) -> dict[str, int]:
@@ -28,3 +33,22 @@ def broker_idle(url: str, prefix: str) -> bool:
     """No message waits and none is in flight. With late acks a message leaves the unacked
     hash only after its task returned, so an idle broker means every delivery has ended."""
     return not queue_state(url, prefix)
+
+
+def queued_commands(url: str, prefix: str) -> int:
+    """Commands the queues under the prefix name: one per command message, one per key of a
+    bulk producer's chunk message (services.message_policy.KEYS_TASK_NAME)."""
+    conn = redis.Redis.from_url(url)
+    try:
+        named = 0
+        for key in conn.scan_iter(match=f"{prefix}*"):
+            if conn.type(key) != b"list":
+                continue
+            for raw in conn.lrange(key, 0, -1):
+                message = json.loads(raw)
+                body = json.loads(base64.b64decode(message["body"]))
+                task = message["headers"]["task"]
+                named += len(body[0][0]) if task == KEYS_TASK_NAME else 1
+        return named
+    finally:
+        conn.close()
