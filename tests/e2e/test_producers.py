@@ -24,9 +24,12 @@ from services.db import get_engine
 from services.errors import ForbiddenError
 from services.settings import get_settings, load_settings
 from services.signing import signed_form
+from tests.e2e.conftest import BROKER_URL
+from tests.support.broker import broker_idle, queue_state
 from tests.support.cli import walletq
 from tests.support.ledger import assert_ledger_sound, audit_outcomes, transfers
 from tests.support.outbox import accept_only
+from tests.support.polling import eventually
 from tests.support.signing import signed
 from worker.celery_app import EXECUTE_TASK
 from worker.client import WalletClient
@@ -40,12 +43,15 @@ def send(client: WalletClient, message: Any) -> None:
 
 
 def marker(client: WalletClient, name: str) -> None:
-    """A signed command after the others on the commands queue: once it ran, they all have
-    (one queue is consumed in order)."""
+    """A signed command after the others; once it ran and the broker is idle (nothing queued,
+    nothing unacknowledged, on every queue: a payout travels on its own), they all have."""
     send(client, signed({"type": "credit_wallet", "idempotency_key": name, "user": "marker",
                          "amount": "0.01"}, "test-payments"))
     record = client.wait(name, timeout=30)
     assert record is not None and record.status == "succeeded"
+    prefix = client.publisher.queues.prefix
+    eventually(lambda: broker_idle(BROKER_URL, prefix), 30,
+               describe=lambda: queue_state(BROKER_URL, prefix))
 
 
 def total_supply() -> int:
