@@ -4,10 +4,12 @@ of one hold — against a model of the ledger in plain Python. After every step 
 balances equal walletq's and every invariant holds (services.verify).
 
 It runs on PostgreSQL and on embedded SQLite. The `ci` hypothesis profile (tests/conftest.py)
-bounds it; `pytest tests/integration/test_state_machine.py --hypothesis-profile=long` runs it
-far deeper. Each example gets a database of its own (a PostgreSQL clone of the migrated
-template, a copy of a migrated SQLite file), so that it depends on nothing but its own
-steps: hypothesis can replay and shrink a failure to its shortest sequence.
+bounds it; `pytest tests/integration/test_state_machine.py --hypothesis-profile=long
+--timeout 3600` runs it far deeper (about ten minutes on PostgreSQL: past the suite's
+per-test timeout of 600 s, hence the flag). Each example gets a database of its own (a
+PostgreSQL clone of the migrated template, a copy of a migrated SQLite file), so that it
+depends on nothing but its own steps: hypothesis can replay and shrink a failure to its
+shortest sequence.
 """
 
 from __future__ import annotations
