@@ -26,7 +26,7 @@ from services.outbox import record_accepted_many
 from services.settings import Settings
 from services.signing import new_private_key
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import assert_ledger_holds, audit, balances, record, transfers
+from tests.support.ledger import assert_ledger_sound, audit, balances, record, transfers
 from tests.support.signing import prepared, signed
 
 
@@ -187,7 +187,7 @@ def test_a_batch_with_refusals_conflicts_duplicates_a_deadlock_and_a_killed_work
     assert [(row["outcome"], row["error_code"]) for row in refused] == \
         [("refused", "idempotency_conflict")]
     assert balances(engine)["user:bob:escrow"] == 700
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_single_commands_message_takes_the_untouched_commands_waiting_with_it(
@@ -212,7 +212,7 @@ def test_a_single_commands_message_takes_the_untouched_commands_waiting_with_it(
         assert again.record.status == "succeeded"
         assert len(transfers(engine, command["idempotency_key"])) == 1
         assert len(final_audits(engine, command["idempotency_key"])) == 1
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 @pytest.fixture
@@ -254,7 +254,7 @@ def test_rows_another_transaction_holds_are_skipped_not_waited_for(
         assert [record(engine, f"s-{i}").status for i in range(3)] == \
             ["succeeded", "accepted", "succeeded"]
         holder.rollback()
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_redelivered_chunk_of_keys_counts_each_delivery_before_applying_it(
@@ -266,7 +266,7 @@ def test_a_redelivered_chunk_of_keys_counts_each_delivery_before_applying_it(
     for i in range(3):
         found = record(engine, f"r-{i}")
         assert (found.status, found.attempts) == ("succeeded", 1)
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_message_that_is_not_a_list_of_keys_is_refused_and_recorded(
@@ -301,4 +301,4 @@ def test_a_batch_applies_its_commands_oldest_first_whichever_message_came_first(
     assert outcome.record.status == "succeeded"
     assert record(engine, "o-mint").status == "succeeded"
     assert balances(engine)["user:alice:available"] == 5000
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)

@@ -22,7 +22,7 @@ from services.message_policy import Done, execute_keys_message, execute_message
 from services.outbox import record_accepted_many
 from services.settings import Settings
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import assert_ledger_holds, balances, record, transfers
+from tests.support.ledger import assert_ledger_sound, balances, record, transfers
 from tests.support.signing import prepared, signed
 
 THREADS = 8
@@ -57,7 +57,7 @@ def test_a_sale_its_reading_allowed_but_the_locked_treasury_cannot_cover_is_refu
     assert any("s-slow: a hot account could not cover it at the flush" in r.getMessage()
                for r in caplog.records)
     assert balances(engine)["platform:treasury"] == 4000
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_refusal_is_decided_on_the_locked_row_not_on_a_reading(
@@ -68,7 +68,7 @@ def test_a_refusal_is_decided_on_the_locked_row_not_on_a_reading(
     with pytest.raises(BusinessRuleError, match="1000 minor units, 1500 needed"):
         service.admin_sell_tokens_to_user("alice", "15.00", idempotency_key="big")
     assert transfers(engine, "big") == []
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def _release(service: WalletService, rng: random.Random, thread: int, n: int) -> None:
@@ -135,7 +135,7 @@ def test_many_threads_on_the_hot_accounts_keep_every_invariant(
                                  "WHERE code = 'platform:fees'")).scalar_one()
     assert left >= 0 and left == bought - sold
     assert fees > 0
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_a_chunk_of_sales_larger_than_the_treasury_refuses_exactly_what_it_cannot_cover(
@@ -149,4 +149,4 @@ def test_a_chunk_of_sales_larger_than_the_treasury_refuses_exactly_what_it_canno
     statuses = [record(engine, c["idempotency_key"]).status for c in sales]
     assert statuses == ["succeeded"] * 3 + ["rejected"] * 2  # in order: 3 x 3.00, then dry
     assert balances(engine)["platform:treasury"] == 100
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)

@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from services.settings import Settings
 from services.wallet_service import WalletService
-from tests.integration.ledger_reads import assert_ledger_holds, balances, record
+from tests.support.ledger import assert_ledger_sound, balances, record
 
 
 def batch(key: str, prefix: str, n: int, amount: str = "1.00") -> dict[str, Any]:
@@ -46,7 +47,7 @@ def paid_per_reference(engine: Engine) -> dict[str, int]:
 
 
 def test_the_same_file_paid_twice_at_once_under_two_keys_pays_each_reference_once(
-    service: WalletService, engine: Engine, caplog: pytest.LogCaptureFixture
+    service: WalletService, engine: Engine, caplog: pytest.LogCaptureFixture, settings: Settings
 ) -> None:
     caplog.set_level(logging.INFO, logger="walletq.payouts")
     service.admin_create_tokens("100000.00", idempotency_key="mint")
@@ -61,11 +62,11 @@ def test_the_same_file_paid_twice_at_once_under_two_keys_pays_each_reference_onc
     # The chunks ran side by side and met: the unique index refused one, which ran again.
     assert any("the chunk again, its funding account locked" in r.getMessage()
                for r in caplog.records)
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
 
 
 def test_two_batches_the_treasury_cannot_both_cover_never_overdraw_it(
-    service: WalletService, engine: Engine
+    service: WalletService, engine: Engine, settings: Settings
 ) -> None:
     service.admin_create_tokens("5000.00", idempotency_key="mint")  # 500,000 minor units
     outcomes = run_together(service, batch("a", "a", 4000), batch("b", "b", 4000))
@@ -77,4 +78,4 @@ def test_two_batches_the_treasury_cannot_both_cover_never_overdraw_it(
     assert {o.result["rejected_by_code"].get("insufficient_balance", 0) for o in outcomes} \
         <= {0, 1000, 2000, 3000}
     assert record(engine, "a").status == "succeeded"
-    assert_ledger_holds(engine)
+    assert_ledger_sound(engine, settings)
