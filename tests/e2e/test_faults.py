@@ -41,7 +41,7 @@ from tests.support.broker import broker_idle, queue_state, queued_commands
 from tests.support.builders import credit, debit, transfer
 from tests.support.cli import walletq
 from tests.support.ledger import assert_ledger_sound
-from tests.support.pg import settled_deadlocks
+from tests.support.pg import close_connections, settled_deadlocks
 from tests.support.polling import eventually
 from worker.celery_app import EXECUTE_TASK
 from worker.client import WalletClient
@@ -430,7 +430,7 @@ def test_a_deadlock_storm_completes_with_retries_and_nothing_doubles(
     # PostgreSQL saw the deadlocks the workers retried (read once every backend has exited).
     for w in workers:
         w.stop()
-    client.engine.dispose()  # closes the test's own connections (dispose_engines() keeps them)
+    close_connections(client.engine)  # the test's own (dispose_engines() keeps them open)
     assert settled_deadlocks(pg_admin, database) >= by_code["40P01"]
 
 

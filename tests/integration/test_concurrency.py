@@ -24,7 +24,7 @@ from services.command_store import count_by_status
 from services.settings import Settings
 from services.wallet_service import WalletService
 from tests.support.ledger import assert_ledger_sound, balances, hold, transfers
-from tests.support.pg import settled_deadlocks
+from tests.support.pg import close_connections, settled_deadlocks
 
 THREADS = 8
 OPERATIONS_PER_THREAD = 500
@@ -206,5 +206,5 @@ def test_transfers_in_opposite_directions_at_once_neither_deadlock_nor_lose_mone
     # count is read once every connection that could report one has closed.
     assert atm.retry_stats.retries == retries_before
     assert_ledger_sound(engine, settings)
-    engine.dispose()
+    close_connections(engine)
     assert settled_deadlocks(pg_admin, engine.url.database) == 0

@@ -11,9 +11,10 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from services.db import for_transactions
 from tests.support.polling import eventually
 
-__all__ = ["client_backends", "settled_deadlocks"]
+__all__ = ["client_backends", "close_connections", "settled_deadlocks"]
 
 
 def _backends(admin: Engine, database: str) -> list[tuple[object, ...]]:
@@ -33,9 +34,15 @@ def client_backends(admin: Engine, database: str) -> int:
             {"db": database}).scalar_one())
 
 
+def close_connections(engine: Engine) -> None:
+    """Close the engine's pooled connections, and its twin's (services.db.for_transactions)."""
+    for_transactions(engine).dispose()
+    engine.dispose()
+
+
 def settled_deadlocks(admin: Engine, database: str, deadline_s: float = 30) -> int:
     """pg_stat_database.deadlocks of `database` once no client is connected to it (the
-    caller closes its own connections first: engine.dispose(), workers stopped)."""
+    caller closes its own connections first: close_connections(engine), workers stopped)."""
     eventually(lambda: client_backends(admin, database) == 0, deadline_s,
                describe=lambda: _backends(admin, database))
     with admin.connect() as conn:

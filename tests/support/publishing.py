@@ -5,7 +5,10 @@ refuses the ones a test tells it to, as a broker that is down, or fails half-way
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
 
 from services.command_store import CommandRecord
 
@@ -32,18 +35,31 @@ class FakePublisher:
         self.refused: list[str] = []
         self.calls = 0
         self._lock = threading.Lock()
+        # The client opens one producer connection around a burst of key messages.
+        self.app = SimpleNamespace(producer_or_acquire=self._no_connection)
+
+    @staticmethod
+    @contextmanager
+    def _no_connection() -> Iterator[None]:
+        yield None
+
+    def _take(self, keys: Sequence[str]) -> None:
+        """One message naming `keys`: taken whole, or refused whole."""
+        with self._lock:
+            self.calls += 1
+            full = self.accept_max is not None and len(self.published) >= self.accept_max
+            if self.down or full or self.refuse & set(keys):
+                self.refused.extend(keys)
+                raise BrokerDown(f"fake broker refused {', '.join(keys)}")
+            self.published.extend(keys)
 
     def publish(self, record: CommandRecord) -> None:
         if self.on_publish is not None:
             self.on_publish(record)
-        key = record.idempotency_key
-        with self._lock:
-            self.calls += 1
-            full = self.accept_max is not None and len(self.published) >= self.accept_max
-            if self.down or key in self.refuse or full:
-                self.refused.append(key)
-                raise BrokerDown(f"fake broker refused {key}")
-            self.published.append(key)
+        self._take([record.idempotency_key])
+
+    def publish_keys(self, keys: Sequence[str], producer: Any = None) -> None:
+        self._take(list(keys))
 
     def publish_many(self, records: Sequence[CommandRecord]) -> list[Exception | None]:
         outcomes: list[Exception | None] = []
