@@ -6,7 +6,7 @@ import json
 
 import click
 
-from services.commands import command_json_schema
+from services.commands import CommandLimits, command_json_schema
 from services.db import get_engine, upgrade
 from services.settings import get_settings
 from services.verify import verify_ledger
@@ -109,5 +109,7 @@ def verify(out: Output) -> None:
 @json_option
 @pass_output
 def schema_(out: Output) -> None:
-    """Print the JSON Schema of the commands, for producers in other languages (always JSON)."""
-    click.echo(json.dumps(command_json_schema(), indent=2))
+    """Print the JSON Schema of the commands, for producers in other languages (always JSON):
+    its amounts and payout sizes follow this deployment's WALLETQ_* limits."""
+    limits = CommandLimits.from_settings(get_settings())
+    click.echo(json.dumps(command_json_schema(limits), indent=2))
