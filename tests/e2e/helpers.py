@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,22 @@ def audit_outcomes(key: str | None = None) -> list[tuple[str, str | None]]:
         query = query.where(a.c.idempotency_key == key)
     with get_engine(get_settings()).connect() as conn:
         return [(row.outcome, row.error_code) for row in conn.execute(query)]
+
+
+def redis_task_message(task: str, args: list[Any], queue: str) -> str:
+    """A Celery task message (protocol 2) as kombu's Redis transport stores it in a queue's
+    list: what a producer without kombu (celery-node, a hand-written client) LPUSHes."""
+    task_id = str(uuid.uuid4())
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    body = json.dumps([args, {}, embed]).encode()
+    return json.dumps({
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "js", "task": task, "id": task_id, "root_id": task_id,
+                    "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
+                    "timelimit": [None, None], "origin": "a foreign producer"},
+        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+    })
