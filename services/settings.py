@@ -2,10 +2,17 @@
 
 With no WALLETQ_DATABASE_URL, walletq runs embedded: a SQLite file under
 WALLETQ_HOME (default ~/.walletq), so a fresh machine needs no server.
+
+Passwords need not sit in the URLs: WALLETQ_DATABASE_PASSWORD_FILE and
+WALLETQ_BROKER_PASSWORD_FILE name files (a Docker secret, a file only the process's user
+may read) whose content is the password of WALLETQ_DATABASE_URL / WALLETQ_BROKER_URL. Each
+process gets its own URL, naming its own database role (docs/ARCHITECTURE.md, "Database
+roles"). The URLs, which then hold the passwords, are left out of the settings' repr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -13,6 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 __all__ = ["Settings", "SettingsError", "get_settings", "reset_settings", "COALESCE_MAX_LIMIT"]
 
@@ -27,8 +38,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     home: Path
-    database_url: str
-    broker_url: str
+    database_url: str = dataclasses.field(repr=False)
+    broker_url: str = dataclasses.field(repr=False)
     embedded: bool
     asset_code: str = "TOKEN"
     asset_scale: int = 2
@@ -130,8 +141,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     embedded = not database_url
     values: dict[str, object] = {
         "home": home,
-        "database_url": database_url or f"sqlite:///{home / 'walletq.db'}",
-        "broker_url": broker_url or "filesystem://",
+        "database_url": _database_url(database_url, env) or f"sqlite:///{home / 'walletq.db'}",
+        "broker_url": _broker_url(broker_url, env) or "filesystem://",
         "embedded": embedded,
     }
     for name, field in _INT_FIELDS.items():
@@ -177,6 +188,53 @@ def _producer(env: Mapping[str, str], home: Path) -> dict[str, object]:
                             "A-Z a-z 0-9 . _ -")
     path = Path(key_file).expanduser() if key_file else home / "producers" / f"{name}.key"
     return {"producer": name, "producer_key_file": path}
+
+
+def _password_from_file(env: Mapping[str, str], name: str) -> str | None:
+    """The password in the file WALLETQ_..._PASSWORD_FILE names (one trailing newline
+    dropped, as `echo` writes it), or None when the variable is unset."""
+    path = env.get(name)
+    if not path:
+        return None
+    try:
+        password = Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+    except OSError as exc:
+        raise SettingsError(f"{name}={path!r} cannot be read: {exc.strerror}") from None
+    if not password or "\n" in password:
+        raise SettingsError(f"{name}={path!r} must hold one password on one line")
+    return password
+
+
+def _database_url(url: str, env: Mapping[str, str]) -> str:
+    password = _password_from_file(env, "WALLETQ_DATABASE_PASSWORD_FILE")
+    if password is None:
+        return url
+    if not url:
+        raise SettingsError("WALLETQ_DATABASE_PASSWORD_FILE is set but WALLETQ_DATABASE_URL is not")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SettingsError("WALLETQ_DATABASE_URL is not a database URL") from None
+    if parsed.password is not None:
+        raise SettingsError("WALLETQ_DATABASE_URL carries a password and "
+                            "WALLETQ_DATABASE_PASSWORD_FILE names another: keep one")
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
+def _broker_url(url: str, env: Mapping[str, str]) -> str:
+    password = _password_from_file(env, "WALLETQ_BROKER_PASSWORD_FILE")
+    if password is None:
+        return url
+    if not url:
+        raise SettingsError("WALLETQ_BROKER_PASSWORD_FILE is set but WALLETQ_BROKER_URL is not")
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise SettingsError("WALLETQ_BROKER_URL carries a password and "
+                            "WALLETQ_BROKER_PASSWORD_FILE names another: keep one")
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _amount_max_minor(raw: str, scale: int) -> int:
