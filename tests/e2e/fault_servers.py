@@ -1,21 +1,29 @@
-"""Servers a fault test may kill: never the shared ones, always a private instance.
+"""Servers a test may kill or configure as production does: never the shared ones, always
+a private instance.
 
 `PrivateRedis` is a redis-server of the test's own on a spare port, without persistence
 (no RDB snapshot, no append-only file): restart() loses everything it held, as a
-production Redis configured that way would.
+production Redis configured that way would. `PrivatePostgres` is a PostgreSQL cluster of
+the test's own (initdb in a temporary folder), where every connection must give its
+password (scram-sha-256), as in docker-compose.yml.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import redis
 
-__all__ = ["PrivateRedis", "spare_port"]
+from tests.servers import pg_bin
+
+__all__ = ["PrivateRedis", "PrivatePostgres", "spare_port"]
 
 
 def spare_port() -> int:
@@ -80,3 +88,61 @@ class PrivateRedis:
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
+
+
+class PrivatePostgres:
+    """initdb with scram-sha-256 for every connection, then `postgres` on a spare port;
+    run as the `postgres` OS user when the tests run as root (PostgreSQL refuses root)."""
+
+    def __init__(self, superuser_password: str) -> None:
+        initdb, server = pg_bin("initdb"), pg_bin("postgres")
+        if initdb is None or server is None:
+            raise RuntimeError("PostgreSQL server binaries are not installed (apt-get install -y postgresql)")
+        self.initdb, self.server = initdb, server
+        self.password = superuser_password
+        self.port = spare_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="walletq-pg-"))
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.folder / "postgres.log"
+
+    def start(self, timeout_s: float = 30.0) -> PrivatePostgres:
+        password_file = self.folder / "superuser-password"
+        password_file.write_text(self.password)
+        if self.user is not None:
+            shutil.chown(password_file, self.user)
+        subprocess.run([self.initdb, "-D", str(self.folder / "data"), "-U", "postgres",
+                        "--auth=scram-sha-256", f"--pwfile={password_file}", "-E", "UTF8",
+                        "--no-sync"], check=True, capture_output=True, user=self.user)
+        password_file.unlink()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [self.server, "-D", str(self.folder / "data"), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
+             "-c", "fsync=off", "-c", "max_connections=50"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.user)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = subprocess.run([pg_bin("pg_isready") or "pg_isready", "-h", "127.0.0.1", "-p",
+                                    str(self.port)], capture_output=True, check=False)
+            if ready.returncode == 0:
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("private postgres did not start:\n"
+                                   + self.log_path.read_text(errors="replace")[-2000:])
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), then the folder goes."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(2)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
