@@ -23,6 +23,7 @@ Extra variables read here (besides services.settings):
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,15 @@ def redis_bookkeeping_keys(prefix: str) -> dict[str, str]:
             "unacked_mutex_key": f"{prefix}unacked_mutex"}
 
 
+def _broker_tls(settings: Settings) -> dict[str, Any] | bool:
+    """For rediss://, TLS that verifies the server: kombu's default for a rediss:// URL
+    without options is CERT_NONE (encrypted, but anyone in the middle may answer)."""
+    if not settings.broker_url.startswith("rediss://"):
+        return False
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": settings.broker_ca_file,
+            "ssl_check_hostname": True}
+
+
 def _broker_folders(home: Path) -> dict[str, Path]:
     root = home / "broker"
     return {"queue": root / "queue", "processed": root / "processed", "control": root / "control"}
@@ -128,6 +138,7 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         transport_options.update(redis_bookkeeping_keys(names.prefix))
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
+        "broker_use_ssl": _broker_tls(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

@@ -8,6 +8,8 @@ WALLETQ_BROKER_PASSWORD_FILE name files (a Docker secret, a file only the proces
 may read) whose content is the password of WALLETQ_DATABASE_URL / WALLETQ_BROKER_URL. Each
 process gets its own URL, naming its own database role (docs/ARCHITECTURE.md, "Database
 roles"). The URLs, which then hold the passwords, are left out of the settings' repr.
+With a `rediss://` broker URL the server's certificate is verified, against
+WALLETQ_BROKER_CA_FILE when it is set (a private CA), else the system's CAs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Settings:
     database_url: str = dataclasses.field(repr=False)
     broker_url: str = dataclasses.field(repr=False)
     embedded: bool
+    # rediss:// (TLS): the CA that signed Redis's certificate; None = the system's CAs.
+    broker_ca_file: str | None = None
     asset_code: str = "TOKEN"
     asset_scale: int = 2
     fee_rate: Decimal = Decimal("0.10")
@@ -153,6 +157,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         number = _number(env, name, float)
         if number is not None:
             values[field] = number
+    ca_file = env.get("WALLETQ_BROKER_CA_FILE")
+    if ca_file:
+        if not Path(ca_file).is_file():
+            raise SettingsError(f"WALLETQ_BROKER_CA_FILE={ca_file!r} is not a file")
+        values["broker_ca_file"] = ca_file
     rate = _fee_rate(env)
     if rate is not None:
         values["fee_rate"] = rate

@@ -10,6 +10,7 @@ password (scram-sha-256), as in docker-compose.yml.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import shutil
@@ -17,13 +18,55 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.servers import pg_bin
 
-__all__ = ["PrivateRedis", "PrivatePostgres", "spare_port"]
+__all__ = ["PrivateRedis", "PrivatePostgres", "TlsFiles", "make_tls_files", "spare_port"]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: Path, host: str = "127.0.0.1") -> TlsFiles:
+    """A throwaway CA and a server certificate for `host`, signed by it (PEM files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+                    issuer_key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    pem = serialization.Encoding.PEM
+    files.ca.write_bytes(certificate("walletq test CA", ca_key, "walletq test CA", ca_key, True)
+                         .public_bytes(pem))
+    files.cert.write_bytes(certificate(host, server_key, "walletq test CA", ca_key, False).public_bytes(pem))
+    files.key.write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return files
 
 
 def spare_port() -> int:
@@ -34,9 +77,10 @@ def spare_port() -> int:
 
 
 class PrivateRedis:
-    """`redis-server --port N --save "" --appendonly no`, in its own folder."""
+    """`redis-server --port N --save "" --appendonly no`, in its own folder; with `tls`
+    (CA, certificate and key files) it listens for TLS only (`--tls-port N --port 0`)."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, tls: TlsFiles | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -44,25 +88,39 @@ class PrivateRedis:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or spare_port()
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = folder / "redis.log"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "no"]
+
+    def client(self) -> redis.Redis:
+        if self.tls is None:
+            return redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        return redis.Redis(host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=str(self.tls.ca),
+                           socket_connect_timeout=0.5)
 
     def start(self, timeout_s: float = 10.0) -> PrivateRedis:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, *self._listen_args(), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.folder)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                conn = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+                conn = self.client()
                 try:
                     if conn.ping():
                         return self
@@ -86,8 +144,6 @@ class PrivateRedis:
         self.stop()
         self.start()
 
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
 
 
 class PrivatePostgres:
