@@ -24,8 +24,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 __all__ = ["Settings", "SettingsError", "get_settings", "reset_settings", "COALESCE_MAX_LIMIT"]
 
@@ -140,13 +138,13 @@ def _fee_rate(env: Mapping[str, str]) -> Decimal | None:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(env.get("WALLETQ_HOME") or Path.home() / ".walletq").expanduser()
-    database_url = env.get("WALLETQ_DATABASE_URL", "")
-    broker_url = env.get("WALLETQ_BROKER_URL", "")
+    database_url = _url_with_password(env, "DATABASE")
+    broker_url = _url_with_password(env, "BROKER")
     embedded = not database_url
     values: dict[str, object] = {
         "home": home,
-        "database_url": _database_url(database_url, env) or f"sqlite:///{home / 'walletq.db'}",
-        "broker_url": _broker_url(broker_url, env) or "filesystem://",
+        "database_url": database_url or f"sqlite:///{home / 'walletq.db'}",
+        "broker_url": broker_url or "filesystem://",
         "embedded": embedded,
     }
     for name, field in _INT_FIELDS.items():
@@ -214,36 +212,20 @@ def _password_from_file(env: Mapping[str, str], name: str) -> str | None:
     return password
 
 
-def _database_url(url: str, env: Mapping[str, str]) -> str:
-    password = _password_from_file(env, "WALLETQ_DATABASE_PASSWORD_FILE")
+def _url_with_password(env: Mapping[str, str], kind: str) -> str:
+    """WALLETQ_{kind}_URL with the password of WALLETQ_{kind}_PASSWORD_FILE put in, quoted."""
+    url_name, file_name = f"WALLETQ_{kind}_URL", f"WALLETQ_{kind}_PASSWORD_FILE"
+    url = env.get(url_name, "")
+    password = _password_from_file(env, file_name)
     if password is None:
         return url
     if not url:
-        raise SettingsError("WALLETQ_DATABASE_PASSWORD_FILE is set but WALLETQ_DATABASE_URL is not")
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise SettingsError("WALLETQ_DATABASE_URL is not a database URL") from None
-    if parsed.password is not None:
-        raise SettingsError("WALLETQ_DATABASE_URL carries a password and "
-                            "WALLETQ_DATABASE_PASSWORD_FILE names another: keep one")
-    return parsed.set(password=password).render_as_string(hide_password=False)
-
-
-def _broker_url(url: str, env: Mapping[str, str]) -> str:
-    password = _password_from_file(env, "WALLETQ_BROKER_PASSWORD_FILE")
-    if password is None:
-        return url
-    if not url:
-        raise SettingsError("WALLETQ_BROKER_PASSWORD_FILE is set but WALLETQ_BROKER_URL is not")
+        raise SettingsError(f"{file_name} is set but {url_name} is not")
     parts = urlsplit(url)
     if parts.password is not None:
-        raise SettingsError("WALLETQ_BROKER_URL carries a password and "
-                            "WALLETQ_BROKER_PASSWORD_FILE names another: keep one")
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"{user}:{quote(password, safe='')}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+        raise SettingsError(f"{url_name} carries a password and {file_name} names another: keep one")
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _amount_max_minor(raw: str, scale: int) -> int:

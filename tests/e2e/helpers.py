@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -75,3 +76,17 @@ def redis_task_message(task: str, args: list[Any], queue: str) -> str:
                        "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
                        "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
     })
+
+
+def start_beat(env: dict[str, str], schedule: Path) -> subprocess.Popen[bytes]:
+    """`celery -A worker beat` in a process group of its own; stop it with stop_beat()."""
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat",
+                             "--loglevel=INFO", "-s", str(schedule)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_beat(beat: subprocess.Popen[bytes]) -> str:
+    """SIGTERM the beat's group; its log."""
+    os.killpg(beat.pid, signal.SIGTERM)
+    return beat.communicate(timeout=20)[0].decode(errors="replace")

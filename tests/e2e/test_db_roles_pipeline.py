@@ -5,16 +5,13 @@ all, `walletq verify` as the read-only role."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from decimal import Decimal
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
 from services.settings import reset_settings
-from tests.e2e.helpers import accept_only, json_lines, walletq
+from tests.e2e.helpers import accept_only, json_lines, start_beat, stop_beat, walletq
 from tests.e2e.test_commands_end_to_end import EXPECTED, PHASES
 from worker.client import WalletClient
 
@@ -46,15 +43,11 @@ def test_the_pipeline_runs_as_the_worker_and_producer_roles_and_beat_needs_no_da
         beat_env = {key: value for key, value in {**os.environ, **pipeline_env}.items()
                     if key != "WALLETQ_DATABASE_URL"}
         beat_env.update({"WALLETQ_SWEEP_INTERVAL_S": "0.5", "WALLETQ_HOME": str(tmp_path / "beat")})
-        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat",
-                                 "--loglevel=INFO", "-s", str(tmp_path / "beat-schedule")],
-                                env=beat_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        beat = start_beat(beat_env, tmp_path / "beat-schedule")
         try:
             lost = client.wait("lost", timeout=30)
         finally:
-            os.killpg(beat.pid, signal.SIGTERM)
-            beat_log = beat.communicate(timeout=20)[0].decode(errors="replace")
+            beat_log = stop_beat(beat)
         assert lost is not None and lost.status == "succeeded", (beat_log[-2000:], worker.log_tail())
         assert not (tmp_path / "beat" / "walletq.db").exists()  # beat opened no database
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.e2e.conftest import assert_ledger_verifies
-from tests.e2e.helpers import accept_only, walletq
+from tests.e2e.helpers import accept_only, start_beat, stop_beat, walletq
 
 
 def test_the_demo_runs_embedded_on_a_fresh_home_twice(tmp_path: Path):
@@ -42,15 +41,11 @@ def test_beat_runs_the_sweep_that_delivers_a_lost_command(worker_factory, client
                                    "user": "alice", "amount": "4.00"})
     env = {**os.environ, **pipeline_env, "WALLETQ_SWEEP_INTERVAL_S": "0.5",
            "WALLETQ_SWEEP_GRACE_S": "0.2"}
-    beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat",
-                             "--loglevel=INFO", "-s", str(tmp_path / "beat-schedule")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    beat = start_beat(env, tmp_path / "beat-schedule")
     try:
         record = client.wait("lost", timeout=30)
     finally:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat_log = beat.communicate(timeout=20)[0].decode(errors="replace")
+        beat_log = stop_beat(beat)
     assert record.status == "succeeded", (beat_log[-2000:], worker.log_tail())
     assert "walletq.sweep" in beat_log
     assert walletq("verify").returncode == 0
