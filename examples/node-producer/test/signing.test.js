@@ -3,6 +3,7 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import test from "node:test";
+import { createPrivateKey } from "node:crypto";
 import { privateKeyFromPem, signCommand, signingInput, verifyCommand } from "../lib/signing.js";
 import { queueFor } from "../lib/queues.js";
 
@@ -43,4 +44,17 @@ test("payout batches go to payouts, everything else to commands, under the prefi
   assert.equal(queueFor("payout_batch", "clients"), "clientspayouts");
   assert.equal(queueFor("credit_wallet", "clients"), "clientscommands");
   assert.equal(queueFor("credit_wallet"), "commands");
+});
+
+test("the README's short vector (seed 00 01 ... 1f) holds too", () => {
+  const seed = Buffer.from(Array.from({ length: 32 }, (_, i) => i));
+  // PKCS#8 for Ed25519 is a fixed 16-byte prefix and the 32-byte seed (RFC 8410).
+  const der = Buffer.concat([Buffer.from("302e020100300506032b657004220420", "hex"), seed]);
+  const key = createPrivateKey({ key: der, format: "der", type: "pkcs8" });
+  const command = { type: "credit_wallet", idempotency_key: "dep-81", user: "alice", amount: "10.00" };
+  const signed = signCommand(command, "web-1", key);
+  assert.equal(signingInput(signed),
+    '{"amount":"10.00","idempotency_key":"dep-81","producer":"web-1","type":"credit_wallet","user":"alice"}');
+  assert.equal(signed.signature,
+    "wBc1nRZK3w9qu1aU1kzHLWw7qyDBctJHqUXogQhDkbRzX3IFh__k3yDMz9EC5OQDUDpt97J32vqPo3uf0OmHDg");
 });
