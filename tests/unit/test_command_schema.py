@@ -37,6 +37,7 @@ MEMOS = ["", "x" * 500, "x" * 501, "\U0001f600" * 500, "\U0001f600" * 501, "line
 WRONG_KINDS: list[Any] = [None, 12, 1.5, True, [], {}]
 ID_FIELDS = {"user", "from_user", "to_user", "payer", "payee", "hold_id", "idempotency_key",
              "requested_by", "reference"}
+SIGNATURES = ["A" * 85, "A" * 87, "A" * 84 + "==", "+" * 86, "/" * 86, "A" * 85 + "\n", "_-" * 43]
 ACCOUNTS = ["platform:treasury", "user:acme:available", "a" * 220, "a" * 221, "platform:treasury\n",
             "platform treasury"]
 
@@ -67,8 +68,10 @@ def values_for(field: str) -> list[Any]:
         return MEMOS + WRONG_KINDS
     if field == "from_account":
         return ACCOUNTS + WRONG_KINDS
-    if field in ID_FIELDS:
+    if field in ID_FIELDS or field == "producer":
         return IDS + WRONG_KINDS
+    if field == "signature":
+        return SIGNATURES + WRONG_KINDS
     return WRONG_KINDS + ["x"]
 
 
