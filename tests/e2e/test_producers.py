@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,14 @@ def test_a_signed_command_replayed_with_a_new_signature_is_a_duplicate(worker, c
     marker(client, "after-replay")
     assert transfers_of("dep-1") == 1
     # The replay reached the worker and got the stored outcome: neither refused nor run again.
-    assert worker.log_text().count("'idempotency_key': 'dep-1', 'status': 'succeeded'") == 2
+    # Its summary is logged by the worker's main process once the pool hands the task back,
+    # which may come after the marker's outcome is stored (two pool processes): poll for it.
+    answered = "'idempotency_key': 'dep-1', 'status': 'succeeded'"
+    deadline = time.monotonic() + 30
+    while worker.log_text().count(answered) < 2:
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.05)
+    assert worker.log_text().count(answered) == 2
     assert client.refusals("dep-1") == [] and audit_outcomes("dep-1") == [("succeeded", None)]
     assert client.balance("alice")["available"] == Decimal("10.00")
     assert_ledger_verifies()
