@@ -154,6 +154,8 @@ def test_a_signed_command_replayed_with_a_new_signature_is_a_duplicate(worker, c
 
 def test_the_web_role_cannot_pick_a_fee_or_fund_a_payout_from_a_user(worker, client, pipeline_env):
     client.submit({"type": "admin_create_tokens", "idempotency_key": "mint", "amount": "100.00"})
+    # The sale needs the minted tokens: two pool processes could run it first.
+    assert client.wait("mint", timeout=30).status == "succeeded"
     client.submit({"type": "admin_sell_tokens_to_user", "idempotency_key": "sale",
                    "user": "alice", "amount": "50.00"})
     web = WalletClient.from_env({**os.environ, **pipeline_env, "WALLETQ_PRODUCER": "test-web",
