@@ -8,7 +8,12 @@ timeout, and no result backend (the outcome lives in the database).
 
 Extra variables read here (besides services.settings):
 - WALLETQ_QUEUE_PREFIX: prepended to every queue and exchange name, so that parallel test
-  runs (or two deployments) on one Redis never share queues. Default: none.
+  runs (or two deployments) on one broker never share queues. Default: none. It is applied
+  once, to the names: on Redis a queue's list key IS its name (`clientscommands`), which is
+  what a producer in another language pushes to. (kombu's `global_keyprefix` is not used:
+  it would prefix the keys a second time, so the worker read `clientsclientscommands` while
+  every document and producer named `clientscommands`.) Redis's bookkeeping keys for
+  unacknowledged messages carry the prefix too, so deployments never restore each other's.
 - WALLETQ_BROKER_VISIBILITY_TIMEOUT_S: how long Redis waits before re-delivering a message
   that was taken and never acknowledged (a worker killed outright). Default: one hour, and
   at least twice the task time limit; the outbox sweep recovers such commands much sooner.
@@ -18,6 +23,7 @@ Extra variables read here (besides services.settings):
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,8 @@ from services import command_types
 from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import Settings, SettingsError, load_settings
 
-__all__ = ["build_config", "queue_names", "QueueNames", "prepare_broker_folders"]
+__all__ = ["build_config", "queue_names", "QueueNames", "prepare_broker_folders",
+           "redis_bookkeeping_keys"]
 
 
 class QueueNames:
@@ -39,6 +46,7 @@ class QueueNames:
         self.commands = f"{prefix}commands"
         self.payouts = f"{prefix}payouts"
         self.maintenance = f"{prefix}maintenance"
+        self.exchange = f"{prefix}walletq"
 
     def for_command_type(self, command_type: object) -> str:
         """The registry's queue for the type (a payout batch runs for seconds and must not
@@ -68,6 +76,22 @@ def _visibility_timeout_s(env: Mapping[str, str], settings: Settings) -> int:
             f"limit plus a minute ({floor_s})"
         )
     return value
+
+
+def redis_bookkeeping_keys(prefix: str) -> dict[str, str]:
+    """kombu's Redis keys for unacknowledged messages, under the deployment's prefix: a worker
+    restores only its own deployment's messages, after its own visibility timeout."""
+    return {"unacked_key": f"{prefix}unacked", "unacked_index_key": f"{prefix}unacked_index",
+            "unacked_mutex_key": f"{prefix}unacked_mutex"}
+
+
+def _broker_tls(settings: Settings) -> dict[str, Any] | bool:
+    """For rediss://, TLS that verifies the server: kombu's default for a rediss:// URL
+    without options is CERT_NONE (encrypted, but anyone in the middle may answer)."""
+    if not settings.broker_url.startswith("rediss://"):
+        return False
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": settings.broker_ca_file,
+            "ssl_check_hostname": True}
 
 
 def _broker_folders(home: Path) -> dict[str, Path]:
@@ -104,17 +128,17 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if env is None else env
     settings = load_settings(env)
     names = queue_names(env)
-    exchange = Exchange(f"{names.prefix}walletq", type="direct")
+    exchange = Exchange(names.exchange, type="direct")
     time_limit_s = settings.task_time_limit_s
     visibility_timeout_s = _visibility_timeout_s(env, settings)
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s}
     if settings.broker_url.startswith("filesystem"):
         transport_options.update(_filesystem_options(settings.home))
-    elif settings.broker_url.startswith(("redis", "rediss")) and names.prefix:
-        # Every key (queues, unacked messages, bindings) under the prefix: no shared state.
-        transport_options["global_keyprefix"] = names.prefix
+    elif settings.broker_url.startswith(("redis", "rediss")):
+        transport_options.update(redis_bookkeeping_keys(names.prefix))
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
+        "broker_use_ssl": _broker_tls(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -133,6 +157,11 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "task_time_limit": time_limit_s,
         "task_soft_time_limit": max(1, time_limit_s - max(5, time_limit_s // 10)),
         "task_queues": [Queue(name, exchange, routing_key=name) for name in names.all()],
+        # A queue nobody consumes is a command nobody executes and no sweep knows of: a
+        # message sent to a queue walletq does not declare (`celery call --queue commands`
+        # under a prefix, a typo) is refused at publish (QueueNotFound), and so is a worker
+        # started with `-Q` naming one.
+        "task_create_missing_queues": False,
         "task_default_queue": names.commands,
         "task_default_exchange": exchange.name,
         "task_default_routing_key": names.commands,

@@ -26,6 +26,7 @@ from services.money import AmountError, parse_amount, to_decimal
 from services.settings import Settings
 
 __all__ = [
+    "AMOUNT_SCHEMA_MARK",
     "ID_PATTERN",
     "ID_LENGTH_MAX",
     "MEMO_LENGTH_MAX",
@@ -45,6 +46,9 @@ __all__ = [
 ID_LENGTH_MAX = 200
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 MEMO_LENGTH_MAX = 500
+#: What pydantic writes for an amount; services.command_schema replaces each with a
+#: reference to one definition built from the limits (pydantic's own cannot see them).
+AMOUNT_SCHEMA_MARK = {"type": "string", "$comment": "walletq amount"}
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,7 @@ Amount = Annotated[
     Decimal,
     PlainValidator(_validate_amount),
     PlainSerializer(lambda value: format(value, "f"), return_type=str),
-    WithJsonSchema(
-        {"type": "string", "pattern": r"^(0|[1-9][0-9]{0,17})(\.[0-9]+)?$",
-         "description": "a positive decimal string with at most the asset's scale of places"}
-    ),
+    WithJsonSchema(AMOUNT_SCHEMA_MARK),
 ]
 
 _FEE_RATE_PATTERN = r"^(0(\.[0-9]{1,6})?|1(\.0{1,6})?)$"

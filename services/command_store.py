@@ -204,14 +204,17 @@ def accept(conn: Connection, command: CommandBase, signed: Signed
            ) -> tuple[CommandRecord, bool]:
     """Record the command as `accepted` (the outbox), or find it: (record, newly recorded).
 
-    A duplicate is returned as it stands, locked and untouched (touching updated_at would
+    A duplicate is returned as it stands, read and untouched (touching updated_at would
     postpone the sweep); another payload under the key raises IdempotencyConflictError.
+    It is read, not locked: the producer's database role may insert and read commands,
+    never lock or update them (services/db_roles.py), and the row the conflict found is
+    committed (ON CONFLICT waits for a concurrent inserter to end).
     """
     params = _row_params(command, signed)
     row = conn.execute(_accept_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row), True
-    record = lock(conn, command.idempotency_key)
+    record = get_record(conn, command.idempotency_key)
     assert record is not None, "a key that conflicted has no row"
     if record.payload_hash != params["digest"]:
         raise conflict(command, record)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.canonical import canonical_payload, payload_hash
 from services.command_fields import ID_PATTERN, CommandBase, CommandLimits, JsonNumber
+from services.command_schema import build_command_schema
 from services.command_types import NAMES, REGISTRY
 from services.errors import InvalidCommandError
 from services.operations.escrow import RefundFromEscrow, ReleaseFromEscrow, TransferToEscrow
@@ -122,8 +123,7 @@ def _field_error(err: Any) -> dict[str, str]:
     return {"field": ".".join(loc) or "(command)", "message": message}
 
 
-def command_json_schema() -> dict[str, Any]:
-    schema = _adapter.json_schema()
-    schema["title"] = "walletq command"
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return schema
+def command_json_schema(limits: CommandLimits) -> dict[str, Any]:
+    """The JSON Schema of a command at these limits (`walletq schema`), for producers in
+    other languages: services.command_schema."""
+    return build_command_schema(_adapter.json_schema(), limits, PAYLOAD_BYTES_MAX)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
 
+from services import db_roles
 from services.settings import Settings
 
 __all__ = ["make_engine", "get_engine", "dispose_engines", "schema_is_current", "upgrade",
@@ -123,10 +124,20 @@ def alembic_config(database_url: str) -> Any:
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
+    """Migrate; on PostgreSQL with walletq's roles in place, re-apply their grants, so a
+    table a migration adds is reachable at once by exactly the roles that should reach it."""
     from alembic import command
 
     _make_sqlite_folder(settings.database_url)
     command.upgrade(alembic_config(settings.database_url), revision)
+    if settings.is_postgres:
+        engine = make_engine(settings, pool_size=1)
+        try:
+            with engine.begin() as conn:
+                if db_roles.roles_exist(conn):
+                    db_roles.apply_grants(conn)
+        finally:
+            engine.dispose()
 
 
 def schema_is_current(engine: Engine) -> bool:

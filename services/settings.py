@@ -2,10 +2,19 @@
 
 With no WALLETQ_DATABASE_URL, walletq runs embedded: a SQLite file under
 WALLETQ_HOME (default ~/.walletq), so a fresh machine needs no server.
+
+Passwords need not sit in the URLs: WALLETQ_DATABASE_PASSWORD_FILE and
+WALLETQ_BROKER_PASSWORD_FILE name files (a Docker secret, a file only the process's user
+may read) whose content is the password of WALLETQ_DATABASE_URL / WALLETQ_BROKER_URL. Each
+process gets its own URL, naming its own database role (docs/ARCHITECTURE.md, "Database
+roles"). The URLs, which then hold the passwords, are left out of the settings' repr.
+With a `rediss://` broker URL the server's certificate is verified, against
+WALLETQ_BROKER_CA_FILE when it is set (a private CA), else the system's CAs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -13,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 __all__ = ["Settings", "SettingsError", "get_settings", "reset_settings", "COALESCE_MAX_LIMIT"]
 
@@ -27,9 +37,11 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     home: Path
-    database_url: str
-    broker_url: str
+    database_url: str = dataclasses.field(repr=False)
+    broker_url: str = dataclasses.field(repr=False)
     embedded: bool
+    # rediss:// (TLS): the CA that signed Redis's certificate; None = the system's CAs.
+    broker_ca_file: str | None = None
     asset_code: str = "TOKEN"
     asset_scale: int = 2
     fee_rate: Decimal = Decimal("0.10")
@@ -125,8 +137,8 @@ def _fee_rate(env: Mapping[str, str]) -> Decimal | None:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(env.get("WALLETQ_HOME") or Path.home() / ".walletq").expanduser()
-    database_url = env.get("WALLETQ_DATABASE_URL", "")
-    broker_url = env.get("WALLETQ_BROKER_URL", "")
+    database_url = _url_with_password(env, "DATABASE")
+    broker_url = _url_with_password(env, "BROKER")
     embedded = not database_url
     values: dict[str, object] = {
         "home": home,
@@ -142,6 +154,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         number = _number(env, name, float)
         if number is not None:
             values[field] = number
+    ca_file = env.get("WALLETQ_BROKER_CA_FILE")
+    if ca_file:
+        if not Path(ca_file).is_file():
+            raise SettingsError(f"WALLETQ_BROKER_CA_FILE={ca_file!r} is not a file")
+        values["broker_ca_file"] = ca_file
     rate = _fee_rate(env)
     if rate is not None:
         values["fee_rate"] = rate
@@ -177,6 +194,37 @@ def _producer(env: Mapping[str, str], home: Path) -> dict[str, object]:
                             "A-Z a-z 0-9 . _ -")
     path = Path(key_file).expanduser() if key_file else home / "producers" / f"{name}.key"
     return {"producer": name, "producer_key_file": path}
+
+
+def _password_from_file(env: Mapping[str, str], name: str) -> str | None:
+    """The password in the file WALLETQ_..._PASSWORD_FILE names (one trailing newline
+    dropped, as `echo` writes it), or None when the variable is unset."""
+    path = env.get(name)
+    if not path:
+        return None
+    try:
+        password = Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+    except OSError as exc:
+        raise SettingsError(f"{name}={path!r} cannot be read: {exc.strerror}") from None
+    if not password or "\n" in password:
+        raise SettingsError(f"{name}={path!r} must hold one password on one line")
+    return password
+
+
+def _url_with_password(env: Mapping[str, str], kind: str) -> str:
+    """WALLETQ_{kind}_URL with the password of WALLETQ_{kind}_PASSWORD_FILE put in, quoted."""
+    url_name, file_name = f"WALLETQ_{kind}_URL", f"WALLETQ_{kind}_PASSWORD_FILE"
+    url = env.get(url_name, "")
+    password = _password_from_file(env, file_name)
+    if password is None:
+        return url
+    if not url:
+        raise SettingsError(f"{file_name} is set but {url_name} is not")
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise SettingsError(f"{url_name} carries a password and {file_name} names another: keep one")
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _amount_max_minor(raw: str, scale: int) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 from services import producers
 from services import settings as settings_module
 from services.db import dispose_engines, get_engine, upgrade
+from services.db_roles import create_roles, quote_ident, role_names
 from services.settings import Settings, load_settings
 from services.signing import read_private_key
 from services.wallet_service import WalletService
@@ -151,3 +152,36 @@ def sqlite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sett
     yield settings
     settings_module.reset_settings()
     dispose_engines()
+
+
+@pytest.fixture
+def db_roles(walletq_env: dict[str, str], pg_admin: Engine) -> Iterator[dict[str, str]]:
+    """walletq's four roles for the test's database, made as `walletq db roles` makes them
+    (by a superuser), as URLs that log in as each: {"owner": url, "worker": url, ...}.
+    Roles are cluster-wide: their names carry the test's random database name, and they
+    are dropped after the test."""
+    url = make_url(walletq_env["WALLETQ_DATABASE_URL"])
+    names = role_names(str(url.database))
+    superuser = create_engine(url, poolclass=NullPool)
+    try:
+        with superuser.begin() as conn:
+            create_roles(conn)
+        yield {kind: url.set(username=name).render_as_string(hide_password=False)
+               for kind, name in names.items()}
+    finally:
+        dispose_engines()
+        drop_roles(superuser, pg_admin, list(names.values()))
+        superuser.dispose()
+
+
+def drop_roles(in_database: Engine, admin: Engine, names: list[str]) -> None:
+    """End the roles' sessions, drop what they own or were granted in the database, then
+    the roles themselves."""
+    quoted = ", ".join(quote_ident(name) for name in names)
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE usename = ANY(:names)"), {"names": names})
+    with in_database.begin() as conn:
+        conn.execute(text(f"DROP OWNED BY {quoted}"))
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP ROLE IF EXISTS {quoted}"))

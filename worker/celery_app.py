@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import InvalidTaskError
+from celery.exceptions import InvalidTaskError, QueueNotFound
 from celery.signals import (
     beat_init,
     worker_init,
@@ -30,7 +30,8 @@ from services.db import dispose_engines
 from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import reset_settings
 
-__all__ = ["app", "make_app", "route_task", "EXECUTE_TASK", "EXECUTE_KEYS_TASK", "SWEEP_TASK"]
+__all__ = ["app", "make_app", "route_task", "refuse_foreign_destination", "EXECUTE_TASK",
+           "EXECUTE_KEYS_TASK", "SWEEP_TASK"]
 
 log = logging.getLogger("walletq.worker")
 
@@ -80,8 +81,10 @@ def _lazy_app() -> Celery:
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
                **_kw: Any) -> dict[str, str] | None:
-    """Payout batches to the payouts queue, the sweep to maintenance, the rest to commands."""
+    """Payout batches to the payouts queue, the sweep to maintenance, the rest to commands;
+    a destination no walletq worker consumes is refused (see refuse_foreign_destination)."""
     names = celeryconfig.queue_names()
+    refuse_foreign_destination(options or {}, names)
     if name == SWEEP_TASK:
         return {"queue": names.maintenance, "routing_key": names.maintenance}
     if name == EXECUTE_KEYS_TASK:  # single commands only: a chunk of keys never names a batch
@@ -92,6 +95,26 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
         queue = names.for_command_type(command_type)
         return {"queue": queue, "routing_key": queue}
     return None
+
+
+def refuse_foreign_destination(options: Mapping[str, Any], names: celeryconfig.QueueNames) -> None:
+    """Raise QueueNotFound for an explicit exchange or routing key that is not walletq's.
+
+    A message published where no walletq worker listens is a command lost without a log
+    line, and the sweep cannot help: it was never recorded. An unknown `queue` is already
+    refused by Celery (task_create_missing_queues=False); this covers `--exchange` and
+    `--routing-key`, which Celery would publish as given (and Redis or RabbitMQ drop).
+    """
+    exchange = options.get("exchange")
+    exchange_name = getattr(exchange, "name", exchange)
+    if exchange_name not in (None, "", names.exchange):
+        raise QueueNotFound(f"exchange {exchange_name!r} is not walletq's ({names.exchange!r})")
+    routing_key = options.get("routing_key")
+    if routing_key is not None and routing_key not in names.all():
+        raise QueueNotFound(
+            f"routing key {routing_key!r} names no walletq queue; expected one of "
+            f"{', '.join(names.all())}"
+        )
 
 
 @worker_init.connect

@@ -43,6 +43,8 @@ __all__ = ["TransferToEscrow", "ReleaseFromEscrow", "RefundFromEscrow", "transfe
 
 
 class TransferToEscrow(CommandBase):
+    """Holds a payer's money for a payee under hold_id; payee must differ from payer."""
+
     type: Literal["transfer_to_escrow"]
     hold_id: Ident
     payer: Ident

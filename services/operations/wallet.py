@@ -33,6 +33,8 @@ class DebitWallet(CommandBase):
 
 
 class TransferTokensBetweenUsers(CommandBase):
+    """From one user's available balance to another's; to_user must differ from from_user."""
+
     type: Literal["transfer_tokens_between_users"]
     from_user: Ident
     to_user: Ident

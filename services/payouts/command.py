@@ -15,6 +15,8 @@ DEFAULT_FUNDING_ACCOUNT = "platform:treasury"
 
 
 class PayoutItem(BaseModel):
+    """One payment of a batch; its reference is paid at most once per funding account."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     user: Ident
@@ -23,6 +25,9 @@ class PayoutItem(BaseModel):
 
 
 class PayoutBatch(CommandBase):
+    """Pays many items from one funding account; each item's reference must be unique
+    within the batch."""
+
     type: Literal["payout_batch"]
     from_account: AccountCode = DEFAULT_FUNDING_ACCOUNT
     items: list[PayoutItem] = Field(min_length=1)

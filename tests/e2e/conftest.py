@@ -178,11 +178,13 @@ def pipeline_env(redis_up: None, walletq_env: dict[str, str], queue_prefix: str,
 
 
 def _delete_redis_keys(prefix: str) -> None:
+    """The test's queues and unacked bookkeeping, and kombu's bindings of its exchanges."""
     conn = redis.Redis.from_url(BROKER_URL)
     try:
-        keys = list(conn.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            conn.delete(*keys)
+        for pattern in (f"{prefix}*", f"_kombu.binding*.{prefix}*"):
+            keys = list(conn.scan_iter(match=pattern, count=1000))
+            if keys:
+                conn.delete(*keys)
     finally:
         conn.close()
 

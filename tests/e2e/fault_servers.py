@@ -1,51 +1,133 @@
-"""Servers a fault test may kill: never the shared ones, always a private instance.
+"""Servers a test may kill or configure as production does: never the shared ones, always
+a private instance.
 
 `PrivateRedis` is a redis-server of the test's own, without persistence (no RDB snapshot,
 no append-only file): restart() loses everything it held, as a production Redis configured
-that way would. Its port is never "found free, released, used later" (another process may
-take it in between): the server binds a candidate port itself, and on a bind failure the
-next candidate is tried. A server only counts as started when the one answering on the
-port is this process (its INFO process_id), not somebody else's.
+that way would; with TLS files it listens for TLS only. `PrivatePostgres` is a PostgreSQL
+cluster of the test's own (initdb in a temporary folder), where every connection must give
+its password (scram-sha-256), as in docker-compose.yml.
+
+A port is never "found free, released, used later" (another process may take it in
+between): the server binds a candidate port itself, and on a bind failure the next
+candidate is tried (`on_a_free_port`). A server only counts as started when the one
+answering on the port is this process, not somebody else's: Redis's INFO process_id,
+PostgreSQL's postmaster.pid saying `ready` while our postmaster runs.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import pwd
 import random
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.servers import pg_bin
 from tests.support.polling import eventually
 
-__all__ = ["PrivateRedis", "PortTaken"]
+__all__ = ["PrivateRedis", "PrivatePostgres", "PortTaken", "TlsFiles", "make_tls_files",
+           "candidate_ports", "on_a_free_port", "BIND_FAILED"]
 
 #: Below Linux's ephemeral range (32768-60999), where clients' own ports come from.
 CANDIDATE_PORTS = range(20_000, 30_000)
 ATTEMPTS_MAX = 20
-_BIND_FAILED = "Address already in use"
+#: What redis-server, postgres (and any server on Linux) logs when its port is taken.
+BIND_FAILED = "Address already in use"
+
+T = TypeVar("T")
 
 
 class PortTaken(RuntimeError):
     """Raised when the server could not bind its port: another process listens there."""
 
 
-class PrivateRedis:
-    """`redis-server --port N --save "" --appendonly no`, in its own folder."""
+def candidate_ports() -> list[int]:
+    """A random handful of ports below the ephemeral range, to try in turn."""
+    return random.sample(CANDIDATE_PORTS, ATTEMPTS_MAX)
 
-    def __init__(self, folder: Path, ports: Iterable[int] | None = None) -> None:
+
+def on_a_free_port(launch: Callable[[int], T], ports: Iterable[int] | None = None
+                   ) -> tuple[int, T]:
+    """`launch(port)` on the first candidate it can bind; it raises PortTaken to move on."""
+    candidates = list(ports) if ports is not None else candidate_ports()
+    for port in candidates:
+        try:
+            return port, launch(port)
+        except PortTaken:
+            continue
+    raise RuntimeError(f"no free port among {candidates}")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: Path, host: str = "127.0.0.1") -> TlsFiles:
+    """A throwaway CA and a server certificate for `host`, signed by it (PEM files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+                    issuer_key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    pem = serialization.Encoding.PEM
+    files.ca.write_bytes(certificate("walletq test CA", ca_key, "walletq test CA", ca_key, True)
+                         .public_bytes(pem))
+    files.cert.write_bytes(certificate(host, server_key, "walletq test CA", ca_key, False).public_bytes(pem))
+    files.key.write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return files
+
+
+def _log_since(path: Path, start: int) -> str:
+    return path.read_bytes()[start:].decode(errors="replace") if path.exists() else ""
+
+
+class PrivateRedis:
+    """`redis-server --port N --save "" --appendonly no`, in its own folder; with `tls`
+    (CA, certificate and key files) it listens for TLS only (`--tls-port N --port 0`)."""
+
+    def __init__(self, folder: Path, ports: Iterable[int] | None = None,
+                 tls: TlsFiles | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.binary = binary
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.candidates = list(ports) if ports is not None else random.sample(
-            CANDIDATE_PORTS, ATTEMPTS_MAX)
+        self.candidates = list(ports) if ports is not None else candidate_ports()
+        self.tls = tls
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = folder / "redis.log"
@@ -53,52 +135,62 @@ class PrivateRedis:
     @property
     def url(self) -> str:
         assert self.port is not None, "not started"
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def _listen_args(self, port: int) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(port)]
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "no"]
+
+    def _connect(self, port: int, **options: Any) -> redis.Redis:
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
+        return redis.Redis(host="127.0.0.1", port=port, **options)
+
+    def client(self) -> redis.Redis:
+        assert self.port is not None, "not started"
+        return self._connect(self.port)
 
     def start(self, timeout_s: float = 10.0) -> PrivateRedis:
         """Start on the first candidate port this server can bind (its own port on a restart)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         if self.port is not None:
             self._launch(self.port, timeout_s)
-            return self
-        for port in self.candidates:
-            try:
-                self._launch(port, timeout_s)
-            except PortTaken:
-                continue
-            self.port = port
-            return self
-        raise RuntimeError(f"no free port among {self.candidates}")
+        else:
+            self.port, _ = on_a_free_port(lambda port: self._launch(port, timeout_s),
+                                          self.candidates)
+        return self
 
     def _launch(self, port: int, timeout_s: float) -> None:
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         proc = self.proc = subprocess.Popen(
-            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            [self.binary, *self._listen_args(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.folder)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
         def answering() -> bool:
             if proc.poll() is not None:
-                output = self.log_path.read_bytes()[log_start:].decode(errors="replace")
-                if _BIND_FAILED in output:
+                output = _log_since(self.log_path, log_start)
+                if BIND_FAILED in output:
                     raise PortTaken(f"port {port}: {output[-300:]}")
                 raise RuntimeError(f"private redis-server exited on {port}:\n{output[-2000:]}")
             return self._serves(port, proc.pid)
 
         try:
-            eventually(answering, timeout_s, describe=lambda: self.log_path.read_text()[-2000:])
+            eventually(answering, timeout_s, describe=lambda: _log_since(self.log_path, log_start))
         except AssertionError:
             self.stop()
             raise
 
-    @staticmethod
-    def _serves(port: int, pid: int) -> bool:
+    def _serves(self, port: int, pid: int) -> bool:
         """Whether the server answering on the port is the process `pid`."""
         # No retry: redis-py's default retries a silent listener for ten seconds.
-        conn = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5,
-                           socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        conn = self._connect(port, socket_connect_timeout=0.5, socket_timeout=0.5,
+                             retry=Retry(NoBackoff(), 0))
         try:
             return int(conn.info("server")["process_id"]) == pid
         except redis.RedisError:  # nobody there yet, or somebody who is not a Redis
@@ -117,5 +209,81 @@ class PrivateRedis:
         self.stop()
         self.start()
 
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+
+class PrivatePostgres:
+    """initdb with scram-sha-256 for every connection, then `postgres` on a free candidate
+    port; run as the `postgres` OS user when the tests run as root (PostgreSQL refuses root)."""
+
+    def __init__(self, superuser_password: str, ports: Iterable[int] | None = None) -> None:
+        initdb, server = pg_bin("initdb"), pg_bin("postgres")
+        if initdb is None or server is None:
+            raise RuntimeError("PostgreSQL server binaries are not installed (apt-get install -y postgresql)")
+        self.initdb, self.server = initdb, server
+        self.password = superuser_password
+        self.candidates = list(ports) if ports is not None else candidate_ports()
+        self.port: int | None = None
+        self.folder = Path(tempfile.mkdtemp(prefix="walletq-pg-"))
+        self.data = self.folder / "data"
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.folder / "postgres.log"
+
+    def start(self, timeout_s: float = 30.0) -> PrivatePostgres:
+        password_file = self.folder / "superuser-password"
+        password_file.write_text(self.password)
+        if self.user is not None:
+            shutil.chown(password_file, self.user)
+        subprocess.run([self.initdb, "-D", str(self.data), "-U", "postgres",
+                        "--auth=scram-sha-256", f"--pwfile={password_file}", "-E", "UTF8",
+                        "--no-sync"], check=True, capture_output=True, user=self.user)
+        password_file.unlink()
+        self.port, _ = on_a_free_port(lambda port: self._launch(port, timeout_s), self.candidates)
+        return self
+
+    def _launch(self, port: int, timeout_s: float) -> None:
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        proc = self.proc = subprocess.Popen(
+            [self.server, "-D", str(self.data), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
+             "-c", "fsync=off", "-c", "max_connections=50"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.user)
+        log.close()
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                output = _log_since(self.log_path, log_start)
+                if BIND_FAILED in output:
+                    raise PortTaken(f"port {port}: {output[-300:]}")
+                raise RuntimeError(f"private postgres exited on {port}:\n{output[-2000:]}")
+            return self._ready(port, proc.pid)
+
+        try:
+            eventually(ready, timeout_s, describe=lambda: _log_since(self.log_path, log_start))
+        except AssertionError:
+            self.stop()
+            raise
+
+    def _ready(self, port: int, pid: int) -> bool:
+        """Our postmaster's own word (postmaster.pid: its pid on line 1, its port on line 4,
+        its status on line 8): the process `pid` bound `port` and accepts connections."""
+        try:
+            lines = [line.strip() for line in (self.data / "postmaster.pid").read_text().splitlines()]
+        except FileNotFoundError:
+            return False
+        return len(lines) >= 8 and lines[0] == str(pid) and lines[3] == str(port) \
+            and lines[7] == "ready"
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), then the folder goes."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.support.beat import start_beat, stop_beat
 from tests.support.builders import credit
 from tests.support.cli import walletq
 from tests.support.env import strip_walletq_env
@@ -39,15 +37,11 @@ def test_beat_runs_the_sweep_that_delivers_a_lost_command(worker_factory, client
     accept_only(credit("lost", "alice", "4.00"), client.engine, client.settings)
     env = {**os.environ, **pipeline_env, "WALLETQ_SWEEP_INTERVAL_S": "0.5",
            "WALLETQ_SWEEP_GRACE_S": "0.2"}
-    beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "beat",
-                             "--loglevel=INFO", "-s", str(tmp_path / "beat-schedule")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    beat = start_beat(env, tmp_path / "beat-schedule")
     try:
         record = client.wait("lost", timeout=30)
     finally:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat_log = beat.communicate(timeout=20)[0].decode(errors="replace")
+        beat_log = stop_beat(beat)
     assert record.status == "succeeded", (beat_log[-2000:], worker.log_tail())
     assert "walletq.sweep" in beat_log
     assert walletq("verify").exit_code == 0

@@ -6,5 +6,7 @@
 - cli: the one `walletq` runner, in this process or as the installed console script;
 - ledger: `assert_ledger_sound(engine, settings)` and plain-SQL reads of the ledger;
 - publishing: `FakePublisher`, a CommandPublisher that records and can refuse;
-- broker: what a test's Redis queues hold.
+- broker: what a test's Redis queues hold, and a raw task message as a foreign producer
+  pushes it;
+- beat: `celery beat` as a process of the test's own.
 """

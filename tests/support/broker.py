@@ -1,15 +1,18 @@
-"""What a test's Redis queues hold: every key of the test's queue prefix."""
+"""What a test's Redis queues hold (every key of the test's queue prefix), and a message as
+a producer without kombu pushes it onto one."""
 
 from __future__ import annotations
 
 import base64
 import json
+import uuid
+from typing import Any
 
 import redis
 
 from services.message_policy import KEYS_TASK_NAME
 
-__all__ = ["queue_state", "broker_idle", "queued_commands"]
+__all__ = ["queue_state", "broker_idle", "queued_commands", "redis_task_message"]
 
 
 def queue_state(url: str, prefix: str) -> dict[str, int]:
@@ -52,3 +55,22 @@ def queued_commands(url: str, prefix: str) -> int:
         return named
     finally:
         conn.close()
+
+
+def redis_task_message(task: str, args: list[Any], queue: str) -> str:
+    """A Celery task message (protocol 2) as kombu's Redis transport stores it in a queue's
+    list: what a producer without kombu (celery-node, a hand-written client) LPUSHes."""
+    task_id = str(uuid.uuid4())
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    body = json.dumps([args, {}, embed]).encode()
+    return json.dumps({
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "js", "task": task, "id": task_id, "root_id": task_id,
+                    "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
+                    "timelimit": [None, None], "origin": "a foreign producer"},
+        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+    })

@@ -3,6 +3,7 @@ reads independent of the services (what moved, what was recorded)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select, text
@@ -13,8 +14,8 @@ from services.command_store import CommandRecord, get_record
 from services.settings import Settings
 from services.verify import verify_ledger
 
-__all__ = ["assert_ledger_sound", "CHECKS", "transfers", "balances", "audit", "audit_outcomes",
-           "record", "hold", "count"]
+__all__ = ["assert_ledger_sound", "assert_report_sound", "CHECKS", "transfers", "balances",
+           "audit", "audit_outcomes", "record", "hold", "count"]
 
 #: The invariants of docs/ARCHITECTURE.md that verify must report, at least.
 CHECKS = ("sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
@@ -24,14 +25,22 @@ CHECKS = ("sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_e
 
 def assert_ledger_sound(engine: Engine, settings: Settings) -> None:
     """Every invariant holds. A verify that checks nothing, or skips one, fails here too."""
-    checks = verify_ledger(engine, settings.asset_scale)
-    names = [check.name for check in checks]
+    checks = [check.to_dict() for check in verify_ledger(engine, settings.asset_scale)]
+    assert_report_sound({"ok": all(check["ok"] for check in checks), "checks": checks})
+
+
+def assert_report_sound(report: Mapping[str, Any]) -> None:
+    """The same for what `walletq --json verify` printed (run as another database role, in
+    another process): {"ok": ..., "checks": [{"name", "ok", "detail"}, ...]}."""
+    checks = report["checks"]
+    names = [check["name"] for check in checks]
     assert checks, "verify returned no checks"
     assert len(set(names)) == len(names), f"a check ran twice: {names}"
     missing = [name for name in CHECKS if name not in names]
     assert not missing, f"verify did not run {missing}"
-    failed = [check.to_dict() for check in checks if not check.ok]
+    failed = [check for check in checks if not check["ok"]]
     assert not failed, failed
+    assert report["ok"] is True, report
 
 
 def transfers(engine: Engine, key: str | None = None) -> list[tuple[str, str, int, str]]:

@@ -104,3 +104,45 @@ def test_the_coalescing_bound_defaults_to_100_and_stays_between_1_and_1000() -> 
     for bad in ("0", "1001", "x"):
         with pytest.raises(SettingsError, match="WALLETQ_COALESCE_MAX"):
             load_settings({"WALLETQ_COALESCE_MAX": bad})
+
+
+def _secret(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "secret"
+    path.write_text(text)
+    return str(path)
+
+
+def test_passwords_come_from_files_into_the_urls_quoted(tmp_path: Path) -> None:
+    secret = _secret(tmp_path, "p@ss:w/rd#%\n")
+    settings = load_settings({
+        "WALLETQ_DATABASE_URL": "postgresql+psycopg2://walletq_worker@db:5432/walletq",
+        "WALLETQ_DATABASE_PASSWORD_FILE": secret,
+        "WALLETQ_BROKER_URL": "redis://redis:6379/0", "WALLETQ_BROKER_PASSWORD_FILE": secret,
+    })
+    assert settings.database_url == ("postgresql+psycopg2://walletq_worker:p%40ss%3Aw%2Frd%23%25"
+                                     "@db:5432/walletq")
+    assert settings.broker_url == "redis://:p%40ss%3Aw%2Frd%23%25@redis:6379/0"
+    assert "p%40ss" not in repr(settings) and "p@ss" not in repr(settings)
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({"WALLETQ_DATABASE_PASSWORD_FILE": "/no/such/file",
+      "WALLETQ_DATABASE_URL": "postgresql://u@h/d"}, "cannot be read"),
+    ({"WALLETQ_DATABASE_PASSWORD_FILE": "{secret}"}, "WALLETQ_DATABASE_URL is not"),
+    ({"WALLETQ_DATABASE_PASSWORD_FILE": "{secret}",
+      "WALLETQ_DATABASE_URL": "postgresql://u:other@h/d"}, "keep one"),
+    ({"WALLETQ_BROKER_PASSWORD_FILE": "{secret}",
+      "WALLETQ_BROKER_URL": "redis://:other@h:6379/0"}, "keep one"),
+    ({"WALLETQ_BROKER_PASSWORD_FILE": "{empty}", "WALLETQ_BROKER_URL": "redis://h"}, "one password"),
+    ({"WALLETQ_BROKER_PASSWORD_FILE": "{two_lines}", "WALLETQ_BROKER_URL": "redis://h"}, "one password"),
+])
+def test_a_password_file_that_cannot_be_used_stops_the_process_at_start(
+        tmp_path: Path, env: dict[str, str], reason: str) -> None:
+    files = {"secret": "pw", "empty": "", "two_lines": "a\nb\n"}
+    paths = {}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+        paths[name] = str(tmp_path / name)
+    env = {key: value.format(**paths) for key, value in env.items()}
+    with pytest.raises(SettingsError, match=reason):
+        load_settings(env)

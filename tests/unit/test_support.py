@@ -10,7 +10,7 @@ import pytest
 
 from services.verify import Check
 from tests.support import ledger
-from tests.support.ledger import CHECKS, assert_ledger_sound
+from tests.support.ledger import CHECKS, assert_ledger_sound, assert_report_sound
 from tests.support.polling import eventually
 
 SETTINGS: Any = SimpleNamespace(asset_scale=2)
@@ -37,6 +37,15 @@ def test_assert_ledger_sound_fails_on_an_empty_partial_or_failing_verify(
     verify_returning(monkeypatch, checks)
     with pytest.raises(AssertionError):
         assert_ledger_sound(None, SETTINGS)  # type: ignore[arg-type]
+
+
+def test_assert_report_sound_fails_on_a_cli_report_that_checked_nothing_or_disagrees() -> None:
+    every = [{"name": name, "ok": True, "detail": ""} for name in CHECKS]
+    assert_report_sound({"ok": True, "checks": every})
+    for report in ({"ok": True, "checks": []}, {"ok": True, "checks": every[1:]},
+                   {"ok": False, "checks": every}):
+        with pytest.raises(AssertionError):
+            assert_report_sound(report)
 
 
 def test_eventually_returns_the_first_truthy_value() -> None:

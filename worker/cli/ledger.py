@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from pathlib import Path
 
 import click
+from sqlalchemy import text
 
-from services.commands import command_json_schema
+from services import db_roles
+from services.commands import CommandLimits, command_json_schema
 from services.db import get_engine, upgrade
+from services.db_roles import RoleKind
 from services.settings import get_settings
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
@@ -32,6 +37,46 @@ def db_upgrade(out: Output, revision: str) -> None:
         out.json({"ok": True, "revision": revision, "database": where})
     else:
         out.say(f"schema at {revision}: {where}")
+
+
+@db.command("roles")
+@click.option("--passwords", "password_dir", type=click.Path(file_okay=False, exists=True),
+              help="a folder holding one file per role, named as the role (walletq_worker, ...)")
+@json_option
+@pass_output
+def db_roles_(out: Output, password_dir: str | None) -> None:
+    """Create (idempotently) the owner, worker, producer and readonly roles of this
+    database and apply their grants. Run once, as a superuser; then migrate as the owner."""
+    settings = get_settings()
+    if not settings.is_postgres:
+        out.fail("database roles exist on PostgreSQL only (WALLETQ_DATABASE_URL)", 2, "invalid_settings")
+    engine = get_engine(settings)
+    with engine.begin() as conn:
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        names = db_roles.role_names(database)
+        passwords = _read_passwords(out, password_dir, names) if password_dir else None
+        created = db_roles.create_roles(conn, passwords)
+    rows = [{"kind": kind, "role": name, "created": name in created,
+             "password": bool(passwords and kind in passwords)} for kind, name in names.items()]
+    if out.as_json:
+        out.json({"ok": True, "database": database, "roles": rows})
+    else:
+        out.table(f"roles of {database}", ["kind", "role", "created", "password set"],
+                  [[r["kind"], r["role"], r["created"], r["password"]] for r in rows])
+
+
+def _read_passwords(out: Output, folder: str, names: Mapping[RoleKind, str]) -> dict[RoleKind, str]:
+    """One file per role, named as the role (a Docker secret's file): its one line."""
+    passwords: dict[RoleKind, str] = {}
+    for kind, name in names.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            out.fail(f"{path} is missing: every role needs its password file", 2, "invalid_settings")
+        password = path.read_text(encoding="utf-8").removesuffix("\n")
+        if not password or "\n" in password:
+            out.fail(f"{path} must hold one password on one line", 2, "invalid_settings")
+        passwords[kind] = password
+    return passwords
 
 
 @cli.command()
@@ -109,5 +154,7 @@ def verify(out: Output) -> None:
 @json_option
 @pass_output
 def schema_(out: Output) -> None:
-    """Print the JSON Schema of the commands, for producers in other languages (always JSON)."""
-    click.echo(json.dumps(command_json_schema(), indent=2))
+    """Print the JSON Schema of the commands, for producers in other languages (always JSON):
+    its amounts and payout sizes follow this deployment's WALLETQ_* limits."""
+    limits = CommandLimits.from_settings(get_settings())
+    click.echo(json.dumps(command_json_schema(limits), indent=2))
