@@ -43,8 +43,15 @@ def send(client: WalletClient, message: Any) -> None:
 
 
 def marker(client: WalletClient, name: str) -> None:
-    """A signed command after the others; once it ran and the broker is idle (nothing queued,
-    nothing unacknowledged, on every queue: a payout travels on its own), they all have."""
+    """A signed command after the others on the commands queue; once it ran and the broker
+    is idle (nothing queued, nothing unacknowledged), every message sent before it on that
+    queue has ended: each was taken before it, and recorded as unacknowledged before the
+    worker asked for the next one.
+
+    Not a message on another queue (a payout travels on its own): the worker may take it
+    after the marker, and kombu pops a message from its list before it records it as
+    unacknowledged, so for that moment the broker looks idle while the message is on its
+    way. Wait for such a message's own outcome (refused_by)."""
     send(client, signed({"type": "credit_wallet", "idempotency_key": name, "user": "marker",
                          "amount": "0.01"}, "test-payments"))
     record = client.wait(name, timeout=30)
@@ -52,6 +59,13 @@ def marker(client: WalletClient, name: str) -> None:
     prefix = client.publisher.queues.prefix
     eventually(lambda: broker_idle(BROKER_URL, prefix), 30,
                describe=lambda: queue_state(BROKER_URL, prefix))
+
+
+def refused_by(client: WalletClient, expected: dict[str, str]) -> None:
+    """Wait until the command of each key has been refused for its producer: the outcome
+    the test expects is what it waits for, whichever queue carried the message."""
+    eventually(lambda: all(client.refusals(key, producer) for key, producer in expected.items()),
+               30, describe=lambda: {key: client.refusals(key) for key in expected})
 
 
 def total_supply() -> int:
@@ -180,10 +194,12 @@ def test_the_web_role_cannot_pick_a_fee_or_fund_a_payout_from_a_user(worker, cli
                              "items": [{"user": "mallory", "amount": "20.00",
                                         "reference": "inv-2"}]}, "test-treasury"))
         marker(client, "after-web")
+        refused = {"r-1": "test-web", "p-1": "test-web", "p-2": "test-treasury"}
+        refused_by(client, refused)  # the payouts: on their own queue, after the marker's
+        for key, producer in refused.items():
+            assert [r.error_code for r in client.refusals(key, producer)] == ["forbidden"], key
         for key in ("r-0", "r-1", "p-1", "p-2"):
             assert client.status(key) is None, key
-        assert [r.error_code for r in client.refusals("r-1", "test-web")] == ["forbidden"]
-        assert [r.error_code for r in client.refusals("p-2", "test-treasury")] == ["forbidden"]
         web.submit({"type": "release_from_escrow", "idempotency_key": "r-2", "hold_id": "o-1"})
         released = web.wait("r-2", timeout=30)
         assert released.status == "succeeded" and released.result["fee"] == "2.00"
