@@ -42,7 +42,7 @@ from tests.servers import pg_bin
 from tests.support.polling import eventually
 
 __all__ = ["PrivateRedis", "PrivatePostgres", "PortTaken", "TlsFiles", "make_tls_files",
-           "candidate_ports", "on_a_free_port", "BIND_FAILED"]
+           "candidate_ports", "on_a_free_port", "start_serving", "BIND_FAILED"]
 
 #: Below Linux's ephemeral range (32768-60999), where clients' own ports come from.
 CANDIDATE_PORTS = range(20_000, 30_000)
@@ -114,6 +114,35 @@ def _log_since(path: Path, start: int) -> str:
     return path.read_bytes()[start:].decode(errors="replace") if path.exists() else ""
 
 
+def start_serving(argv: list[str], log_path: Path, port: int,
+                  serving: Callable[[int, int], bool], timeout_s: float,
+                  **popen: Any) -> subprocess.Popen[bytes]:
+    """`argv` in a session of its own, its output appended to `log_path`, once
+    `serving(port, pid)` says the server on `port` is up and is this process. PortTaken if
+    it exits on a bind failure; RuntimeError on any other exit; AssertionError (the process
+    killed) if it serves nothing by `timeout_s`."""
+    log_start = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, **popen)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            output = _log_since(log_path, log_start)
+            if BIND_FAILED in output:
+                raise PortTaken(f"{argv[0]} on {port}: {output[-300:]}")
+            raise RuntimeError(f"{argv[0]} exited on {port}:\n{output[-3000:]}")
+        return serving(port, proc.pid)
+
+    try:
+        eventually(up, timeout_s, describe=lambda: _log_since(log_path, log_start)[-3000:])
+    except AssertionError:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc
+
+
 class PrivateRedis:
     """`redis-server --port N --save "" --appendonly no`, in its own folder; with `tls`
     (CA, certificate and key files) it listens for TLS only (`--tls-port N --port 0`)."""
@@ -164,27 +193,10 @@ class PrivateRedis:
         return self
 
     def _launch(self, port: int, timeout_s: float) -> None:
-        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = self.log_path.open("ab")
-        proc = self.proc = subprocess.Popen(
+        self.proc = start_serving(
             [self.binary, *self._listen_args(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-
-        def answering() -> bool:
-            if proc.poll() is not None:
-                output = _log_since(self.log_path, log_start)
-                if BIND_FAILED in output:
-                    raise PortTaken(f"port {port}: {output[-300:]}")
-                raise RuntimeError(f"private redis-server exited on {port}:\n{output[-2000:]}")
-            return self._serves(port, proc.pid)
-
-        try:
-            eventually(answering, timeout_s, describe=lambda: _log_since(self.log_path, log_start))
-        except AssertionError:
-            self.stop()
-            raise
+            self.log_path, port, self._serves, timeout_s)
 
     def _serves(self, port: int, pid: int) -> bool:
         """Whether the server answering on the port is the process `pid`."""
@@ -240,32 +252,20 @@ class PrivatePostgres:
                         "--auth=scram-sha-256", f"--pwfile={password_file}", "-E", "UTF8",
                         "--no-sync"], check=True, capture_output=True, user=self.user)
         password_file.unlink()
-        self.port, _ = on_a_free_port(lambda port: self._launch(port, timeout_s), self.candidates)
+        try:
+            self.port, _ = on_a_free_port(lambda port: self._launch(port, timeout_s),
+                                          self.candidates)
+        except BaseException:
+            self.stop()  # the folder goes
+            raise
         return self
 
     def _launch(self, port: int, timeout_s: float) -> None:
-        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = self.log_path.open("ab")
-        proc = self.proc = subprocess.Popen(
+        self.proc = start_serving(
             [self.server, "-D", str(self.data), "-p", str(port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}",
              "-c", "fsync=off", "-c", "max_connections=50"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.user)
-        log.close()
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                output = _log_since(self.log_path, log_start)
-                if BIND_FAILED in output:
-                    raise PortTaken(f"port {port}: {output[-300:]}")
-                raise RuntimeError(f"private postgres exited on {port}:\n{output[-2000:]}")
-            return self._ready(port, proc.pid)
-
-        try:
-            eventually(ready, timeout_s, describe=lambda: _log_since(self.log_path, log_start))
-        except AssertionError:
-            self.stop()
-            raise
+            self.log_path, port, self._ready, timeout_s, user=self.user)
 
     def _ready(self, port: int, pid: int) -> bool:
         """Our postmaster's own word (postmaster.pid: its pid on line 1, its port on line 4,

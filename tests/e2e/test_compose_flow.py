@@ -25,7 +25,7 @@ import pytest
 import redis
 import yaml
 
-from tests.e2e.fault_servers import BIND_FAILED, PortTaken, PrivatePostgres, on_a_free_port
+from tests.e2e.fault_servers import PrivatePostgres, on_a_free_port, start_serving
 from tests.support.cli import WALLETQ_BIN, CliResult, walletq
 from tests.support.env import strip_walletq_env
 from tests.support.ledger import assert_report_sound
@@ -73,16 +73,14 @@ class Deployment:
         return subprocess.run(self.command(service), env=self.env(service, **extra), cwd=self.folder,
                               capture_output=True, text=True, timeout=120, check=False)
 
-    def start(self, service: str, command: list[str] | None = None, log_name: str | None = None,
-              **extra: str) -> tuple[subprocess.Popen[bytes], Path]:
-        """The service's command (or `command`) in the background; its process and log file."""
-        log = self.folder / (log_name or f"{service}.log")
+    def start(self, service: str, **extra: str) -> Path:
+        """The service's command in the background; its log file."""
+        log = self.folder / f"{service}.log"
         with log.open("ab") as out:
-            proc = subprocess.Popen(
-                command or self.command(service), env=self.env(service, **extra), cwd=self.folder,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes.append(proc)
-        return proc, log
+            self.processes.append(subprocess.Popen(
+                self.command(service), env=self.env(service, **extra), cwd=self.folder,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        return log
 
     def start_on_a_free_port(self, service: str, command: Callable[[int], list[str]],
                              serving: Callable[[int, int], bool]) -> tuple[int, Path]:
@@ -90,17 +88,9 @@ class Deployment:
         the next one), once `serving(port, pid)` says the server there is up and is this
         process."""
         def launch(port: int) -> Path:
-            proc, log = self.start(service, command(port), log_name=f"{service}-{port}.log")
-
-            def up() -> bool:
-                if proc.poll() is not None:
-                    output = log.read_text(errors="replace")
-                    if BIND_FAILED in output:
-                        raise PortTaken(f"{service} on {port}: {output[-300:]}")
-                    raise RuntimeError(f"{service} exited on {port}:\n{output[-3000:]}")
-                return serving(port, proc.pid)
-
-            eventually(up, 60, describe=lambda: tail(log))
+            log = self.folder / f"{service}-{port}.log"
+            self.processes.append(start_serving(command(port), log, port, serving, 60,
+                                                env=self.env(service), cwd=self.folder))
             return log
 
         return on_a_free_port(launch)
@@ -257,7 +247,7 @@ def test_the_compose_services_run_as_their_roles_with_passwords_checked(deployme
     for job in ("roles", "migrate"):
         done = d.run(job)
         assert done.returncode == 0, (job, done.stdout + done.stderr)
-    _, worker_log = d.start("worker-1", WALLETQ_WORKER_READY_FILE=str(d.folder / "w.ready"))
+    worker_log = d.start("worker-1", WALLETQ_WORKER_READY_FILE=str(d.folder / "w.ready"))
     eventually((d.folder / "w.ready").exists, 60, describe=lambda: tail(worker_log))
 
     # The operator registers a producer (as the owner), the web tier signs as it.
@@ -275,7 +265,7 @@ def test_the_compose_services_run_as_their_roles_with_passwords_checked(deployme
 
     ping = d.healthcheck("worker-1", HOSTNAME=socket.gethostname())
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    _, beat_log = d.start("beat", WALLETQ_SWEEP_INTERVAL_S="0.5")
+    beat_log = d.start("beat", WALLETQ_SWEEP_INTERVAL_S="0.5")
     eventually(lambda: "walletq.sweep" in beat_log.read_text(errors="replace"), 60,
                describe=lambda: tail(beat_log))
     assert d.healthcheck("beat").returncode == 0
