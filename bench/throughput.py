@@ -13,7 +13,8 @@ Each run, on a database and queues of its own (bench/harness.py):
              submit_many and `walletq submit -` of --submit commands (record + publish);
              hot accounts: a burst of releases (every one credits platform:fees) and of
              sales (every one debits platform:treasury) against a burst of transfers
-             between random users
+             between random users; and, as the profile of the releases' figure, the
+             same releases with a fee of 0 (no leg on a hot row)
 
 and prints each walletq figure as a ratio of its ceiling. With --runs N the median of each
 figure (and ratio) over the runs is printed too. Durable commits: synchronous_commit as the
@@ -165,6 +166,15 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
             figures["releases"] = burst(client, engine, [
                 {"type": "release_from_escrow", "idempotency_key": f"r-{i}", "hold_id": f"o-{i}"}
                 for i in range(args.burst)])
+            # The profile of the releases' gap: the same releases with a fee of 0 touch no hot
+            # row (no fee leg), so hot-fee releases / fee-free releases is the hot row's cost
+            # and fee-free releases / transfers the cost of being a release (hold + escrow).
+            burst(client, engine, [{**hold, "idempotency_key": f"z{hold['idempotency_key']}",
+                                    "hold_id": f"z{hold['hold_id']}", "fee_rate": "0"}
+                                   for hold in holds])
+            figures["releases_no_fee"] = burst(client, engine, [
+                {"type": "release_from_escrow", "idempotency_key": f"zr-{i}", "hold_id": f"zo-{i}"}
+                for i in range(args.burst)])
             figures["sales"] = burst(client, engine, [
                 {"type": "admin_sell_tokens_to_user", "idempotency_key": f"s-{i}",
                  "user": rng.choice(users), "amount": "0.01"} for i in range(args.burst)])
@@ -206,6 +216,10 @@ def report(title: str, f: dict[str, float], args: argparse.Namespace) -> None:
          "(baseline of the hot rows)"),
         (f"burst of {args.burst:,} releases (all credit platform:fees)",
          f"{f['releases']:,.0f} cmd/s", f"{f['releases'] / f['transfers']:.2f} x transfers"),
+        (f"burst of {args.burst:,} releases with fee 0 (no hot row: the profile)",
+         f"{f['releases_no_fee']:,.0f} cmd/s",
+         f"{f['releases_no_fee'] / f['transfers']:.2f} x transfers; hot fee costs "
+         f"{1 - f['releases'] / f['releases_no_fee']:.0%}"),
         (f"burst of {args.burst:,} sales (all debit platform:treasury)",
          f"{f['sales']:,.0f} cmd/s", f"{f['sales'] / f['transfers']:.2f} x transfers"),
         ("hot accounts, the slower of the two", f"{hot:,.0f} cmd/s",
@@ -231,9 +245,10 @@ def main() -> None:
                f"synchronous_commit={'on' if figures['_sync'] else 'off'})", figures, args)
     if args.runs > 1:
         medians = median_of(runs)
-        ratios = {name: median_of([{"r": r[name] / r[base]} for r in runs])["r"]
+        ratios = {f"{name}/{base}": median_of([{"r": r[name] / r[base]} for r in runs])["r"]
                   for name, base in (("burst", "noop"), ("submit_many", "publish"),
-                                     ("releases", "transfers"), ("sales", "transfers"))}
+                                     ("releases", "transfers"), ("releases_no_fee", "transfers"),
+                                     ("releases", "releases_no_fee"), ("sales", "transfers"))}
         report(f"median of {args.runs} runs", medians, args)
         print("median ratios of the runs: " + ", ".join(
             f"{name} {value:.2f}" for name, value in ratios.items()))
