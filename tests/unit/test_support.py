@@ -26,16 +26,16 @@ def test_assert_ledger_sound_passes_when_every_invariant_is_checked_and_holds(
     assert_ledger_sound(None, SETTINGS)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("checks", [
-    [],
-    [Check(name, True, "") for name in CHECKS[1:]],
-    [Check(name, True, "") for name in CHECKS] + [Check(CHECKS[0], True, "")],
-    [Check(name, name != CHECKS[2], "broken") for name in CHECKS],
+@pytest.mark.parametrize(("checks", "reason"), [
+    ([], "verify returned no checks"),
+    ([Check(name, True, "") for name in CHECKS[1:]], "verify did not run"),
+    ([Check(name, True, "") for name in CHECKS] + [Check(CHECKS[0], True, "")], "ran twice"),
+    ([Check(name, name != CHECKS[2], "broken") for name in CHECKS], "broken"),
 ], ids=["no-checks", "one-missing", "one-twice", "one-fails"])
 def test_assert_ledger_sound_fails_on_an_empty_partial_or_failing_verify(
-        monkeypatch: pytest.MonkeyPatch, checks: list[Check]) -> None:
+        monkeypatch: pytest.MonkeyPatch, checks: list[Check], reason: str) -> None:
     verify_returning(monkeypatch, checks)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=reason):
         assert_ledger_sound(None, SETTINGS)  # type: ignore[arg-type]
 
 
