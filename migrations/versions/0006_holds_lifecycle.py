@@ -76,14 +76,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column('refunded_minor', sa.BigInteger(), server_default='0',
                                    nullable=False))
         batch.add_column(sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True))
-        batch.drop_constraint('ck_holds_status', type_='check')
+        batch.drop_constraint(op.f('ck_holds_status'), type_='check')
     op.execute("UPDATE holds SET released_minor = amount_minor WHERE status = 'released'")
     op.execute("UPDATE holds SET refunded_minor = amount_minor WHERE status = 'refunded'")
     with op.batch_alter_table('holds', copy_from=_with_new_columns() if sqlite else None,
                               recreate='always' if sqlite else 'never') as batch:
-        batch.create_check_constraint('ck_holds_status', NEW_STATUS)
+        batch.create_check_constraint(op.f('ck_holds_status'), NEW_STATUS)
         for name, sql in CHECKS.items():
-            batch.create_check_constraint(f'ck_holds_{name}', sql)
+            batch.create_check_constraint(op.f(f'ck_holds_{name}'), sql)
     op.create_index('ix_holds_status_expires_at', 'holds', ['status', 'expires_at'], unique=False)
     roles = sa.table('roles', sa.column('name', sa.String), sa.column('description', sa.String))
     permissions = sa.table('role_permissions', sa.column('role', sa.String),
@@ -125,8 +125,8 @@ def downgrade() -> None:
     with op.batch_alter_table('holds', copy_from=_table_at_0006() if sqlite else None,
                               recreate='always' if sqlite else 'never') as batch:
         for name in ('status', *CHECKS):
-            batch.drop_constraint(f'ck_holds_{name}', type_='check')
+            batch.drop_constraint(op.f(f'ck_holds_{name}'), type_='check')
         batch.drop_column('expires_at')
         batch.drop_column('refunded_minor')
         batch.drop_column('released_minor')
-        batch.create_check_constraint('ck_holds_status', OLD_STATUS)
+        batch.create_check_constraint(op.f('ck_holds_status'), OLD_STATUS)

@@ -291,7 +291,8 @@ def _rate_of(hold: Any, ctx: OperationContext) -> Decimal:
 def hold_view(hold: Any, ctx: OperationContext) -> dict[str, Any]:
     """A hold's totals as the results and the reads show them."""
     remaining = remaining_of(hold.amount_minor, hold.released_minor, hold.refunded_minor)
-    return {"hold_amount": ctx.fmt(hold.amount_minor), "released": ctx.fmt(hold.released_minor),
+    return {"status": hold.status, "hold_amount": ctx.fmt(hold.amount_minor),
+            "released": ctx.fmt(hold.released_minor),
             "refunded": ctx.fmt(hold.refunded_minor), "remaining": ctx.fmt(remaining)}
 
 
@@ -328,8 +329,9 @@ def release_from_escrow(
     fee_total = (hold.fee_minor or 0) + plan.fee_minor
     _write_hold(conn, hold, ctx, released_minor=released, refunded_minor=hold.refunded_minor,
                 fee_minor=fee_total, closed_as="released")
-    after = _HoldState(hold.id, hold.hold_id, hold.payer, hold.payee, hold.amount_minor, "",
-                       hold.fee_rate, fee_total, released, hold.refunded_minor, hold.expires_at)
+    after = _HoldState(hold.id, hold.hold_id, hold.payer, hold.payee, hold.amount_minor,
+                       "held" if plan.remaining_minor else "released", hold.fee_rate, fee_total,
+                       released, hold.refunded_minor, hold.expires_at)
     return Effect({"hold_id": hold.hold_id, "payer": hold.payer, "payee": hold.payee,
                    "amount": ctx.fmt(plan.part_minor), "payee_amount": ctx.fmt(plan.payee_minor),
                    "fee": ctx.fmt(plan.fee_minor), "fee_rate": str(fee_rate),
@@ -349,7 +351,7 @@ def _return_rest(conn: Connection, hold: _HoldState, ctx: OperationContext, kind
                        closed_as, hold.fee_rate, hold.fee_minor, hold.released_minor, refunded,
                        hold.expires_at)
     return Effect({"hold_id": hold.hold_id, "payer": hold.payer, "amount": ctx.fmt(remaining),
-                   "status": closed_as, **hold_view(after, ctx)}, [t])
+                   **hold_view(after, ctx)}, [t])
 
 
 def refund_from_escrow(conn: Connection, cmd: RefundFromEscrow, ctx: OperationContext) -> Effect:
