@@ -44,6 +44,8 @@ BATCHES_MAX = 20
 @dataclass
 class ExpiryCounts:
     found: int = 0
+    #: Expiry commands that ended succeeded (two passes at once may both count one: the
+    #: second gets the stored outcome of the first's command).
     expired: int = 0
     already: int = 0  # an expiry command for the hold exists already (it ran, or runs)
     refused: dict[str, int] = field(default_factory=dict)
