@@ -132,3 +132,31 @@ def test_partial_releases_that_together_exceed_their_hold_take_what_remains_and_
         assert shown["refunded"] == (Decimal(5 - 2 * releases) if refunded else Decimal(0))
         assert shown["status"] == ("refunded" if refunded else "held")
     assert_ledger_sound(engine, settings)
+
+
+def test_partial_releases_of_one_hold_coalesced_in_one_transaction_each_see_the_last(
+    service: WalletService, engine: Engine, settings: Settings
+) -> None:
+    """A worker's batch applies them one after the other in one transaction: each reads the
+    totals the previous one left (kept in the book), the flush writes the last."""
+    from services.message_policy import Done, execute_message
+    from tests.integration.test_coalescing import accept
+    from tests.support.signing import signed
+
+    service.credit_wallet("alice", "100.00", idempotency_key="dep")
+    service.transfer_to_escrow("o-1", "alice", "bob", "10.00", idempotency_key="h-1")
+    release = {"type": "release_from_escrow", "hold_id": "o-1"}
+    batch = [{**release, "idempotency_key": "p-1", "amount": "3.00"},
+             {**release, "idempotency_key": "p-2", "amount": "3.00"},
+             {**release, "idempotency_key": "p-3", "amount": "5.00"},  # 4.00 remains: refused
+             {"type": "refund_from_escrow", "idempotency_key": "back", "hold_id": "o-1"}]
+    accept(engine, settings, *batch)
+    outcome = execute_message((signed(batch[0]),), {}, engine=engine, settings=settings,
+                              retries_left=True)
+    assert isinstance(outcome, Done)
+    ended = [_status_of(engine, c["idempotency_key"]) for c in batch]
+    assert ended == ["succeeded", "succeeded", "rejected hold_exceeded", "succeeded"]
+    shown = service.hold("o-1")
+    assert (shown["status"], shown["released"], shown["refunded"], shown["fee"]) == (
+        "refunded", Decimal("6.00"), Decimal("4.00"), Decimal("0.60"))
+    assert_ledger_sound(engine, settings)
