@@ -107,7 +107,7 @@ def test_history_of_an_unknown_account_exits_1(ledger: WalletService) -> None:
 def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(ledger: WalletService) -> None:
     [report] = both_orders("verify")
     assert report["ok"] is True
-    assert len(report["checks"]) == 8
+    assert len(report["checks"]) == 9  # issue 9: holds_add_up
     assert all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in report["checks"])
 
 

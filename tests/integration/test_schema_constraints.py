@@ -167,7 +167,8 @@ HOLD_VIOLATIONS = [
     # Migration 0006: partial capture and expiry.
     ({"released_minor": -1}, "parts_non_negative"),
     ({"refunded_minor": -1}, "parts_non_negative"),
-    ({"released_minor": 300, "refunded_minor": 201}, "parts_within_amount"),
+    ({"status": "refunded", "closed_by": "COMMAND", "released_minor": 300, "refunded_minor": 201},
+     "parts_within_amount"),
     ({"released_minor": 500}, "open_iff_remaining"),
     ({"status": "expired", "closed_by": "COMMAND", "refunded_minor": 499}, "open_iff_remaining"),
 ]
