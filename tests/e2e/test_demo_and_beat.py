@@ -51,3 +51,37 @@ def test_beat_runs_the_sweep_that_delivers_a_lost_command(worker_factory, client
     assert "walletq.sweep" in beat_log
     assert walletq("verify").exit_code == 0
     assert_ledger_sound(client.engine, client.settings)
+
+
+def test_beat_runs_the_expiry_pass_that_refunds_an_expired_hold(worker_factory, client,
+                                                                pipeline_env, tmp_path):
+    """Issue 9: beat publishes walletq.expire_holds; a worker runs it as the system producer
+    (its key file given by WALLETQ_SYSTEM_PRODUCER_KEY_FILE) and the hold comes back."""
+    from services import producers
+    from services.permissions import SYSTEM
+    from services.signing import new_private_key, write_private_key
+    from services.wallet_service import WalletService
+
+    key, key_file = new_private_key(), tmp_path / "system.key"
+    write_private_key(key_file, key)
+    with client.engine.begin() as conn:
+        producers.create(conn, "walletq-system", SYSTEM, key.public_key())
+    system_env = {"WALLETQ_SYSTEM_PRODUCER_KEY_FILE": str(key_file),
+                  "WALLETQ_EXPIRY_INTERVAL_S": "0.5"}
+    worker = worker_factory(env=system_env)
+    service = WalletService(client.engine, client.settings)
+    service.credit_wallet("alice", "10.00", idempotency_key="dep")
+    service.transfer_to_escrow("o-1", "alice", "bob", "10.00", idempotency_key="h-1",
+                               expires_in_s=1)
+    service.release_from_escrow("o-1", amount="4.00", idempotency_key="r-1")
+    beat = start_beat({**os.environ, **pipeline_env, **system_env}, tmp_path / "beat-schedule")
+    try:
+        record = client.wait("expire:o-1", timeout=60)
+    finally:
+        beat_log = stop_beat(beat)
+    assert record is not None and record.status == "succeeded", (beat_log[-2000:],
+                                                                  worker.log_tail())
+    assert "walletq.expire_holds" in beat_log
+    assert service.hold("o-1")["status"] == "expired"
+    assert service.balance("alice").available == 6
+    assert_ledger_sound(client.engine, client.settings)
