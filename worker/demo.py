@@ -219,6 +219,9 @@ def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, Co
                 if run_id in row["account"] or not row["account"].startswith("user:")]
     checks = verify_ledger(get_engine(settings), settings.asset_scale)
     ok = all(check.ok for check in checks)
+    prefix = f"demo-{run_id}-"
+    holds = [h for h in WalletService(settings=settings).holds(limit=1_000)
+             if h["hold_id"].startswith(prefix)]
     by_status: dict[str, int] = {}
     for record in outcomes.values():
         by_status[record.status] = by_status.get(record.status, 0) + 1
@@ -228,16 +231,23 @@ def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, Co
                                         for key, exc in refused],
                   "duplicates": duplicates,
                   "commands": [r.to_dict() for r in outcomes.values()],
-                  "balances": balances, "verify": {"ok": ok, "checks": [c.to_dict()
-                                                                        for c in checks]}})
+                  "holds": holds, "balances": balances,
+                  "verify": {"ok": ok, "checks": [c.to_dict() for c in checks]}})
         return ok
-    short = len(f"demo-{run_id}-")
-    out.table(f"commands (keys demo-{run_id}-…)", ["key", "type", "status", "error"],
-              [[r.idempotency_key[short:], r.type, r.status, (r.error or {}).get("code", "")]
+
+    def short(key: str) -> str:  # expire:demo-RUN-order-5 → expire:order-5
+        return key.replace(prefix, "")
+
+    out.table(f"commands (keys {prefix}…)", ["key", "type", "status", "error"],
+              [[short(r.idempotency_key), r.type, r.status, (r.error or {}).get("code", "")]
                for r in outcomes.values()]
-              + [[key[short:], "", "refused at submit", exc.code] for key, exc in refused]
-              + [[key[short:], outcomes[key].type, "duplicate", "same record, one effect"]
+              + [[short(key), "", "refused at submit", exc.code] for key, exc in refused]
+              + [[short(key), outcomes[key].type, "duplicate", "same record, one effect"]
                  for key in duplicates])
+    columns = ["status", "amount", "released", "refunded", "remaining", "fee"]
+    out.table("holds: a partial capture (order-1), an expiry (order-5)", ["hold", *columns],
+              [[short(h["hold_id"]), *[h[c] for c in columns]] for h in reversed(holds)],
+              right=columns[1:])
     out.table(f"balances after run {run_id}", ["account", "balance"],
               [[row["account"], row["balance"]] for row in balances], right=["balance"])
     out.table("walletq verify", ["check", "ok", "detail"],

@@ -27,6 +27,10 @@ def test_the_demo_runs_embedded_on_a_fresh_home_twice(tmp_path: Path, monkeypatc
         assert by_key["order-1-over"]["error"]["code"] == "hold_exceeded"
         expired = [c for c in report["commands"] if c["type"] == "expire_hold"]
         assert [c["status"] for c in expired] == ["succeeded"]
+        holds = {h["hold_id"].rsplit("-", 2)[-2] + "-" + h["hold_id"].rsplit("-", 1)[-1]: h
+                 for h in report["holds"]}
+        assert (holds["order-1"]["status"], holds["order-1"]["released"]) == ("released", "120.00")
+        assert (holds["order-5"]["status"], holds["order-5"]["refunded"]) == ("expired", "30.00")
         assert {r["error"]["code"] for r in report["refused_at_submit"]} == {
             "invalid_command", "idempotency_conflict"}
         assert len(report["duplicates"]) == 1
