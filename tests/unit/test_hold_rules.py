@@ -3,6 +3,7 @@ released part, what a release may take, when a hold expires."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.command_fields import ID_LENGTH_MAX, ID_PATTERN
 from services.hold_rules import (
     HOLD_EXPIRES_IN_S_MAX,
     expiry_of,
@@ -18,6 +20,7 @@ from services.hold_rules import (
     plan_release,
 )
 from services.money import split_fee
+from services.operations.escrow import expiry_key
 
 RATES = st.decimals(min_value=0, max_value=1, places=6)
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
@@ -96,3 +99,12 @@ def test_a_hold_is_expired_from_its_expiry_on_and_never_without_one() -> None:
     assert is_expired(NOW, NOW) and is_expired(NOW - timedelta(microseconds=1), NOW)
     assert not is_expired(NOW + timedelta(microseconds=1), NOW) and not is_expired(None, NOW)
     assert is_expired(NOW.replace(tzinfo=None), NOW)  # SQLite's naive UTC
+
+
+def test_the_expiry_key_is_derived_from_the_hold_and_always_a_valid_key() -> None:
+    assert expiry_key("o-7") == "expire:o-7"
+    assert len(expiry_key("a" * 193)) == ID_LENGTH_MAX
+    long_ones = {expiry_key("a" * 194), expiry_key("a" * 200), expiry_key("b" * 200)}
+    assert len(long_ones) == 3
+    assert all(key.startswith("expire:sha256:") and re.fullmatch(ID_PATTERN, key)
+               for key in long_ones)
