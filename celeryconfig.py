@@ -174,7 +174,7 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         "worker_send_task_events": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "imports": ["tasks.commands", "tasks.maintenance"],
+        "imports": ["tasks.commands", "tasks.maintenance", "tasks.expiry"],
         # Read when the task is bound to the app (its configuration loaded), not at import.
         "task_annotations": {name: {"max_retries": settings.task_retries_max,
                                     "retry_backoff_max": settings.task_backoff_s_max}
@@ -185,6 +185,12 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
                 "schedule": settings.sweep_interval_s,
                 # A sweep that waited longer than one interval is superseded by the next.
                 "options": {"queue": names.maintenance, "expires": settings.sweep_interval_s},
+            },
+            # Expired holds get their expire_hold commands (services.expiry); superseded too.
+            "walletq-expire-holds": {
+                "task": "walletq.expire_holds",
+                "schedule": settings.expiry_interval_s,
+                "options": {"queue": names.maintenance, "expires": settings.expiry_interval_s},
             },
         },
         "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),

@@ -41,6 +41,7 @@ from services.permissions import (
     NOTHING_MORE,
     OVERRIDES,
     PAYMENTS,
+    SYSTEM,
     TREASURY,
     WEB,
 )
@@ -138,6 +139,9 @@ REGISTRY: tuple[CommandType, ...] = (
     CommandType("payout_batch", PayoutBatch, check_batch_transfers,
                 batch_executor=execute_payout_batch, queue="payouts", roles=(TREASURY,),
                 needs=payout_needs),
+    CommandType("expire_hold", escrow.ExpireHold, escrow.expire_transfers,
+                handler=escrow.expire_hold, footprint=escrow.expire_footprint,
+                roles=(SYSTEM,)),
 )
 
 BY_NAME: dict[str, CommandType] = {entry.name: entry for entry in REGISTRY}

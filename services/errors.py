@@ -28,6 +28,9 @@ __all__ = [
     "ConcurrentOperationError",
     "EscrowIntegrityError",
     "error_class",
+    "HoldExpiredError",
+    "HoldNotExpiredError",
+    "HoldExceededError",
 ]
 
 
@@ -149,12 +152,31 @@ class ConcurrentOperationError(FinancialIntegrityError):
     code = "concurrent_operation"
 
 
+class HoldExpiredError(BusinessRuleError):
+    """Raised when a release names a hold past its expiry (expired, or about to be)."""
+
+    code = "hold_expired"
+
+
+class HoldNotExpiredError(BusinessRuleError):
+    """Raised when `expire_hold` names a hold without an expiry, or before it."""
+
+    code = "hold_not_expired"
+
+
+class HoldExceededError(BusinessRuleError):
+    """Raised when a release asks for more than remains held; nothing moves."""
+
+    code = "hold_exceeded"
+
+
 # A stored outcome's code → the class a caller catches (internal codes share the root).
 _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
     cls.code: cls
     for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
                 HoldNotOpenError, HoldExistsError, ForbiddenError, UnauthenticatedError,
-                IdempotencyConflictError, ConcurrentOperationError, ProducerError)
+                IdempotencyConflictError, ConcurrentOperationError, ProducerError,
+                HoldExpiredError, HoldNotExpiredError, HoldExceededError)
 }
 
 

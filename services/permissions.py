@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-__all__ = ["WEB", "PAYMENTS", "TREASURY", "ADMIN", "BUILTIN_ROLES", "EVERYTHING",
+__all__ = ["WEB", "PAYMENTS", "TREASURY", "ADMIN", "SYSTEM", "BUILTIN_ROLES", "EVERYTHING",
            "OVERRIDE_FEE", "PAYOUT_ANY_ACCOUNT", "OVERRIDES", "allows", "missing",
            "NOTHING_MORE"]
 
@@ -19,7 +19,9 @@ WEB = "web"
 PAYMENTS = "payments"
 TREASURY = "treasury"
 ADMIN = "admin"
-BUILTIN_ROLES: tuple[str, ...] = (WEB, PAYMENTS, TREASURY, ADMIN)
+#: walletq itself (the expiry pass): `expire_hold` only (migration 0006 seeds it).
+SYSTEM = "system"
+BUILTIN_ROLES: tuple[str, ...] = (WEB, PAYMENTS, TREASURY, ADMIN, SYSTEM)
 
 EVERYTHING = "*"
 #: Name a fee rate: on a hold when it opens, or on its release (which otherwise uses the

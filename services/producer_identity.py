@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from services import producers
 from services.errors import ProducerError, UnauthenticatedError
-from services.permissions import ADMIN
+from services.permissions import ADMIN, SYSTEM
 from services.settings import Settings, SettingsError
 from services.signing import (
     Signer,
@@ -31,7 +31,7 @@ from services.signing import (
 )
 from services.unit_of_work import run_transaction
 
-__all__ = ["signer_for", "local_admin_key_file"]
+__all__ = ["signer_for", "local_admin_key_file", "system_signer_for"]
 
 log = logging.getLogger("walletq.producers")
 
@@ -44,7 +44,11 @@ def local_admin_key_file(settings: Settings) -> Path:
 
 def _local_admin(engine: Engine, settings: Settings) -> Signer:
     """The embedded deployment's own admin producer and key, made on first use."""
-    path = local_admin_key_file(settings)
+    return _made_here(engine, settings, producers.LOCAL_ADMIN, ADMIN, local_admin_key_file(settings))
+
+
+def _made_here(engine: Engine, settings: Settings, name: str, role: str, path: Path) -> Signer:
+    """A producer of this home and its key file, made (or given a new key) on first use."""
     with _lock:
         if not path.exists():
             try:
@@ -55,19 +59,35 @@ def _local_admin(engine: Engine, settings: Settings) -> Signer:
         public = key.public_key()
 
         def register(conn: Connection) -> None:
-            found = producers.load(conn, producers.LOCAL_ADMIN)
+            found = producers.load(conn, name)
             if found is None:
-                producers.create(conn, producers.LOCAL_ADMIN, ADMIN, public)
+                producers.create(conn, name, role, public)
             elif public_key_text(public) not in {k.public_text for k in found.keys}:
                 # The key file was replaced (or the database): its owner is this home.
-                producers.add_key(conn, producers.LOCAL_ADMIN, public)
+                producers.add_key(conn, name, public)
 
         try:
-            run_transaction(engine, settings, "local-admin producer", register)
+            run_transaction(engine, settings, f"{name} producer", register)
         except ProducerError as exc:
-            raise UnauthenticatedError(f"embedded producer {producers.LOCAL_ADMIN!r}: "
-                                       f"{exc.message}") from None
-    return Signer(producers.LOCAL_ADMIN, key)
+            raise UnauthenticatedError(f"embedded producer {name!r}: {exc.message}") from None
+    return Signer(name, key)
+
+
+def system_signer_for(settings: Settings, engine: Engine) -> Signer | None:
+    """The producer the expiry pass signs `expire_hold` as (role `system`): its key file
+    (WALLETQ_SYSTEM_PRODUCER_KEY_FILE) when it exists; embedded, `walletq-system` made on
+    first use; None on a server with no key file (`walletq producer create NAME --role
+    system` makes one)."""
+    name, path = settings.system_producer, settings.system_producer_key_file
+    assert name is not None and path is not None
+    if settings.embedded:
+        return _made_here(engine, settings, name, SYSTEM, path)
+    if not path.exists():
+        return None
+    try:
+        return Signer(name, read_private_key(path))
+    except SigningError as exc:
+        raise SettingsError(f"WALLETQ_SYSTEM_PRODUCER={name}: {exc}") from None
 
 
 def signer_for(settings: Settings, engine: Engine) -> Signer | None:

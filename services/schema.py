@@ -133,14 +133,24 @@ holds = Table(
     Column("closed_by", BigId, ForeignKey("commands.id")),
     _now(),
     Column("closed_at", DateTime(timezone=True)),
+    # Migration 0006: partial capture and expiry (services.hold_rules). What remains held is
+    # amount − released − refunded; the hold is open exactly while something remains.
+    Column("released_minor", BigInteger, nullable=False, server_default="0"),
+    Column("refunded_minor", BigInteger, nullable=False, server_default="0"),
+    Column("expires_at", DateTime(timezone=True)),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint("payer <> payee", name="distinct_users"),
-    CheckConstraint("status IN ('held', 'released', 'refunded')", name="status"),
+    CheckConstraint("status IN ('held', 'released', 'refunded', 'expired')", name="status"),
+    CheckConstraint("released_minor >= 0 AND refunded_minor >= 0", name="parts_non_negative"),
+    CheckConstraint("released_minor + refunded_minor <= amount_minor", name="parts_within_amount"),
+    CheckConstraint("(status = 'held') = (released_minor + refunded_minor < amount_minor)",
+                    name="open_iff_remaining"),
     CheckConstraint("fee_minor IS NULL OR (fee_minor >= 0 AND fee_minor <= amount_minor)",
                     name="fee_range"),
     CheckConstraint("(status = 'held') = (closed_by IS NULL)", name="closed_iff_not_held"),
 )
 Index("ix_holds_payer_status", holds.c.payer, holds.c.status)
+Index("ix_holds_status_expires_at", holds.c.status, holds.c.expires_at)  # the expiry pass
 
 audit_events = Table(
     "audit_events",

@@ -24,7 +24,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings", "COALESCE_MAX_LIMIT"]
+__all__ = ["Settings", "SettingsError", "get_settings", "reset_settings", "COALESCE_MAX_LIMIT",
+           "EXPIRY_BATCH_MAX_LIMIT", "SYSTEM_PRODUCER_DEFAULT"]
+
+#: The most holds one expiry batch takes (their rows are named in one statement).
+EXPIRY_BATCH_MAX_LIMIT = 10_000
+#: The system producer's name when WALLETQ_SYSTEM_PRODUCER is not set.
+SYSTEM_PRODUCER_DEFAULT = "walletq-system"
 
 #: The largest coalescing bound: one transaction holds this many commands' row locks.
 COALESCE_MAX_LIMIT = 1_000
@@ -76,6 +82,13 @@ class Settings:
     # How long a worker process trusts its copy of a producer's keys and role: a revocation
     # takes effect within this many seconds in every worker (0: read them for each command).
     producer_cache_s: float = 5.0
+    # The expiry pass (services.expiry): the producer it signs `expire_hold` as (role
+    # `system`; embedded: `walletq-system`, made on first use), how often beat runs it, how
+    # many holds one batch takes.
+    system_producer: str | None = None
+    system_producer_key_file: Path | None = None
+    expiry_interval_s: float = 30.0
+    expiry_batch_max: int = 200
 
     @property
     def is_postgres(self) -> bool:
@@ -94,6 +107,7 @@ _INT_FIELDS = {
     "WALLETQ_PAYOUT_ITEMS_MAX": "payout_items_max",
     "WALLETQ_PAYOUT_CHUNK_ITEMS": "payout_chunk_items",
     "WALLETQ_COALESCE_MAX": "coalesce_max",
+    "WALLETQ_EXPIRY_BATCH_MAX": "expiry_batch_max",
 }
 _FLOAT_FIELDS = {
     "WALLETQ_RETRY_BACKOFF_S": "retry_backoff_s",
@@ -102,6 +116,7 @@ _FLOAT_FIELDS = {
     "WALLETQ_SWEEP_GRACE_S": "sweep_grace_s",
     "WALLETQ_TEST_DELAY_S": "test_delay_s",
     "WALLETQ_PRODUCER_CACHE_S": "producer_cache_s",
+    "WALLETQ_EXPIRY_INTERVAL_S": "expiry_interval_s",
 }
 
 
@@ -163,6 +178,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if rate is not None:
         values["fee_rate"] = rate
     values.update(_producer(env, home))
+    values.update(_system_producer(env, home))
     if env.get("WALLETQ_AMOUNT_MAX"):
         values["amount_max_minor"] = _amount_max_minor(
             env["WALLETQ_AMOUNT_MAX"], int(values.get("asset_scale", 2))  # type: ignore[call-overload]
@@ -172,6 +188,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("WALLETQ_ASSET_SCALE must be at most 8")
     if settings.retry_attempts < 1:
         raise SettingsError("WALLETQ_RETRY_ATTEMPTS must be at least 1")
+    _check_expiry(settings)
     if not 1 <= settings.coalesce_max <= COALESCE_MAX_LIMIT:
         raise SettingsError(f"WALLETQ_COALESCE_MAX must be between 1 and {COALESCE_MAX_LIMIT}")
     return settings
@@ -194,6 +211,23 @@ def _producer(env: Mapping[str, str], home: Path) -> dict[str, object]:
                             "A-Z a-z 0-9 . _ -")
     path = Path(key_file).expanduser() if key_file else home / "producers" / f"{name}.key"
     return {"producer": name, "producer_key_file": path}
+
+
+def _check_expiry(settings: Settings) -> None:
+    if not 1 <= settings.expiry_batch_max <= EXPIRY_BATCH_MAX_LIMIT:
+        raise SettingsError(f"WALLETQ_EXPIRY_BATCH_MAX must be between 1 and {EXPIRY_BATCH_MAX_LIMIT}")
+
+
+def _system_producer(env: Mapping[str, str], home: Path) -> dict[str, object]:
+    """WALLETQ_SYSTEM_PRODUCER (default walletq-system) and its key file (default
+    WALLETQ_HOME/producers/NAME.key): who the expiry pass signs as."""
+    name = env.get("WALLETQ_SYSTEM_PRODUCER") or SYSTEM_PRODUCER_DEFAULT
+    if not _PRODUCER_NAME.fullmatch(name):
+        raise SettingsError(f"WALLETQ_SYSTEM_PRODUCER={name[:60]!r} must be 1-200 characters "
+                            "of A-Z a-z 0-9 . _ -")
+    key_file = env.get("WALLETQ_SYSTEM_PRODUCER_KEY_FILE") or None
+    path = Path(key_file).expanduser() if key_file else home / "producers" / f"{name}.key"
+    return {"system_producer": name, "system_producer_key_file": path}
 
 
 def _password_from_file(env: Mapping[str, str], name: str) -> str | None:

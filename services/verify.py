@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from services import command_types
 from services.command_status import CommandStatus
 from services.operations.base import TransferFacts
+from services.verify_holds import escrow_problems, hold_problems
 from services.verify_provenance import audit_problems, signatures_problems
 
 __all__ = ["Check", "verify_ledger"]
@@ -72,19 +73,10 @@ def _balances_match_transfers(conn: Connection) -> Check:
 
 
 def _escrow_matches_holds(conn: Connection) -> Check:
-    rows = conn.execute(text("""
-        SELECT u.user_id, COALESCE(e.balance_minor, 0), COALESCE(h.total, 0)
-        FROM (SELECT user_id FROM accounts WHERE kind = 'user_escrow'
-              UNION SELECT payer FROM holds WHERE status = 'held') u
-        LEFT JOIN accounts e ON e.kind = 'user_escrow' AND e.user_id = u.user_id
-        LEFT JOIN (SELECT payer, SUM(amount_minor) AS total FROM holds WHERE status = 'held'
-                   GROUP BY payer) h ON h.payer = u.user_id
-        WHERE COALESCE(e.balance_minor, 0) <> COALESCE(h.total, 0)
-        ORDER BY u.user_id""")).all()
-    names = [f"{user} (escrow {bal}, open holds {held})" for user, bal, held in rows]
-    return Check("escrow_equals_open_holds", not rows,
-                 _offenders(names, "users disagree") if rows
-                 else "every escrow balance equals its open holds")
+    names = escrow_problems(conn)  # what remains of open holds: services.verify_holds
+    return Check("escrow_equals_open_holds", not names,
+                 _offenders(names, "users disagree") if names
+                 else "every escrow balance equals what remains of its open holds")
 
 
 def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
@@ -109,25 +101,9 @@ def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
             problem = f"{n} transfers" if n else None
         if problem:
             names.append(f"{key} ({type_} {status}: {problem})")
-    names += _amount_mismatches(conn)
     return Check("commands_have_their_transfers", not names,
                  _offenders(names, "commands disagree") if names
                  else f"{total} commands have exactly the transfers their outcome implies")
-
-
-def _amount_mismatches(conn: Connection) -> list[str]:
-    """Escrow holds: what a hold opened, and what its release or refund moved, is its amount."""
-    rows = conn.execute(text("""
-        SELECT h.hold_id, h.amount_minor,
-               (SELECT COALESCE(SUM(amount_minor), 0) FROM transfers WHERE command_id = h.opened_by),
-               (SELECT COALESCE(SUM(amount_minor), 0) FROM transfers WHERE command_id = h.closed_by),
-               h.status
-        FROM holds h""")).all()
-    bad = []
-    for hold_id, amount, opened, closed, status in rows:
-        if opened != amount or (status != "held" and closed != amount):
-            bad.append(f"hold {hold_id} (amount {amount}, opened {opened}, closed {closed})")
-    return bad
 
 
 def _keys_unique(conn: Connection) -> Check:
@@ -153,6 +129,14 @@ def _audited(conn: Connection) -> Check:
                  else f"{checked} ended commands match their audit rows")
 
 
+def _holds_add_up(conn: Connection) -> Check:
+    names, checked = hold_problems(conn)
+    return Check("holds_add_up", not names,
+                 _offenders(names, "holds do not add up") if names
+                 else f"{checked} holds: amount = released + refunded + remaining, each "
+                      "matching its transfers")
+
+
 def verify_ledger(engine: Engine, scale: int) -> list[Check]:
     """Run every check in one repeatable-read snapshot, so they see one state of the ledger."""
     with engine.connect() as conn:
@@ -168,4 +152,5 @@ def verify_ledger(engine: Engine, scale: int) -> list[Check]:
                 _keys_unique(conn),
                 _signed(conn, scale),
                 _audited(conn),
+                _holds_add_up(conn),
             ]

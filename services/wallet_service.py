@@ -24,7 +24,8 @@ from services.command_fields import CommandBase
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord, iso
 from services.db import get_engine
-from services.errors import InvalidCommandError, UnknownUserError, error_class
+from services.errors import InvalidCommandError, UnknownHoldError, UnknownUserError, error_class
+from services.hold_rules import as_utc
 from services.ledger import user_available, user_escrow
 from services.money import to_decimal
 from services.producer_identity import signer_for
@@ -114,16 +115,20 @@ class WalletService:
     def transfer_to_escrow(
         self, hold_id: str, payer: str, payee: str, amount: Decimal | str, *,
         idempotency_key: str | None = None, memo: str | None = None,
+        expires_at: str | None = None, expires_in_s: int | None = None,
     ) -> dict[str, Any]:
         return self._run("transfer_to_escrow", idempotency_key, hold_id=hold_id, payer=payer,
-                         payee=payee, amount=amount, memo=memo)
+                         payee=payee, amount=amount, memo=memo, expires_at=expires_at,
+                         expires_in_s=expires_in_s)
 
     def release_from_escrow(
         self, hold_id: str, *, fee_rate: Decimal | str | None = None,
         idempotency_key: str | None = None, memo: str | None = None,
+        amount: Decimal | str | None = None,
     ) -> dict[str, Any]:
+        """Release `amount` of the hold (None: all that remains)."""
         return self._run("release_from_escrow", idempotency_key, hold_id=hold_id,
-                         fee_rate=fee_rate, memo=memo)
+                         fee_rate=fee_rate, memo=memo, amount=amount)
 
     def refund_from_escrow(self, hold_id: str, *, idempotency_key: str | None = None,
                            memo: str | None = None) -> dict[str, Any]:
@@ -206,6 +211,39 @@ class WalletService:
         scale = self.settings.asset_scale
         return [{"hold_id": r.hold_id, "payee": r.payee,
                  "amount": to_decimal(r.amount_minor, scale)} for r in rows]
+
+    def hold(self, hold_id: str) -> dict[str, Any]:
+        """One hold: its amount, what was released and refunded of it, what remains."""
+        found = self.holds(hold_id=hold_id)
+        if not found:
+            raise UnknownHoldError(f"no hold {hold_id!r}", hold_id=hold_id)
+        return found[0]
+
+    def holds(self, *, user: str | None = None, status: str | None = None,
+              hold_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Holds (a user's as payer or payee; of a status), newest first, at most `limit`."""
+        h = schema.holds
+        query = select(h).order_by(h.c.id.desc()).limit(min(max(limit, 1), 10_000))
+        if user is not None:
+            query = query.where(or_(h.c.payer == user, h.c.payee == user))
+        if status is not None:
+            query = query.where(h.c.status == status)
+        if hold_id is not None:
+            query = query.where(h.c.hold_id == hold_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        scale = self.settings.asset_scale
+        return [{"hold_id": r.hold_id, "payer": r.payer, "payee": r.payee, "status": r.status,
+                 "amount": to_decimal(r.amount_minor, scale),
+                 "released": to_decimal(r.released_minor, scale),
+                 "refunded": to_decimal(r.refunded_minor, scale),
+                 "remaining": to_decimal(r.amount_minor - r.released_minor - r.refunded_minor,
+                                         scale),
+                 "fee": to_decimal(r.fee_minor or 0, scale), "fee_rate": r.fee_rate,
+                 "expires_at": None if r.expires_at is None else iso(as_utc(r.expires_at)),
+                 "opened_at": iso(r.created_at),
+                 "closed_at": None if r.closed_at is None else iso(r.closed_at)}
+                for r in rows]
 
     def total_supply(self) -> Decimal:
         a = schema.accounts

@@ -31,13 +31,14 @@ from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import reset_settings
 
 __all__ = ["app", "make_app", "route_task", "refuse_foreign_destination", "EXECUTE_TASK",
-           "EXECUTE_KEYS_TASK", "SWEEP_TASK"]
+           "EXECUTE_KEYS_TASK", "SWEEP_TASK", "EXPIRY_TASK"]
 
 log = logging.getLogger("walletq.worker")
 
 EXECUTE_TASK = TASK_NAME
 EXECUTE_KEYS_TASK = KEYS_TASK_NAME
 SWEEP_TASK = "walletq.sweep"
+EXPIRY_TASK = "walletq.expire_holds"
 
 
 class CheckedRequest(Request):
@@ -85,7 +86,7 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
     a destination no walletq worker consumes is refused (see refuse_foreign_destination)."""
     names = celeryconfig.queue_names()
     refuse_foreign_destination(options or {}, names)
-    if name == SWEEP_TASK:
+    if name in (SWEEP_TASK, EXPIRY_TASK):
         return {"queue": names.maintenance, "routing_key": names.maintenance}
     if name == EXECUTE_KEYS_TASK:  # single commands only: a chunk of keys never names a batch
         return {"queue": names.commands, "routing_key": names.commands}

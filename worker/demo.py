@@ -18,10 +18,13 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services import command_store, expiry
 from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.db import get_engine
 from services.errors import BusinessRuleError
+from services.operations.escrow import expiry_key
+from services.producer_identity import system_signer_for
 from services.settings import Settings, get_settings
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
@@ -78,9 +81,9 @@ def scenario(run_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
     def cmd(type_: str, key: str, **fields: Any) -> dict[str, Any]:
         return {"type": type_, "idempotency_key": f"{k}-{key}", **fields}
 
-    def hold(key: str, payer: str, payee: str, amount: str) -> dict[str, Any]:
+    def hold(key: str, payer: str, payee: str, amount: str, **extra: Any) -> dict[str, Any]:
         return cmd("transfer_to_escrow", key, hold_id=f"{k}-{key}", payer=u[payer],
-                   payee=u[payee], amount=amount)
+                   payee=u[payee], amount=amount, **extra)
 
     return [
         ("the platform mints tokens", [cmd("admin_create_tokens", "mint", amount="10000.00")]),
@@ -95,13 +98,18 @@ def scenario(run_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
             hold("order-2", "bob", "erin", "80.00"),
             hold("order-3", "carol", "dave", "50.00"),
             hold("order-4", "alice", "erin", "40.00"),
+            # Never paid for: it expires in a second, and the expiry pass refunds it.
+            hold("order-5", "bob", "dave", "30.00", expires_in_s=1),
             cmd("transfer_tokens_between_users", "gift-1", from_user=u["alice"],
                 to_user=u["bob"], amount="25.00"),
             cmd("transfer_tokens_between_users", "gift-2", from_user=u["carol"],
                 to_user=u["bob"], amount="10.50"),
         ]),
         ("work delivered: releases with fees, a refund, bad inputs", [
-            cmd("release_from_escrow", "order-1-done", hold_id=f"{k}-order-1"),
+            # A partial capture: 50.00 of order-1 now, the rest when the work is done; a
+            # release of more than remains is refused (hold_exceeded).
+            cmd("release_from_escrow", "order-1-part", hold_id=f"{k}-order-1", amount="50.00"),
+            cmd("release_from_escrow", "order-1-over", hold_id=f"{k}-order-1", amount="999.00"),
             cmd("release_from_escrow", "order-2-done", hold_id=f"{k}-order-2", fee_rate="0.05"),
             cmd("refund_from_escrow", "order-3-cancel", hold_id=f"{k}-order-3"),
             cmd("release_from_escrow", "order-4-done", hold_id=f"{k}-order-4"),
@@ -116,7 +124,8 @@ def scenario(run_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
             # A duplicate: the same mint again, one effect.
             cmd("admin_create_tokens", "mint", amount="10000.00"),
         ]),
-        ("providers cash out", [
+        ("providers cash out; the rest of order-1 is released", [
+            cmd("release_from_escrow", "order-1-done", hold_id=f"{k}-order-1"),
             cmd("user_sell_tokens_to_admin", "cashout-dave", user=u["dave"], amount="60.00"),
             cmd("debit_wallet", "withdraw-erin", user=u["erin"], amount="20.00"),
         ]),
@@ -176,11 +185,31 @@ def run(out: Output, *, timeout_s: float = 45.0) -> bool:
             outcomes, refused, duplicates = _run_phases(
                 client, phases, lambda title, n: bar.update(task, description=title, advance=n),
                 started + timeout_s)
+        expired = _expire_unpaid(settings, f"demo-{run_id}-order-5", started + timeout_s)
+        if expired is not None:
+            outcomes[expired.idempotency_key] = expired
     finally:
         worker.stop()
         client.close()
     return _report(out, settings, run_id, outcomes, refused, duplicates,
                    time.monotonic() - started)
+
+
+def _expire_unpaid(settings: Settings, hold_id: str, deadline: float) -> CommandRecord | None:
+    """Once the unpaid hold's time has come, one expiry pass (as beat runs it); its command.
+    None on a server without the system producer's key (`walletq expire-holds` says how)."""
+    engine = get_engine(settings)
+    signer = system_signer_for(settings, engine)
+    if signer is None:
+        return None
+    service = WalletService(engine, settings)
+    while service.hold(hold_id)["status"] == "held":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"hold {hold_id} did not expire in time")
+        if not expiry.run_once(engine, settings, signer).found:
+            time.sleep(0.2)  # its second has not passed yet
+    with engine.connect() as conn:
+        return command_store.get_record(conn, expiry_key(hold_id))
 
 
 def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, CommandRecord],
@@ -190,6 +219,9 @@ def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, Co
                 if run_id in row["account"] or not row["account"].startswith("user:")]
     checks = verify_ledger(get_engine(settings), settings.asset_scale)
     ok = all(check.ok for check in checks)
+    prefix = f"demo-{run_id}-"
+    holds = [h for h in WalletService(settings=settings).holds(limit=1_000)
+             if h["hold_id"].startswith(prefix)]
     by_status: dict[str, int] = {}
     for record in outcomes.values():
         by_status[record.status] = by_status.get(record.status, 0) + 1
@@ -199,16 +231,23 @@ def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, Co
                                         for key, exc in refused],
                   "duplicates": duplicates,
                   "commands": [r.to_dict() for r in outcomes.values()],
-                  "balances": balances, "verify": {"ok": ok, "checks": [c.to_dict()
-                                                                        for c in checks]}})
+                  "holds": holds, "balances": balances,
+                  "verify": {"ok": ok, "checks": [c.to_dict() for c in checks]}})
         return ok
-    short = len(f"demo-{run_id}-")
-    out.table(f"commands (keys demo-{run_id}-…)", ["key", "type", "status", "error"],
-              [[r.idempotency_key[short:], r.type, r.status, (r.error or {}).get("code", "")]
+
+    def short(key: str) -> str:  # expire:demo-RUN-order-5 → expire:order-5
+        return key.replace(prefix, "")
+
+    out.table(f"commands (keys {prefix}…)", ["key", "type", "status", "error"],
+              [[short(r.idempotency_key), r.type, r.status, (r.error or {}).get("code", "")]
                for r in outcomes.values()]
-              + [[key[short:], "", "refused at submit", exc.code] for key, exc in refused]
-              + [[key[short:], outcomes[key].type, "duplicate", "same record, one effect"]
+              + [[short(key), "", "refused at submit", exc.code] for key, exc in refused]
+              + [[short(key), outcomes[key].type, "duplicate", "same record, one effect"]
                  for key in duplicates])
+    columns = ["status", "amount", "released", "refunded", "remaining", "fee"]
+    out.table("holds: a partial capture (order-1), an expiry (order-5)", ["hold", *columns],
+              [[short(h["hold_id"]), *[h[c] for c in columns]] for h in reversed(holds)],
+              right=columns[1:])
     out.table(f"balances after run {run_id}", ["account", "balance"],
               [[row["account"], row["balance"]] for row in balances], right=["balance"])
     out.table("walletq verify", ["check", "ok", "detail"],

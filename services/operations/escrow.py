@@ -8,19 +8,45 @@ names); its release uses that rate unless such a producer names another.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from services import schema
 from services.bulk_sql import Pending, insert_ignoring_conflicts
 from services.command_fields import Amount, CommandBase, FeeRate, Ident
-from services.errors import EscrowIntegrityError, HoldExistsError, HoldNotOpenError, UnknownHoldError
+from services.errors import (
+    EscrowIntegrityError,
+    HoldExceededError,
+    HoldExistsError,
+    HoldExpiredError,
+    HoldNotExpiredError,
+    HoldNotOpenError,
+    InvalidCommandError,
+    UnknownHoldError,
+)
+from services.hold_rules import (
+    HOLD_EXPIRES_IN_S_MAX,
+    as_utc,
+    expiry_of,
+    is_expired,
+    plan_release,
+    remaining_of,
+)
 from services.ledger import (
     FEES,
     defer,
@@ -32,18 +58,42 @@ from services.ledger import (
     user_available,
     user_escrow,
 )
-from services.money import split_fee
+from services.money import to_minor
 from services.operations.base import Effect, Footprint, OperationContext, TransferFacts, move
 from services.permissions import NOTHING_MORE, OVERRIDE_FEE
 
 __all__ = ["TransferToEscrow", "ReleaseFromEscrow", "RefundFromEscrow", "transfer_to_escrow",
            "release_from_escrow", "refund_from_escrow", "release_transfers", "refund_transfers",
            "fee_rate_needs", "lock_holds", "hold_footprint", "release_footprint",
-           "refund_footprint"]
+           "refund_footprint", "ExpireHold", "expire_hold", "expire_footprint",
+           "expire_transfers", "hold_view", "expiry_key"]
+
+# ISO-8601 with a timezone ("Z" or ±hh:mm); the calendar (no 30 February) is checked by
+# the validator, which JSON Schema cannot do (the description says it).
+_EXPIRES_AT_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3])"
+                       r":[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+
+
+def _a_real_moment(value: str) -> str:
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a date and time of the calendar") from None
+    return value
+
+
+ExpiresAt = Annotated[str, StringConstraints(pattern=_EXPIRES_AT_PATTERN, max_length=40),
+                      AfterValidator(_a_real_moment)]
+ExpiresInS = Annotated[int, Field(ge=1, le=HOLD_EXPIRES_IN_S_MAX)]
 
 
 class TransferToEscrow(CommandBase):
-    """Holds a payer's money for a payee under hold_id; payee must differ from payer."""
+    """Holds a payer's money for a payee under hold_id; payee must differ from payer.
+    Optionally expiring: at `expires_at` (ISO-8601 with a timezone, a real date, in the
+    future when it opens) or `expires_in_s` after it opens — not both."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["expires_at",
+                                                                      "expires_in_s"]}})
 
     type: Literal["transfer_to_escrow"]
     hold_id: Ident
@@ -51,6 +101,14 @@ class TransferToEscrow(CommandBase):
     payee: Ident
     amount: Amount
     fee_rate: FeeRate | None = None
+    expires_at: ExpiresAt | None = None
+    expires_in_s: ExpiresInS | None = None
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> TransferToEscrow:
+        if self.expires_at is not None and self.expires_in_s is not None:
+            raise ValueError("expires_at and expires_in_s: name one, not both")
+        return self
 
     @field_validator("payee")
     @classmethod
@@ -61,13 +119,23 @@ class TransferToEscrow(CommandBase):
 
 
 class ReleaseFromEscrow(CommandBase):
+    """Releases `amount` of a hold (absent: all that remains) to its payee, minus the fee."""
+
     type: Literal["release_from_escrow"]
     hold_id: Ident
     fee_rate: FeeRate | None = None
+    amount: Amount | None = None
 
 
 class RefundFromEscrow(CommandBase):
     type: Literal["refund_from_escrow"]
+    hold_id: Ident
+
+
+class ExpireHold(CommandBase):
+    """Returns what remains of an expired hold to its payer (the expiry pass sends it)."""
+
+    type: Literal["expire_hold"]
     hold_id: Ident
 
 
@@ -79,22 +147,30 @@ def fee_rate_needs(command: TransferToEscrow | ReleaseFromEscrow) -> frozenset[s
 def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationContext) -> Effect:
     amount = ctx.minor(cmd.amount)
     fee_rate = cmd.fee_rate if cmd.fee_rate is not None else ctx.fee_rate
+    try:
+        expires_at = expiry_of(cmd.expires_at, cmd.expires_in_s, datetime.now(UTC))
+    except ValueError as exc:  # in the past, or too far ahead: refused before anything
+        raise InvalidCommandError(str(exc), hold_id=cmd.hold_id) from None
     # The hold row comes before the accounts in the lock order; a rival with the same
     # hold id waits on it here, then finds it taken.
     inserted = insert_ignoring_conflicts(
         conn,
         schema.holds,
         [{"hold_id": cmd.hold_id, "payer": cmd.payer, "payee": cmd.payee, "amount_minor": amount,
-          "status": "held", "fee_rate": str(fee_rate), "opened_by": ctx.command_id}],
+          "status": "held", "fee_rate": str(fee_rate), "opened_by": ctx.command_id,
+          "released_minor": 0, "refunded_minor": 0, "expires_at": expires_at}],
         ["hold_id"],
     )
     if inserted != 1:
         raise HoldExistsError(f"hold {cmd.hold_id!r} already exists", hold_id=cmd.hold_id)
     available, escrow = user_available(cmd.payer), user_escrow(cmd.payer)
     t, locked = move(conn, ctx, available, escrow, amount, "hold", {escrow.code})
-    return Effect({"hold_id": cmd.hold_id, "payer": cmd.payer, "payee": cmd.payee,
-                   "amount": ctx.fmt(amount), "fee_rate": str(fee_rate),
-                   "available": ctx.fmt(locked[available.code].balance_minor)}, [t])
+    result = {"hold_id": cmd.hold_id, "payer": cmd.payer, "payee": cmd.payee,
+              "amount": ctx.fmt(amount), "fee_rate": str(fee_rate),
+              "available": ctx.fmt(locked[available.code].balance_minor)}
+    if expires_at is not None:
+        result["expires_at"] = expires_at.isoformat()
+    return Effect(result, [t])
 
 
 def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, Any]:
@@ -132,7 +208,34 @@ def refund_footprint(cmd: RefundFromEscrow) -> Footprint:
     return Footprint(hold_id=cmd.hold_id, hold_accounts=_refund_accounts)
 
 
-def _lock_open_hold(conn: Connection, hold_id: str) -> Any:
+def expire_footprint(cmd: ExpireHold) -> Footprint:
+    return Footprint(hold_id=cmd.hold_id, hold_accounts=_refund_accounts)
+
+
+@dataclass(frozen=True)
+class _HoldState:
+    """What a batch knows of a hold it changed and has not written yet (the flush writes it)."""
+
+    id: int
+    hold_id: str
+    payer: str
+    payee: str
+    amount_minor: int
+    status: str
+    fee_rate: str | None
+    fee_minor: int | None
+    released_minor: int
+    refunded_minor: int
+    expires_at: datetime | None
+
+
+def _state(row: Any) -> _HoldState:
+    return _HoldState(row.id, row.hold_id, row.payer, row.payee, row.amount_minor, row.status,
+                      row.fee_rate, row.fee_minor, row.released_minor, row.refunded_minor,
+                      row.expires_at)
+
+
+def _lock_hold(conn: Connection, hold_id: str) -> _HoldState:
     h = schema.holds
     hold = kept(conn, "holds", hold_id)
     if hold is None:
@@ -140,36 +243,43 @@ def _lock_open_hold(conn: Connection, hold_id: str) -> Any:
                             ).one_or_none()
     if hold is None:
         raise UnknownHoldError(f"no hold {hold_id!r}", hold_id=hold_id)
+    return _state(hold)
+
+
+def _lock_open_hold(conn: Connection, hold_id: str) -> _HoldState:
+    hold = _lock_hold(conn, hold_id)
     if hold.status != "held":
         raise HoldNotOpenError(f"hold {hold_id!r} is already {hold.status}", hold_id=hold_id)
     return hold
 
 
-def _close_hold(conn: Connection, hold: Any, status: str, ctx: OperationContext,
-                fee_minor: int | None = None, fee_rate: Decimal | None = None) -> None:
+def _write_hold(conn: Connection, hold: _HoldState, ctx: OperationContext, *,
+                released_minor: int, refunded_minor: int, fee_minor: int | None,
+                closed_as: str) -> None:
+    """The hold's new totals; `closed_as` is its status once nothing remains."""
     h = schema.holds
-    values: dict[str, Any] = {"status": status, "closed_by": ctx.command_id,
-                              "closed_at": datetime.now(UTC), "fee_minor": fee_minor}
-    if fee_rate is not None:  # the rate a release applied; a refund leaves the hold's own
-        values["fee_rate"] = str(fee_rate)
-    statement = update(h).where(h.c.id == hold.id, h.c.status == "held").values(values)
+    remaining = remaining_of(hold.amount_minor, released_minor, refunded_minor)
+    status = "held" if remaining else closed_as
+    values: dict[str, Any] = {"released_minor": released_minor, "refunded_minor": refunded_minor,
+                              "fee_minor": fee_minor, "status": status}
+    if not remaining:
+        values.update(closed_by=ctx.command_id, closed_at=datetime.now(UTC))
+    # Under the hold's lock, from the totals read under it: a write that finds other totals
+    # is a bug (a second writer), never a race.
+    statement = update(h).where(h.c.id == hold.id, h.c.status == "held",
+                                h.c.released_minor == hold.released_minor,
+                                h.c.refunded_minor == hold.refunded_minor).values(values)
     if kept(conn, "holds", hold.hold_id) is not None:
-        # Locked by this transaction's batch: closed with its flush, and closed for the rest
-        # of the batch now (a second close of it finds it closed).
+        # Locked by this transaction's batch: written with its flush, and changed for the
+        # rest of the batch now (a second release of it reads the new totals).
         defer(conn, Pending(statement, {}))
-        keep(conn, "holds", hold.hold_id, _Closed(hold.hold_id, status))
+        keep(conn, "holds", hold.hold_id, _HoldState(
+            hold.id, hold.hold_id, hold.payer, hold.payee, hold.amount_minor, status,
+            hold.fee_rate, fee_minor, released_minor, refunded_minor, hold.expires_at))
         return
     done = conn.execute(statement)
     if done.rowcount != 1:
         raise EscrowIntegrityError(f"hold {hold.hold_id!r} changed under its lock")
-
-
-@dataclass(frozen=True)
-class _Closed:
-    """What a batch knows of a hold it closed and has not written yet."""
-
-    hold_id: str
-    status: str
 
 
 def _rate_of(hold: Any, ctx: OperationContext) -> Decimal:
@@ -178,42 +288,117 @@ def _rate_of(hold: Any, ctx: OperationContext) -> Decimal:
     return Decimal(hold.fee_rate) if hold.fee_rate is not None else ctx.fee_rate
 
 
+def hold_view(hold: Any, ctx: OperationContext) -> dict[str, Any]:
+    """A hold's totals as the results and the reads show them."""
+    remaining = remaining_of(hold.amount_minor, hold.released_minor, hold.refunded_minor)
+    return {"status": hold.status, "hold_amount": ctx.fmt(hold.amount_minor),
+            "released": ctx.fmt(hold.released_minor),
+            "refunded": ctx.fmt(hold.refunded_minor), "remaining": ctx.fmt(remaining)}
+
+
 def release_from_escrow(
     conn: Connection, cmd: ReleaseFromEscrow, ctx: OperationContext
 ) -> Effect:
-    hold = _lock_open_hold(conn, cmd.hold_id)
+    hold = _lock_hold(conn, cmd.hold_id)
+    if hold.status == "expired" or (hold.status == "held" and is_expired(hold.expires_at,
+                                                                          datetime.now(UTC))):
+        raise HoldExpiredError(f"hold {hold.hold_id!r} expired at {_iso(hold.expires_at)}",
+                               hold_id=hold.hold_id)
+    if hold.status != "held":
+        raise HoldNotOpenError(f"hold {hold.hold_id!r} is already {hold.status}",
+                               hold_id=hold.hold_id)
     fee_rate = cmd.fee_rate if cmd.fee_rate is not None else _rate_of(hold, ctx)
-    payee_minor, fee_minor = split_fee(hold.amount_minor, fee_rate)
+    remaining = remaining_of(hold.amount_minor, hold.released_minor, hold.refunded_minor)
+    part = None if cmd.amount is None else ctx.minor(cmd.amount)
+    plan = plan_release(remaining, part, fee_rate)
+    if plan is None:
+        raise HoldExceededError(f"release of {ctx.fmt(part or 0)} exceeds the "
+                                f"{ctx.fmt(remaining)} that remains of hold {hold.hold_id!r}",
+                                hold_id=hold.hold_id)
     escrow, payee = user_escrow(hold.payer), user_available(hold.payee)
     locked = lock_accounts(conn, [escrow, payee, FEES], open_missing={payee.code, FEES.code})
     transfers = []
-    if payee_minor:
-        transfers.append(make_transfer(locked[escrow.code], locked[payee.code], payee_minor,
+    if plan.payee_minor:
+        transfers.append(make_transfer(locked[escrow.code], locked[payee.code], plan.payee_minor,
                                        "release"))
-    if fee_minor:
-        transfers.append(make_transfer(locked[escrow.code], locked[FEES.code], fee_minor, "fee"))
+    if plan.fee_minor:
+        transfers.append(make_transfer(locked[escrow.code], locked[FEES.code], plan.fee_minor,
+                                       "fee"))
     post_transfers(conn, ctx.command_id, transfers)
-    _close_hold(conn, hold, "released", ctx, fee_minor, fee_rate)
+    released = hold.released_minor + plan.part_minor
+    fee_total = (hold.fee_minor or 0) + plan.fee_minor
+    _write_hold(conn, hold, ctx, released_minor=released, refunded_minor=hold.refunded_minor,
+                fee_minor=fee_total, closed_as="released")
+    after = _HoldState(hold.id, hold.hold_id, hold.payer, hold.payee, hold.amount_minor,
+                       "held" if plan.remaining_minor else "released", hold.fee_rate, fee_total,
+                       released, hold.refunded_minor, hold.expires_at)
     return Effect({"hold_id": hold.hold_id, "payer": hold.payer, "payee": hold.payee,
-                   "amount": ctx.fmt(hold.amount_minor), "payee_amount": ctx.fmt(payee_minor),
-                   "fee": ctx.fmt(fee_minor), "fee_rate": str(fee_rate)}, transfers)
+                   "amount": ctx.fmt(plan.part_minor), "payee_amount": ctx.fmt(plan.payee_minor),
+                   "fee": ctx.fmt(plan.fee_minor), "fee_rate": str(fee_rate),
+                   **hold_view(after, ctx)}, transfers)
+
+
+def _return_rest(conn: Connection, hold: _HoldState, ctx: OperationContext, kind: str,
+                 closed_as: str) -> Effect:
+    """A refund or an expiry: what remains goes back to the payer, and the hold closes."""
+    remaining = remaining_of(hold.amount_minor, hold.released_minor, hold.refunded_minor)
+    escrow, payer = user_escrow(hold.payer), user_available(hold.payer)
+    t, _ = move(conn, ctx, escrow, payer, remaining, kind, ())
+    refunded = hold.refunded_minor + remaining
+    _write_hold(conn, hold, ctx, released_minor=hold.released_minor, refunded_minor=refunded,
+                fee_minor=hold.fee_minor, closed_as=closed_as)
+    after = _HoldState(hold.id, hold.hold_id, hold.payer, hold.payee, hold.amount_minor,
+                       closed_as, hold.fee_rate, hold.fee_minor, hold.released_minor, refunded,
+                       hold.expires_at)
+    return Effect({"hold_id": hold.hold_id, "payer": hold.payer, "amount": ctx.fmt(remaining),
+                   **hold_view(after, ctx)}, [t])
 
 
 def refund_from_escrow(conn: Connection, cmd: RefundFromEscrow, ctx: OperationContext) -> Effect:
+    """Returns what remains (all of it, or the rest of a partly released hold); allowed
+    after expiry too: the payer gets the rest either way, and the expiry finds it closed."""
+    return _return_rest(conn, _lock_open_hold(conn, cmd.hold_id), ctx, "refund", "refunded")
+
+
+def expire_hold(conn: Connection, cmd: ExpireHold, ctx: OperationContext) -> Effect:
     hold = _lock_open_hold(conn, cmd.hold_id)
-    escrow, payer = user_escrow(hold.payer), user_available(hold.payer)
-    t, _ = move(conn, ctx, escrow, payer, hold.amount_minor, "refund", ())
-    _close_hold(conn, hold, "refunded", ctx)
-    return Effect({"hold_id": hold.hold_id, "payer": hold.payer,
-                   "amount": ctx.fmt(hold.amount_minor)}, [t])
+    if not is_expired(hold.expires_at, datetime.now(UTC)):
+        when = "has no expiry" if hold.expires_at is None else f"expires at {_iso(hold.expires_at)}"
+        raise HoldNotExpiredError(f"hold {hold.hold_id!r} {when}", hold_id=hold.hold_id)
+    return _return_rest(conn, hold, ctx, "expiry", "expired")
 
 
-# What verify expects; the hold's amount is held against these transfers by verify's
-# hold check (the transfers of the commands that opened and closed it).
+def _iso(moment: datetime | None) -> str:
+    return "never" if moment is None else as_utc(moment).isoformat()
+
+
+def expiry_key(hold_id: str) -> str:
+    """The expiry command's idempotency key, derived from the hold: `expire:<hold_id>`
+    (a hold id too long for that takes `expire:sha256:<hex of the id>`)."""
+    key = f"expire:{hold_id}"
+    if len(key) <= 200:
+        return key
+    return "expire:sha256:" + hashlib.sha256(hold_id.encode()).hexdigest()
+
+
+# What verify expects; a hold's totals are held against these transfers by verify's hold
+# check (services.verify_holds).
 def release_transfers(facts: TransferFacts) -> str | None:
-    """The payee's part, and the fee's unless it rounds to zero (or the payee's does)."""
-    return None if facts.count in (1, 2) else f"{facts.count} transfers of {facts.total_minor} minor units"
+    """The payee's part, and the fee's unless it rounds to zero (or the payee's does); a
+    release that names its amount moves exactly that."""
+    named = facts.payload.get("amount")
+    if facts.count in (1, 2) and (named is None or
+                                  _minor_of(named, facts.scale) == facts.total_minor):
+        return None
+    return f"{facts.count} transfers of {facts.total_minor} minor units"
+
+
+def _minor_of(amount: str, scale: int) -> int:
+    return to_minor(Decimal(amount), scale)
 
 
 def refund_transfers(facts: TransferFacts) -> str | None:
     return None if facts.count == 1 else f"{facts.count} transfers of {facts.total_minor} minor units"
+
+
+expire_transfers = refund_transfers

@@ -179,6 +179,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "admin_sell_tokens_to_user": {"user": "alice", "amount": "1.00"},
     "user_sell_tokens_to_admin": {"user": "alice", "amount": "1.00"},
     "payout_batch": {"items": [{"user": "bob", "amount": "1.00", "reference": "r-1"}]},
+    "expire_hold": {"hold_id": "o-1"},
 }
 
 

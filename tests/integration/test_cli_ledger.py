@@ -107,7 +107,7 @@ def test_history_of_an_unknown_account_exits_1(ledger: WalletService) -> None:
 def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(ledger: WalletService) -> None:
     [report] = both_orders("verify")
     assert report["ok"] is True
-    assert len(report["checks"]) == 8
+    assert len(report["checks"]) == 9  # issue 9: holds_add_up
     assert all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in report["checks"])
 
 
@@ -139,10 +139,11 @@ def test_verify_exits_non_zero_naming_the_account_whose_balance_was_corrupted(
 
 def test_verify_names_the_escrow_that_disagrees_with_its_holds(ledger: WalletService) -> None:
     with ledger.engine.begin() as conn:
-        conn.execute(text("UPDATE holds SET status = 'refunded', closed_by = opened_by"))
+        conn.execute(text("UPDATE holds SET status = 'refunded', closed_by = opened_by, "
+                          "refunded_minor = amount_minor"))
     [report] = walletq("--json", "verify").json_lines()
     failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
-    assert set(failed) == {"escrow_equals_open_holds"}
+    assert set(failed) == {"escrow_equals_open_holds", "holds_add_up"}
     assert "1 users disagree: alice (escrow 500, open holds 0)" == failed["escrow_equals_open_holds"]
 
 

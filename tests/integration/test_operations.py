@@ -170,7 +170,9 @@ def test_release_pays_the_payee_the_amount_less_the_default_fee_and_the_fee_to_p
     result = funded.release_from_escrow("o-7", idempotency_key="o-7-done")
     # 10% of 5.55 is 0.555: half to even gives 0.56, and 4.99 + 0.56 = 5.55.
     assert result == {"hold_id": "o-7", "payer": "alice", "payee": "bob", "amount": "5.55",
-                      "payee_amount": "4.99", "fee": "0.56", "fee_rate": "0.10"}
+                      "payee_amount": "4.99", "fee": "0.56", "fee_rate": "0.10",
+                      "status": "released", "hold_amount": "5.55", "released": "5.55",
+                      "refunded": "0.00", "remaining": "0.00"}
     assert_succeeded(engine, "o-7-done", "release_from_escrow", result,
                      [(escrow("alice"), avail("bob"), 499, "release"),
                       (escrow("alice"), FEES, 56, "fee")])
@@ -207,7 +209,9 @@ def test_refund_returns_the_hold_to_the_payers_available(
 ) -> None:
     funded.transfer_to_escrow("o-9", "alice", "bob", "7.00", idempotency_key="o-9-hold")
     result = funded.refund_from_escrow("o-9", idempotency_key="o-9-cancel")
-    assert result == {"hold_id": "o-9", "payer": "alice", "amount": "7.00"}
+    assert result == {"hold_id": "o-9", "payer": "alice", "amount": "7.00", "status": "refunded",
+                      "hold_amount": "7.00", "released": "0.00", "refunded": "7.00",
+                      "remaining": "0.00"}
     assert_succeeded(engine, "o-9-cancel", "refund_from_escrow", result,
                      [(escrow("alice"), avail("alice"), 700, "refund")])
     closed = hold(engine, "o-9")

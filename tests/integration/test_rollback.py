@@ -111,13 +111,13 @@ def test_a_deadlock_on_the_second_leg_reruns_the_whole_transaction_once(
 def test_a_failure_in_refund_after_the_leg_keeps_the_hold_open(
     held: WalletService, engine: Engine, monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
-    real_close = escrow._close_hold
+    real_close = escrow._write_hold
 
     def close_then_fail(*args: Any, **kwargs: Any) -> None:
         real_close(*args, **kwargs)
         raise Injected("after the hold closed")
 
-    monkeypatch.setattr(escrow, "_close_hold", close_then_fail)
+    monkeypatch.setattr(escrow, "_write_hold", close_then_fail)
     before = balances(engine)
     with pytest.raises(Injected):
         held.refund_from_escrow("o-1", idempotency_key="undo")

@@ -158,12 +158,19 @@ def hold(ids: dict[str, int], **over: Any) -> Any:
 HOLD_VIOLATIONS = [
     ({"payee": "alice"}, "distinct_users"),
     ({"amount_minor": 0}, "amount_positive"),
-    ({"status": "lost", "closed_by": "COMMAND"}, "ck_holds_status"),
+    ({"status": "lost", "closed_by": "COMMAND", "released_minor": 500}, "ck_holds_status"),
     ({"fee_minor": 501}, "fee_range"),
     ({"fee_minor": -1}, "fee_range"),
-    ({"status": "released"}, "closed_iff_not_held"),
+    ({"status": "released", "released_minor": 500}, "closed_iff_not_held"),
     ({"closed_by": "COMMAND"}, "closed_iff_not_held"),
     ({"opened_by": 999_999}, "foreign key|FOREIGN KEY"),
+    # Migration 0006: partial capture and expiry.
+    ({"released_minor": -1}, "parts_non_negative"),
+    ({"refunded_minor": -1}, "parts_non_negative"),
+    ({"status": "refunded", "closed_by": "COMMAND", "released_minor": 300, "refunded_minor": 201},
+     "parts_within_amount"),
+    ({"released_minor": 500}, "open_iff_remaining"),
+    ({"status": "expired", "closed_by": "COMMAND", "refunded_minor": 499}, "open_iff_remaining"),
 ]
 
 

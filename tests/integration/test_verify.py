@@ -88,9 +88,12 @@ def test_a_negative_balance_that_got_past_a_dropped_constraint_is_named(
 def test_an_escrow_that_disagrees_with_its_open_holds_is_named(
     busy: WalletService, engine: Engine
 ) -> None:
-    sql(engine, "UPDATE holds SET status = 'released', closed_by = opened_by WHERE hold_id = 'o-3'")
+    sql(engine, "UPDATE holds SET status = 'released', closed_by = opened_by, "
+                "released_minor = amount_minor WHERE hold_id = 'o-3'")
     assert failures(engine) == {
-        "escrow_equals_open_holds": "1 users disagree: bob (escrow 300, open holds 0)"}
+        "escrow_equals_open_holds": "1 users disagree: bob (escrow 300, open holds 0)",
+        "holds_add_up": "1 holds do not add up: hold o-3 (amount 300: released 300 (fee None), "
+                        "its releases moved 0 (fee 0))"}
 
 
 def test_a_succeeded_command_whose_transfers_do_not_match_its_payload_is_named(
@@ -122,9 +125,9 @@ def test_a_succeeded_command_without_its_transfers_is_named(busy: WalletService,
 
 
 def test_a_release_that_moved_less_than_its_hold_is_named(busy: WalletService, engine: Engine) -> None:
-    sql(engine, "UPDATE holds SET amount_minor = 2100 WHERE hold_id = 'o-1'")
-    assert "hold o-1 (amount 2100, opened 2000, closed 2000)" in (
-        failures(engine)["commands_have_their_transfers"])
+    sql(engine, "UPDATE holds SET amount_minor = 2100, released_minor = 2100 WHERE hold_id = 'o-1'")
+    assert "hold o-1 (amount 2100: opened with 2000; released 2100 (fee 200), its releases moved " \
+        "2000 (fee 200))" in failures(engine)["holds_add_up"]
 
 
 def test_a_repeated_idempotency_key_that_got_past_a_dropped_constraint_is_named(

@@ -15,7 +15,7 @@ from services.command_types import QUEUES, REGISTRY, CommandType
 from services.commands import COMMAND_TYPES, CommandLimits, command_json_schema
 from services.operations.base import one_transfer_of_amount
 from services.operations.wallet import CreditWallet, credit_wallet
-from services.permissions import ADMIN, PAYMENTS, TREASURY, WEB
+from services.permissions import ADMIN, PAYMENTS, SYSTEM, TREASURY, WEB
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_every_entry_has_every_part(entry: CommandType) -> None:
     assert callable(entry.implied_transfers)
     assert len(inspect.signature(entry.implied_transfers).parameters) == 1
     assert entry.queue in QUEUES
-    assert isinstance(entry.roles, tuple) and set(entry.roles) <= {WEB, PAYMENTS, TREASURY}
+    assert isinstance(entry.roles, tuple) and set(entry.roles) <= {WEB, PAYMENTS, TREASURY, SYSTEM}
     assert callable(entry.needs) and len(inspect.signature(entry.needs).parameters) == 1
     assert (entry.footprint is None) == entry.is_batch  # a handler's rows are known first
 
@@ -46,6 +46,7 @@ def test_each_built_in_role_has_the_types_the_design_gives_it() -> None:
               "refund_from_escrow", "user_sell_tokens_to_admin"},
         PAYMENTS: {"credit_wallet", "debit_wallet"},
         TREASURY: {"admin_create_tokens", "admin_sell_tokens_to_user", "payout_batch"},
+        SYSTEM: {"expire_hold"},
         ADMIN: {"*"},
     }
 

@@ -53,6 +53,14 @@ VALID = [
      "amount": "50.00"},
     {"type": "payout_batch", "idempotency_key": "payday-11-29", "from_account": "platform:treasury",
      "items": [{"user": "bob", "amount": "12.00", "reference": "inv-881"}]},
+    # Issue 9, holds: partial capture, expiry (more than one example of a type from here).
+    {"type": "expire_hold", "idempotency_key": "expire:o-7", "hold_id": "o-7"},
+    {"type": "release_from_escrow", "idempotency_key": "o-7-part", "hold_id": "o-7",
+     "amount": "2.00"},
+    {"type": "transfer_to_escrow", "idempotency_key": "o-8-hold", "hold_id": "o-8", "payer": "alice",
+     "payee": "bob", "amount": "5.00", "expires_in_s": 3600},
+    {"type": "transfer_to_escrow", "idempotency_key": "o-9-hold", "hold_id": "o-9", "payer": "alice",
+     "payee": "bob", "amount": "5.00", "expires_at": "2030-01-31T12:00:00+01:00"},
 ]
 VALID = [{**command, **SIGNED} for command in VALID]
 

@@ -81,7 +81,7 @@ def producer() -> None:
 
 @producer.command("create")
 @click.argument("name")
-@click.option("--role", required=True, help="web, payments, treasury, admin (or a role added as data)")
+@click.option("--role", required=True, help="web, payments, treasury, admin, system (or a role as data)")
 @click.option("--allow", "allow", default=None, metavar="TYPE,...",
               help="permissions beyond the role's: command types, override_fee, payout_any_account")
 @click.option("--key-out", "key_out", type=click.Path(dir_okay=False, path_type=Path),
