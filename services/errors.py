@@ -27,6 +27,12 @@ __all__ = [
     "TransactionIntegrityError",
     "ConcurrentOperationError",
     "EscrowIntegrityError",
+    "LimitExceededError",
+    "AccountFrozenError",
+    "AccountClosedError",
+    "AccountNotEmptyError",
+    "AlreadyReversedError",
+    "NotReversibleError",
     "error_class",
 ]
 
@@ -149,12 +155,52 @@ class ConcurrentOperationError(FinancialIntegrityError):
     code = "concurrent_operation"
 
 
+class LimitExceededError(BusinessRuleError):
+    """Raised when a debit would take an account below its overdraft limit (or a new limit
+    would leave the balance below it)."""
+
+    code = "limit_exceeded"
+
+
+class AccountFrozenError(BusinessRuleError):
+    """Raised when a frozen account is debited (or credited, when frozen for both)."""
+
+    code = "account_frozen"
+
+
+class AccountClosedError(BusinessRuleError):
+    """Raised when anything moves to or from a closed account, or it is changed."""
+
+    code = "account_closed"
+
+
+class AccountNotEmptyError(BusinessRuleError):
+    """Raised when an account to close holds money or has an open hold."""
+
+    code = "account_not_empty"
+
+
+class AlreadyReversedError(BusinessRuleError):
+    """Raised when a command was reversed already."""
+
+    code = "already_reversed"
+
+
+class NotReversibleError(BusinessRuleError):
+    """Raised when the command named is unknown, did not succeed, or is of a type that is
+    not reversed (a reversal, a hold, a refund, a payout, an account change)."""
+
+    code = "not_reversible"
+
+
 # A stored outcome's code → the class a caller catches (internal codes share the root).
 _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
     cls.code: cls
     for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
                 HoldNotOpenError, HoldExistsError, ForbiddenError, UnauthenticatedError,
-                IdempotencyConflictError, ConcurrentOperationError, ProducerError)
+                IdempotencyConflictError, ConcurrentOperationError, ProducerError,
+                LimitExceededError, AccountFrozenError, AccountClosedError,
+                AccountNotEmptyError, AlreadyReversedError, NotReversibleError)
 }
 
 
