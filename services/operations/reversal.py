@@ -3,13 +3,15 @@
 History is never edited: `reverse_command` posts, for each transfer of the original (last
 first), one of the same amount the other way, kind `reversal`, and records the pair in
 `reversals` (this module owns it; the original's key is unique there, so a second reversal
-is refused `already_reversed`). What is reversed (docs/ARCHITECTURE.md, "Accounts: ...,
-reversals"): credits, debits, transfers between users, mints, sales and buy-backs, and
-releases. A release's reversal pays the payee's part and the fee back to the payer's
-*available* account: the hold stays closed and escrow untouched, so "escrow equals the
-open holds" keeps holding. Not reversed (`not_reversible`): a reversal (no loops), holds
-opened and refunds (refund or release the hold instead), payouts (per item, their own
-batch), account changes (no money moved), and anything that did not succeed or is unknown.
+is refused `already_reversed`; one that would take a balance below zero,
+`insufficient_balance`: a reversal never uses an overdraft). What is reversed
+(docs/ARCHITECTURE.md, "Accounts: ..."): credits, debits, transfers between users, mints,
+sales and buy-backs, and releases. A release's reversal pays the payee's part and the fee
+back to the payer's *available* account: the hold stays closed and escrow untouched, so
+"escrow equals the open holds" keeps holding. Not reversed (`not_reversible`): a reversal
+(no loops), holds opened and refunds (refund or release the hold instead), payouts (per
+item, their own batch), account changes (no money moved), and anything that did not
+succeed or is unknown.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from services.errors import (
 )
 from services.ledger import (
     AccountSpec,
+    Transfer,
     account_spec,
     lock_accounts,
     make_transfer,
@@ -114,15 +117,30 @@ def reverse_command(conn: Connection, cmd: ReverseCommand, ctx: OperationContext
     locked = lock_accounts(conn, [_spec(code) for move in moves for code in move[:2]])
     transfers = [make_transfer(locked[debit], locked[credit], amount, "reversal")
                  for debit, credit, amount in moves]
+    _no_overdraft(transfers)
     try:
         post_transfers(conn, ctx.command_id, transfers)
-    except LimitExceededError as exc:  # a reversal never draws on an overdraft's name
+    except LimitExceededError as exc:
         raise InsufficientBalanceError(exc.message, **exc.ids) from exc
     conn.execute(insert(schema.reversals).values(
         command_id=ctx.command_id, original_command_id=original.id, reason=cmd.reason))
     total = sum(amount for _, _, amount in moves)
     return Effect({"original_key": cmd.original_key, "original_type": original.type,
                    "transfers": len(transfers), "amount": ctx.fmt(total)}, transfers)
+
+
+def _no_overdraft(transfers: Sequence[Transfer]) -> None:
+    """A reversal never draws on an overdraft: an account with a limit (a user's, locked,
+    exact) may not end below zero by it. Others are checked by the ledger as always."""
+    taken: dict[str, int] = {}
+    for transfer in transfers:
+        taken[transfer.debit.code] = taken.get(transfer.debit.code, 0) + transfer.amount_minor
+    for transfer in transfers:
+        debit = transfer.debit
+        if debit.limit_minor and debit.balance_minor < taken[debit.code]:
+            raise InsufficientBalanceError(
+                f"{debit.code} holds {debit.balance_minor} minor units, {taken[debit.code]} "
+                "needed (a reversal does not use the overdraft)", account=debit.code)
 
 
 def reversal_footprint(cmd: ReverseCommand) -> Footprint:
