@@ -355,10 +355,20 @@ def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
     debit.balance_minor -= transfer.amount_minor
     credit.balance_minor += transfer.amount_minor
     # Both rows are locked (outside a book every account is): their balances are exact.
-    conn.execute(_INSERT_TRANSFER, {"command_id": command_id, "debit_id": debit.id,
-                                    "credit_id": credit.id, "amount_minor": transfer.amount_minor,
-                                    "kind": transfer.kind, "debit_after": debit.balance_minor,
-                                    "credit_after": credit.balance_minor})
+    row = {"command_id": command_id, "debit_id": debit.id, "credit_id": credit.id,
+           "amount_minor": transfer.amount_minor, "kind": transfer.kind,
+           "debit_after": debit.balance_minor, "credit_after": credit.balance_minor}
+    at = _leg_time(conn)
+    if at is None:
+        conn.execute(_INSERT_TRANSFER, row)
+    else:
+        conn.execute(_INSERT_TRANSFER.values(created_at=bindparam("at")), {**row, "at": at})
+
+
+def _leg_time(conn: Connection) -> datetime | None:
+    """A leg's time on SQLite: now, to the microsecond (CURRENT_TIMESTAMP has whole seconds,
+    too coarse for `balance --at`); the database's own default elsewhere."""
+    return datetime.now(UTC) if conn.dialect.name == "sqlite" else None
 
 
 _UPDATE_FROM_ARRAYS = text(
@@ -484,7 +494,8 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
         "amount_minor": [amount_minor for _, amount_minor in credits],
         "kind": [kind] * len(credits),
         "debit_balance_after_minor": debit_after,
-        "credit_balance_after_minor": credit_after})
+        "credit_balance_after_minor": credit_after,
+        **_leg_times(conn, len(credits))})
 
 
 def set_account_state(conn: Connection, account: LockedAccount, *,
@@ -762,7 +773,12 @@ def _write_now(conn: Connection, deltas: Mapping[int, int], transfers: Sequence[
             "command_id": list(columns[0]), "debit_account_id": list(columns[1]),
             "credit_account_id": list(columns[2]), "amount_minor": list(columns[3]),
             "kind": list(columns[4]), "debit_balance_after_minor": list(columns[5]),
-            "credit_balance_after_minor": list(columns[6])})
+            "credit_balance_after_minor": list(columns[6]), **_leg_times(conn, len(transfers))})
+
+
+def _leg_times(conn: Connection, count: int) -> dict[str, list[datetime]]:
+    at = _leg_time(conn)
+    return {} if at is None else {"created_at": [at] * count}
 
 
 def _book(conn: Connection) -> Book | None:
