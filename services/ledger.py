@@ -714,13 +714,16 @@ class Book:
         Other owners' deferred writes come first, in the order they were made."""
         deltas, transfers, writes = self.deltas(), self.transfers, self.writes
         self.journal, self.transfers, self.writes = [], [], []
-        if conn.dialect.name != "postgresql" or not deltas or not transfers:
+        if conn.dialect.name != "postgresql" or not transfers:
             for write in writes:
                 conn.execute(write.statement, write.params)
             _write_now(conn, deltas, transfers)
             return []
         columns = list(zip(*transfers, strict=True))
-        hot = [account_id for account_id in self.hot_ids() if account_id in deltas]
+        # Every hot account a leg names is locked, even when its legs net to zero: the
+        # balance after each leg is read under that lock.
+        legs = set(columns[1]) | set(columns[2])
+        hot = [account_id for account_id in self.hot_ids() if account_id in legs]
         # Each leg's balance after it is computed by _FLUSH itself, from the balances it
         # reads under the locks (a hot account read, not locked, is exact only there).
         lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)})] if hot else []
@@ -745,7 +748,8 @@ _FLUSH = text(
     "WITH moved AS (UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
     "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
     "WHERE accounts.id = v.id), "
-    "before AS (SELECT id, balance_minor FROM accounts WHERE id = ANY(CAST(:ids AS BIGINT[]))), "
+    "before AS (SELECT id, balance_minor FROM accounts WHERE id = ANY(CAST(:debits AS BIGINT[])) "
+    "OR id = ANY(CAST(:credits AS BIGINT[]))), "
     "t AS (SELECT * FROM unnest(CAST(:commands AS BIGINT[]), CAST(:debits AS BIGINT[]), "
     "CAST(:credits AS BIGINT[]), CAST(:amounts AS BIGINT[]), CAST(:kinds AS TEXT[])) "
     "WITH ORDINALITY AS t(command_id, debit, credit, amount, kind, n)), "

@@ -53,6 +53,15 @@ VALID = [
      "amount": "50.00"},
     {"type": "payout_batch", "idempotency_key": "payday-11-29", "from_account": "platform:treasury",
      "items": [{"user": "bob", "amount": "12.00", "reference": "inv-881"}]},
+    # issue 9, the accounts' half (admin only)
+    {"type": "set_account_limit", "idempotency_key": "lim-1", "user": "bob", "limit": "50.00",
+     "reason": "trusted seller"},
+    {"type": "freeze_account", "idempotency_key": "fz-1", "user": "bob", "reason": "review",
+     "direction": "both", "until": "2026-12-31T00:00:00Z"},
+    {"type": "unfreeze_account", "idempotency_key": "uf-1", "user": "bob", "reason": "cleared"},
+    {"type": "close_account", "idempotency_key": "cl-1", "user": "bob", "reason": "leaving"},
+    {"type": "reverse_command", "idempotency_key": "rev-1", "original_key": "t-1",
+     "reason": "sent to the wrong user"},
 ]
 VALID = [{**command, **SIGNED} for command in VALID]
 
