@@ -116,6 +116,10 @@ def scenario(run_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
             # A duplicate: the same mint again, one effect.
             cmd("admin_create_tokens", "mint", amount="10000.00"),
         ]),
+        ("an operator reverses a mistaken gift", [
+            cmd("reverse_command", "gift-2-reversed", original_key=f"{k}-gift-2",
+                reason="sent to the wrong user"),
+        ]),
         ("providers cash out", [
             cmd("user_sell_tokens_to_admin", "cashout-dave", user=u["dave"], amount="60.00"),
             cmd("debit_wallet", "withdraw-erin", user=u["erin"], amount="20.00"),

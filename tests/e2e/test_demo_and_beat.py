@@ -21,7 +21,7 @@ def test_the_demo_runs_embedded_on_a_fresh_home_twice(tmp_path: Path, monkeypatc
         assert done.exit_code == 0, done
         report = done.json()
         assert report["verify"]["ok"], report["verify"]
-        assert report["outcomes"] == {"succeeded": 17, "rejected": 2}
+        assert report["outcomes"] == {"succeeded": 18, "rejected": 2}
         assert {r["error"]["code"] for r in report["refused_at_submit"]} == {
             "invalid_command", "idempotency_conflict"}
         assert len(report["duplicates"]) == 1
