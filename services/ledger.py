@@ -81,6 +81,8 @@ __all__ = [
     "set_account_state",
     "settle",
     "last_transfer_id",
+    "check_daily_debits",
+    "utc_day_start",
 ]
 
 
@@ -173,6 +175,8 @@ class LockedAccount:
     debits_frozen: bool = False
     credits_frozen: bool = False
     closed: bool = False
+    #: The most its debits may take in one UTC day (None: no velocity limit).
+    daily_limit_minor: int | None = None
 
 
 def check_usable(debit: LockedAccount, credit: LockedAccount) -> None:
@@ -226,6 +230,7 @@ _STATE_COLUMNS = (
     and_(_a.c.frozen.is_not(None), _in_force).label("debits_frozen"),
     and_(_a.c.frozen == "both", _in_force).label("credits_frozen"),
     _a.c.closed_at.is_not(None).label("closed"),
+    _a.c.daily_debit_limit_minor,
 )
 _LOCK_ACCOUNTS = (
     select(_a.c.id, _a.c.code, _a.c.user_id, _a.c.balance_minor, _a.c.may_go_negative,
@@ -247,7 +252,7 @@ _STATE_SQL = (
     " false) AS debits_frozen, "
     "COALESCE(frozen = 'both' AND (frozen_until IS NULL OR frozen_until > clock_timestamp()),"
     " false) AS credits_frozen, "
-    "closed_at IS NOT NULL AS closed")
+    "closed_at IS NOT NULL AS closed, daily_debit_limit_minor")
 
 
 def _locked(row: Any, exact: bool | None = None) -> LockedAccount:
@@ -255,7 +260,8 @@ def _locked(row: Any, exact: bool | None = None) -> LockedAccount:
     return LockedAccount(m["id"], m["code"], m["user_id"], m["balance_minor"],
                          m["may_go_negative"], bool(m["exact"]) if exact is None else exact,
                          m["overdraft_limit_minor"], bool(m["debits_frozen"]),
-                         bool(m["credits_frozen"]), bool(m["closed"]))
+                         bool(m["credits_frozen"]), bool(m["closed"]),
+                         m["daily_debit_limit_minor"])
 
 
 # Users' accounts locked in id order, hot ones read (the book locks them at its flush).
@@ -348,6 +354,8 @@ def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
         may_go_negative=debit.may_go_negative,
         overdraft_limit_minor=debit.limit_minor,
     )
+    if debit.daily_limit_minor is not None:
+        check_daily_debits(conn, debit, transfer.amount_minor)
     if book is not None:
         book.post(command_id, transfer)
         return
@@ -470,6 +478,8 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
     validate_balance_integrity(account_code=debit.code, balance_minor=debit.balance_minor,
                                debit_minor=total, may_go_negative=debit.may_go_negative,
                                overdraft_limit_minor=debit.limit_minor)
+    if debit.daily_limit_minor is not None:
+        check_daily_debits(conn, debit, total)
     deltas: dict[int, int] = {}
     for account_id, amount_minor in credits:
         deltas[account_id] = deltas.get(account_id, 0) + amount_minor
@@ -498,8 +508,36 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
         **_leg_times(conn, len(credits))})
 
 
+def utc_day_start(moment: datetime | None = None) -> datetime:
+    """The start of the UTC day of `moment` (now): a velocity limit's day."""
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def check_daily_debits(conn: Connection, debit: LockedAccount, amount_minor: int) -> None:
+    """Refuse a debit that takes the account's debits of this UTC day beyond its daily
+    limit. Under the row lock (a user's account is locked for the whole transaction): the
+    day's committed legs (one index range, `ix_transfers_debit_account_at`: bounded by one
+    day of one account) plus what this transaction posted and has not written yet."""
+    assert debit.daily_limit_minor is not None
+    t = schema.transfers
+    start = utc_day_start()
+    bound = start.replace(tzinfo=None) if conn.dialect.name == "sqlite" else start
+    written = conn.execute(select(func.coalesce(func.sum(t.c.amount_minor), 0)).where(
+        t.c.debit_account_id == debit.id, t.c.created_at >= bound)).scalar_one()
+    book = _book(conn)
+    pending = 0 if book is None else sum(
+        posted[3] for posted in book.transfers if posted[1] == debit.id)
+    if int(written) + pending + amount_minor > debit.daily_limit_minor:
+        raise LimitExceededError(
+            f"{debit.code} has debited {int(written) + pending} minor units today (UTC), "
+            f"{amount_minor} more exceeds its daily limit of {debit.daily_limit_minor}",
+            account=debit.code, limit_minor=debit.daily_limit_minor)
+
+
 def set_account_state(conn: Connection, account: LockedAccount, *,
-                      limit_minor: int | None = None, frozen: str | None = None,
+                      limit_minor: int | None = None, daily_limit_minor: int | None = None,
+                      frozen: str | None = None,
                       frozen_until: datetime | None = None, unfreeze: bool = False,
                       close: bool = False) -> None:
     """The one writer of an account's state (its overdraft limit, a freeze, its closing),
@@ -517,6 +555,9 @@ def set_account_state(conn: Connection, account: LockedAccount, *,
                 f"{account.code} holds {account.balance_minor} minor units: below "
                 f"-{limit_minor}", account=account.code, limit_minor=limit_minor)
         values["overdraft_limit_minor"] = account.limit_minor = limit_minor
+    if daily_limit_minor is not None:  # 0: none
+        account.daily_limit_minor = daily_limit_minor or None
+        values["daily_debit_limit_minor"] = account.daily_limit_minor
     if frozen is not None:
         values.update(frozen=frozen, frozen_until=frozen_until)
         in_force = frozen_until is None or frozen_until > datetime.now(UTC)

@@ -69,6 +69,10 @@ accounts = Table(
     Column("frozen", String(10)),
     Column("frozen_until", DateTime(timezone=True)),
     Column("closed_at", DateTime(timezone=True)),
+    # The most its debits may take in one UTC day (NULL: no velocity limit).
+    Column("daily_debit_limit_minor", BigInteger),
+    CheckConstraint("daily_debit_limit_minor IS NULL OR (daily_debit_limit_minor > 0 AND "
+                    "kind = 'user_available')", name="daily_debit_limit"),
     CheckConstraint("may_go_negative OR balance_minor >= -overdraft_limit_minor",
                     name="balance_nonnegative"),
     CheckConstraint("overdraft_limit_minor >= 0 AND "
@@ -367,6 +371,7 @@ account_events = Table(
     Column("direction", String(10)),
     Column("until", DateTime(timezone=True)),
     Column("limit_minor", BigInteger),
+    Column("daily_debit_limit_minor", BigInteger),
     Column("reason", String(500)),
     # The account's last transfer when the event happened (its row locked, this
     # transaction's earlier legs written first): verify orders legs and events by it.

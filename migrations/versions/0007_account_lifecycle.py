@@ -15,7 +15,6 @@ The integrator chains this after 0006 (the holds' half of issue 9).
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = '0007'
 down_revision = '0005'
 branch_labels = None
@@ -27,6 +26,8 @@ BALANCE_CHECK = 'may_go_negative OR balance_minor >= -overdraft_limit_minor'
 LIMIT_CHECK = ("overdraft_limit_minor >= 0 AND "
                "(overdraft_limit_minor = 0 OR kind = 'user_available')")
 FROZEN_CHECK = "frozen IS NULL OR frozen IN ('debits', 'both')"
+DAILY_CHECK = ("daily_debit_limit_minor IS NULL OR (daily_debit_limit_minor > 0 AND "
+               "kind = 'user_available')")
 
 # Each leg's running balance per account, in transfer id order, from zero.
 BACKFILL_PG = """
@@ -73,6 +74,8 @@ def _accounts_as_now() -> sa.Table:
         sa.Column('frozen', sa.String(10)),
         sa.Column('frozen_until', sa.DateTime(timezone=True)),
         sa.Column('closed_at', sa.DateTime(timezone=True)),
+        sa.Column('daily_debit_limit_minor', sa.BigInteger()),
+        sa.CheckConstraint(DAILY_CHECK, name='ck_accounts_daily_debit_limit'),
         sa.CheckConstraint("kind IN ('user_available', 'user_escrow', 'treasury', 'fees', "
                            "'issuance', 'external')", name='ck_accounts_kind'),
         sa.CheckConstraint('length(code) >= 1', name='ck_accounts_code_length'),
@@ -89,6 +92,8 @@ def _accounts() -> None:
     op.add_column('accounts', sa.Column('frozen', sa.String(10), nullable=True))
     op.add_column('accounts', sa.Column('frozen_until', sa.DateTime(timezone=True), nullable=True))
     op.add_column('accounts', sa.Column('closed_at', sa.DateTime(timezone=True), nullable=True))
+    op.add_column('accounts', sa.Column('daily_debit_limit_minor', sa.BigInteger(),
+                                        nullable=True))
     if op.get_bind().dialect.name == 'postgresql':
         op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_balance_nonnegative')
         op.execute(f'ALTER TABLE accounts ADD CONSTRAINT ck_accounts_balance_nonnegative '
@@ -96,6 +101,8 @@ def _accounts() -> None:
         op.execute(f'ALTER TABLE accounts ADD CONSTRAINT ck_accounts_overdraft_limit '
                    f'CHECK ({LIMIT_CHECK})')
         op.execute(f'ALTER TABLE accounts ADD CONSTRAINT ck_accounts_frozen CHECK ({FROZEN_CHECK})')
+        op.execute(f'ALTER TABLE accounts ADD CONSTRAINT ck_accounts_daily_debit_limit '
+                   f'CHECK ({DAILY_CHECK})')
         return
     with op.batch_alter_table('accounts', copy_from=_accounts_as_now(), recreate='always'):
         pass
@@ -133,6 +140,7 @@ def _new_tables() -> None:
         sa.Column('direction', sa.String(10), nullable=True),
         sa.Column('until', sa.DateTime(timezone=True), nullable=True),
         sa.Column('limit_minor', sa.BigInteger(), nullable=True),
+        sa.Column('daily_debit_limit_minor', sa.BigInteger(), nullable=True),
         sa.Column('reason', sa.String(500), nullable=True),
         sa.Column('transfer_id_max', sa.BigInteger(), nullable=True),
         sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(),
@@ -204,11 +212,13 @@ def downgrade() -> None:
         batch.drop_column('credit_balance_after_minor')
         batch.drop_column('debit_balance_after_minor')
     if op.get_bind().dialect.name == 'postgresql':
+        op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_daily_debit_limit')
         op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_frozen')
         op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_overdraft_limit')
         op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_balance_nonnegative')
         op.execute('ALTER TABLE accounts ADD CONSTRAINT ck_accounts_balance_nonnegative '
                    'CHECK (may_go_negative OR balance_minor >= 0)')
     with op.batch_alter_table('accounts') as batch:
-        for column in ('closed_at', 'frozen_until', 'frozen', 'overdraft_limit_minor'):
+        for column in ('daily_debit_limit_minor', 'closed_at', 'frozen_until', 'frozen',
+                       'overdraft_limit_minor'):
             batch.drop_column(column)

@@ -61,6 +61,9 @@ class SetAccountLimit(CommandBase):
     type: Literal["set_account_limit"]
     user: Ident
     limit: Limit
+    #: The most the user's debits may take in one UTC day ("0": no velocity limit; absent:
+    #: unchanged).
+    daily_debit_limit: Limit | None = None
     reason: Reason | None = None
 
 
@@ -109,11 +112,16 @@ def set_account_limit(conn: Connection, cmd: SetAccountLimit, ctx: OperationCont
     account = _lock_open(conn, cmd.user)
     limit_minor = 0 if cmd.limit == "0" else ctx.minor(cmd.limit)
     previous = account.limit_minor
-    set_account_state(conn, account, limit_minor=limit_minor)
-    _record(conn, ctx, account, "set_limit", limit_minor=limit_minor, reason=cmd.reason)
-    return Effect({"user": cmd.user, "limit": ctx.fmt(limit_minor),
-                   "previous_limit": ctx.fmt(previous),
-                   "available": ctx.fmt(account.balance_minor)})
+    daily = None if cmd.daily_debit_limit is None else \
+        0 if cmd.daily_debit_limit == "0" else ctx.minor(cmd.daily_debit_limit)
+    set_account_state(conn, account, limit_minor=limit_minor, daily_limit_minor=daily)
+    _record(conn, ctx, account, "set_limit", limit_minor=limit_minor,
+            daily_debit_limit_minor=account.daily_limit_minor, reason=cmd.reason)
+    result = {"user": cmd.user, "limit": ctx.fmt(limit_minor),
+              "previous_limit": ctx.fmt(previous), "available": ctx.fmt(account.balance_minor)}
+    if account.daily_limit_minor is not None:
+        result["daily_debit_limit"] = ctx.fmt(account.daily_limit_minor)
+    return Effect(result)
 
 
 def freeze_account(conn: Connection, cmd: FreezeAccount, ctx: OperationContext) -> Effect:

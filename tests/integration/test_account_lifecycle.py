@@ -131,6 +131,25 @@ def test_the_database_refuses_a_balance_below_the_limit(funded: WalletService,
                      {"c": avail("bob")})
 
 
+def test_a_daily_debit_limit_counts_the_utc_days_debits(funded: WalletService, engine: Engine,
+                                                        settings: Settings) -> None:
+    result = run(funded, "set_account_limit", user="alice", limit="0",
+                 daily_debit_limit="10.00")
+    assert result["daily_debit_limit"] == "10.00"
+    funded.debit_wallet("alice", "4.00")
+    funded.transfer_to_escrow("h-1", "alice", "bob", "5.00")
+    refused(funded, LimitExceededError, "limit_exceeded", "transfer_tokens_between_users",
+            from_user="alice", to_user="bob", amount="1.01")
+    funded.transfer_tokens_between_users("alice", "bob", "1.00")
+    funded.refund_from_escrow("h-1")  # a credit: the day's debits stay what they were
+    refused(funded, LimitExceededError, "limit_exceeded", "debit_wallet", user="alice",
+            amount="0.01")
+    funded.debit_wallet("bob", "5.00")  # bob has no daily limit
+    run(funded, "set_account_limit", user="alice", limit="0", daily_debit_limit="0")
+    funded.debit_wallet("alice", "20.00")
+    assert_ledger_sound(engine, settings)
+
+
 # --- freeze and close --------------------------------------------------------------------
 
 
