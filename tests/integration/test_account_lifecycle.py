@@ -335,3 +335,41 @@ def test_verify_catches_a_hand_broken_balance_after(funded: WalletService, engin
     others = [name for name, c in checks.items() if not c.ok]
     assert others == ["balance_after_chain"]
 
+
+
+def _failed(engine: Engine, settings: Settings) -> dict[str, str]:
+    from services.verify import verify_ledger
+    return {c.name: c.detail for c in verify_ledger(engine, settings.asset_scale) if not c.ok}
+
+
+def test_verify_names_a_debit_written_by_hand_while_frozen(
+        funded: WalletService, engine: Engine, settings: Settings) -> None:
+    run(funded, "freeze_account", "fz", user="bob", reason="x")
+    with engine.begin() as conn:
+        bob, ext = (conn.execute(text("SELECT id, balance_minor FROM accounts WHERE code = :c"),
+                                 {"c": code}).one() for code in (avail("bob"), TREASURY))
+        conn.execute(text(
+            "INSERT INTO transfers (command_id, debit_account_id, credit_account_id, "
+            "amount_minor, kind, debit_balance_after_minor, credit_balance_after_minor) "
+            "SELECT id, :bob, :ext, 100, 'debit', :bob_after, :ext_after FROM commands "
+            "WHERE idempotency_key = 'sale-1'"),
+            {"bob": bob[0], "ext": ext[0], "bob_after": bob[1] - 100, "ext_after": ext[1] + 100})
+        conn.execute(text("UPDATE accounts SET balance_minor = balance_minor - 100 "
+                          "WHERE id = :id"), {"id": bob[0]})
+        conn.execute(text("UPDATE accounts SET balance_minor = balance_minor + 100 "
+                          "WHERE id = :id"), {"id": ext[0]})
+    failed = _failed(engine, settings)
+    assert "user:bob:available" in failed["frozen_accounts_not_debited"]
+    assert "balance_after_chain" not in failed  # the forged leg's running balance adds up
+
+
+def test_verify_names_a_reversal_that_does_not_undo_its_original(
+        funded: WalletService, engine: Engine, settings: Settings) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO reversals (command_id, original_command_id, reason) "
+            "SELECT r.id, o.id, 'forged' FROM commands r, commands o "
+            "WHERE r.idempotency_key = 'sale-1' AND o.idempotency_key = 'sale-0'"))
+    failed = _failed(engine, settings)
+    assert list(failed) == ["reversals_net_to_zero"]
+    assert "sale-0" in failed["reversals_net_to_zero"]
