@@ -58,6 +58,27 @@ UPDATE transfers SET
 """
 
 
+def _accounts_before() -> sa.Table:
+    """The accounts table as 0001 made it (SQLite's downgrade rebuilds it so)."""
+    return sa.Table(
+        'accounts', sa.MetaData(),
+        sa.Column('id', BigId, primary_key=True, autoincrement=True),
+        sa.Column('code', sa.String(220), nullable=False),
+        sa.Column('kind', sa.String(20), nullable=False),
+        sa.Column('user_id', sa.String(200)),
+        sa.Column('may_go_negative', sa.Boolean(), nullable=False),
+        sa.Column('balance_minor', sa.BigInteger(), server_default='0', nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.func.now(),
+                  nullable=False),
+        sa.CheckConstraint("kind IN ('user_available', 'user_escrow', 'treasury', 'fees', "
+                           "'issuance', 'external')", name='ck_accounts_kind'),
+        sa.CheckConstraint('length(code) >= 1', name='ck_accounts_code_length'),
+        sa.CheckConstraint('may_go_negative OR balance_minor >= 0',
+                           name='ck_accounts_balance_nonnegative'),
+        sa.UniqueConstraint('code', name='uq_accounts_code'),
+    )
+
+
 def _accounts_as_now() -> sa.Table:
     """The accounts table as this revision leaves it (SQLite rebuilds it to change a CHECK)."""
     return sa.Table(
@@ -211,6 +232,16 @@ def downgrade() -> None:
     with op.batch_alter_table('transfers') as batch:
         batch.drop_column('credit_balance_after_minor')
         batch.drop_column('debit_balance_after_minor')
+    if op.get_bind().dialect.name != 'postgresql':  # SQLite rebuilt it: its triggers again
+        for action in ('UPDATE', 'DELETE'):
+            op.execute(f'DROP TRIGGER IF EXISTS transfers_append_only_{action.lower()}')
+            op.execute(f"CREATE TRIGGER transfers_append_only_{action.lower()} BEFORE {action} "
+                       "ON transfers BEGIN SELECT RAISE(ABORT, 'walletq: transfers is "
+                       "append-only'); END")
+    if op.get_bind().dialect.name != 'postgresql':
+        with op.batch_alter_table('accounts', copy_from=_accounts_before(), recreate='always'):
+            pass
+        return
     if op.get_bind().dialect.name == 'postgresql':
         op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_daily_debit_limit')
         op.execute('ALTER TABLE accounts DROP CONSTRAINT ck_accounts_frozen')
