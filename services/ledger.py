@@ -471,10 +471,8 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
         if account_id == debit.id:
             raise TransactionIntegrityError(f"Bug! a transfer from {debit.code} to itself")
         total += amount_minor
-    if debit.closed:
-        raise AccountClosedError(f"{debit.code} is closed", account=debit.code)
-    if debit.debits_frozen:
-        raise AccountFrozenError(f"{debit.code} is frozen: no debit", account=debit.code)
+    if debit.closed or debit.debits_frozen:  # the payout refuses it when it locks it
+        raise TransactionIntegrityError(f"Bug! a fan-out from {debit.code}, frozen or closed")
     validate_balance_integrity(account_code=debit.code, balance_minor=debit.balance_minor,
                                debit_minor=total, may_go_negative=debit.may_go_negative,
                                overdraft_limit_minor=debit.limit_minor)

@@ -373,3 +373,16 @@ def test_verify_names_a_reversal_that_does_not_undo_its_original(
     failed = _failed(engine, settings)
     assert list(failed) == ["reversals_net_to_zero"]
     assert "sale-0" in failed["reversals_net_to_zero"]
+
+
+def test_a_payout_from_a_frozen_account_is_refused_and_pays_nothing(
+        funded: WalletService, engine: Engine, settings: Settings) -> None:
+    run(funded, "freeze_account", user="alice", reason="x")
+    before = (balances(engine), transfers(engine))
+    record_ = funded.execute({
+        "type": "payout_batch", "idempotency_key": "pay-1", "from_account": avail("alice"),
+        "items": [{"user": "bob", "amount": "1.00", "reference": "r-1"}]})
+    assert record_.status == "rejected" and record_.error is not None
+    assert record_.error["code"] == "account_frozen"
+    assert (balances(engine), transfers(engine)) == before
+    assert_ledger_sound(engine, settings)
