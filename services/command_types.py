@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.command_fields import CommandBase
 from services.command_store import CommandRecord
-from services.operations import escrow, treasury, wallet
+from services.operations import accounts, escrow, reversal, treasury, wallet
 from services.operations.base import (
     Effect,
     Footprint,
@@ -142,6 +142,17 @@ REGISTRY: tuple[CommandType, ...] = (
     CommandType("expire_hold", escrow.ExpireHold, escrow.expire_transfers,
                 handler=escrow.expire_hold, footprint=escrow.expire_footprint,
                 roles=(SYSTEM,)),
+    # Issue 9, the accounts' half: admin only (docs/ARCHITECTURE.md, "Accounts: ...").
+    CommandType("set_account_limit", accounts.SetAccountLimit, accounts.no_transfers,
+                handler=accounts.set_account_limit, footprint=accounts.available_footprint),
+    CommandType("freeze_account", accounts.FreezeAccount, accounts.no_transfers,
+                handler=accounts.freeze_account, footprint=accounts.available_footprint),
+    CommandType("unfreeze_account", accounts.UnfreezeAccount, accounts.no_transfers,
+                handler=accounts.unfreeze_account, footprint=accounts.available_footprint),
+    CommandType("close_account", accounts.CloseAccount, accounts.no_transfers,
+                handler=accounts.close_account, footprint=accounts.close_footprint),
+    CommandType("reverse_command", reversal.ReverseCommand, reversal.reversal_transfers,
+                handler=reversal.reverse_command, footprint=reversal.reversal_footprint),
 )
 
 BY_NAME: dict[str, CommandType] = {entry.name: entry for entry in REGISTRY}

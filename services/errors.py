@@ -27,6 +27,12 @@ __all__ = [
     "TransactionIntegrityError",
     "ConcurrentOperationError",
     "EscrowIntegrityError",
+    "LimitExceededError",
+    "AccountFrozenError",
+    "AccountClosedError",
+    "AccountNotEmptyError",
+    "AlreadyReversedError",
+    "NotReversibleError",
     "error_class",
     "HoldExpiredError",
     "HoldNotExpiredError",
@@ -168,6 +174,42 @@ class HoldExceededError(BusinessRuleError):
     """Raised when a release asks for more than remains held; nothing moves."""
 
     code = "hold_exceeded"
+class LimitExceededError(BusinessRuleError):
+    """Raised when a debit would take an account below its overdraft limit (or a new limit
+    would leave the balance below it)."""
+
+    code = "limit_exceeded"
+
+
+class AccountFrozenError(BusinessRuleError):
+    """Raised when a frozen account is debited (or credited, when frozen for both)."""
+
+    code = "account_frozen"
+
+
+class AccountClosedError(BusinessRuleError):
+    """Raised when anything moves to or from a closed account, or it is changed."""
+
+    code = "account_closed"
+
+
+class AccountNotEmptyError(BusinessRuleError):
+    """Raised when an account to close holds money or has an open hold."""
+
+    code = "account_not_empty"
+
+
+class AlreadyReversedError(BusinessRuleError):
+    """Raised when a command was reversed already."""
+
+    code = "already_reversed"
+
+
+class NotReversibleError(BusinessRuleError):
+    """Raised when the command named is unknown, did not succeed, or is of a type that is
+    not reversed (a reversal, a hold, a refund, a payout, an account change)."""
+
+    code = "not_reversible"
 
 
 # A stored outcome's code → the class a caller catches (internal codes share the root).
@@ -176,7 +218,9 @@ _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
     for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
                 HoldNotOpenError, HoldExistsError, ForbiddenError, UnauthenticatedError,
                 IdempotencyConflictError, ConcurrentOperationError, ProducerError,
-                HoldExpiredError, HoldNotExpiredError, HoldExceededError)
+                HoldExpiredError, HoldNotExpiredError, HoldExceededError,
+                LimitExceededError, AccountFrozenError, AccountClosedError,
+                AccountNotEmptyError, AlreadyReversedError, NotReversibleError)
 }
 
 

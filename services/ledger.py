@@ -30,15 +30,20 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, insert, select, text, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from services import schema
 from services.bulk_sql import Pending, insert_ignoring_conflicts, insert_rows, pg_array
 from services.errors import (
+    AccountClosedError,
+    AccountFrozenError,
     InsufficientBalanceError,
+    LimitExceededError,
     TransactionIntegrityError,
     UnknownUserError,
 )
@@ -72,6 +77,12 @@ __all__ = [
     "defer",
     "lock_footprint",
     "read_account",
+    "check_usable",
+    "set_account_state",
+    "settle",
+    "last_transfer_id",
+    "check_daily_debits",
+    "utc_day_start",
 ]
 
 
@@ -121,12 +132,22 @@ def account_spec(code: str) -> AccountSpec | None:
 
 
 def validate_balance_integrity(
-    *, account_code: str, balance_minor: int, debit_minor: int, may_go_negative: bool
+    *, account_code: str, balance_minor: int, debit_minor: int, may_go_negative: bool,
+    overdraft_limit_minor: int = 0,
 ) -> None:
-    """Refuse a debit the locked balance cannot cover; call it under the row lock."""
+    """Refuse a debit the locked balance (down to -overdraft_limit_minor) cannot cover; call
+    it under the row lock. Beyond a limit the code is `limit_exceeded`, else
+    `insufficient_balance`."""
     if debit_minor <= 0:
         raise TransactionIntegrityError(f"debit of {debit_minor} minor units is not positive")
-    if not may_go_negative and balance_minor < debit_minor:
+    if not may_go_negative and overdraft_limit_minor and \
+            balance_minor + overdraft_limit_minor < debit_minor:
+        raise LimitExceededError(
+            f"{account_code} holds {balance_minor} minor units with an overdraft limit of "
+            f"{overdraft_limit_minor}, {debit_minor} needed",
+            account=account_code, balance_minor=balance_minor, debit_minor=debit_minor,
+            limit_minor=overdraft_limit_minor)
+    if not may_go_negative and balance_minor < debit_minor - overdraft_limit_minor:
         raise InsufficientBalanceError(
             f"{account_code} holds {balance_minor} minor units, {debit_minor} needed",
             account=account_code,
@@ -148,6 +169,26 @@ class LockedAccount:
     balance_minor: int
     may_go_negative: bool
     exact: bool = True
+    #: Its state when locked (docs/ARCHITECTURE.md, "Accounts"): the overdraft limit, a
+    #: freeze in force now (of its debits; of its credits too), closed.
+    limit_minor: int = 0
+    debits_frozen: bool = False
+    credits_frozen: bool = False
+    closed: bool = False
+    #: The most its debits may take in one UTC day (None: no velocity limit).
+    daily_limit_minor: int | None = None
+
+
+def check_usable(debit: LockedAccount, credit: LockedAccount) -> None:
+    """Refuse a movement out of a closed or debit-frozen account, or into a closed or
+    fully frozen one: before any balance check, so the refusal names the state."""
+    for account in (debit, credit):
+        if account.closed:
+            raise AccountClosedError(f"{account.code} is closed", account=account.code)
+    if debit.debits_frozen:
+        raise AccountFrozenError(f"{debit.code} is frozen: no debit", account=debit.code)
+    if credit.credits_frozen:
+        raise AccountFrozenError(f"{credit.code} is frozen: no credit", account=credit.code)
 
 
 def lock_accounts(
@@ -181,8 +222,19 @@ def lock_accounts(
 
 
 _a = schema.accounts
+# A freeze is in force until its end; read with the database's clock (transaction start
+# here: a debit allowed after `frozen_until` is written later still, as verify expects).
+_in_force = or_(_a.c.frozen_until.is_(None), _a.c.frozen_until > func.now())
+_STATE_COLUMNS = (
+    _a.c.overdraft_limit_minor,
+    and_(_a.c.frozen.is_not(None), _in_force).label("debits_frozen"),
+    and_(_a.c.frozen == "both", _in_force).label("credits_frozen"),
+    _a.c.closed_at.is_not(None).label("closed"),
+    _a.c.daily_debit_limit_minor,
+)
 _LOCK_ACCOUNTS = (
-    select(_a.c.id, _a.c.code, _a.c.user_id, _a.c.balance_minor, _a.c.may_go_negative)
+    select(_a.c.id, _a.c.code, _a.c.user_id, _a.c.balance_minor, _a.c.may_go_negative,
+           *_STATE_COLUMNS)
     .where(_a.c.code.in_(bindparam("codes", expanding=True)))
     .order_by(_a.c.id)
     .with_for_update()
@@ -190,26 +242,44 @@ _LOCK_ACCOUNTS = (
 _INSERT_TRANSFER = insert(schema.transfers).values(
     command_id=bindparam("command_id"), debit_account_id=bindparam("debit_id"),
     credit_account_id=bindparam("credit_id"), amount_minor=bindparam("amount_minor"),
-    kind=bindparam("kind"),
+    kind=bindparam("kind"), debit_balance_after_minor=bindparam("debit_after"),
+    credit_balance_after_minor=bindparam("credit_after"),
 )
+# The same state in PostgreSQL's text statements (clock_timestamp: the moment of the lock).
+_STATE_SQL = (
+    "overdraft_limit_minor, "
+    "COALESCE(frozen IS NOT NULL AND (frozen_until IS NULL OR frozen_until > clock_timestamp()),"
+    " false) AS debits_frozen, "
+    "COALESCE(frozen = 'both' AND (frozen_until IS NULL OR frozen_until > clock_timestamp()),"
+    " false) AS credits_frozen, "
+    "closed_at IS NOT NULL AS closed, daily_debit_limit_minor")
+
+
+def _locked(row: Any, exact: bool | None = None) -> LockedAccount:
+    m = row._mapping
+    return LockedAccount(m["id"], m["code"], m["user_id"], m["balance_minor"],
+                         m["may_go_negative"], bool(m["exact"]) if exact is None else exact,
+                         m["overdraft_limit_minor"], bool(m["debits_frozen"]),
+                         bool(m["credits_frozen"]), bool(m["closed"]),
+                         m["daily_debit_limit_minor"])
 
 
 # Users' accounts locked in id order, hot ones read (the book locks them at its flush).
 _LOCK_COLD_READ_HOT = text(
-    "WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative FROM accounts "
-    "WHERE code = ANY(CAST(:cold AS TEXT[])) ORDER BY id FOR UPDATE) "
-    "SELECT id, code, user_id, balance_minor, may_go_negative, true AS exact FROM cold "
-    "UNION ALL SELECT id, code, user_id, balance_minor, may_go_negative, false AS exact "
-    "FROM accounts WHERE code = ANY(CAST(:hot AS TEXT[]))")
+    f"WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative, {_STATE_SQL} "
+    "FROM accounts WHERE code = ANY(CAST(:cold AS TEXT[])) ORDER BY id FOR UPDATE) "
+    "SELECT *, true AS exact FROM cold "
+    f"UNION ALL SELECT id, code, user_id, balance_minor, may_go_negative, {_STATE_SQL}, "
+    "false AS exact FROM accounts WHERE code = ANY(CAST(:hot AS TEXT[]))")
 # Every account locked: users' in id order, then hot ones in id order.
 _LOCK_COLD_THEN_HOT = text(
-    "SELECT id, code, user_id, balance_minor, may_go_negative FROM accounts "
+    f"SELECT id, code, user_id, balance_minor, may_go_negative, {_STATE_SQL} FROM accounts "
     "WHERE code = ANY(CAST(:codes AS TEXT[])) ORDER BY code NOT LIKE 'user:%', id FOR UPDATE")
 
 
 def _select_for_update(conn: Connection, codes: list[str]) -> dict[str, LockedAccount]:
     rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
-    return {row.code: LockedAccount(*row) for row in rows}
+    return {row.code: _locked(row, True) for row in rows}
 
 
 def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, LockedAccount]:
@@ -219,11 +289,11 @@ def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, 
         return _select_for_update(conn, codes) if codes else {}
     if book.hot_first:
         rows = conn.execute(_LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
-        return {row.code: LockedAccount(*row) for row in rows}
+        return {row.code: _locked(row, True) for row in rows}
     hot = [code for code in codes if is_hot(code)]
     cold = [code for code in codes if not is_hot(code)]
     rows = conn.execute(_LOCK_COLD_READ_HOT, {"cold": pg_array(cold), "hot": pg_array(hot)}).all()
-    return {row.code: LockedAccount(*row) for row in rows}
+    return {row.code: _locked(row) for row in rows}
 
 
 def lock_footprint(conn: Connection, specs: Iterable[AccountSpec]) -> dict[str, LockedAccount]:
@@ -272,25 +342,41 @@ def post_transfers(conn: Connection, command_id: int, transfers: Sequence[Transf
 
 def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
     debit, credit = transfer.debit, transfer.credit
+    check_usable(debit, credit)
     book = _book(conn)
     if book is not None and not debit.exact and not debit.may_go_negative \
-            and debit.balance_minor < transfer.amount_minor:
+            and debit.balance_minor + debit.limit_minor < transfer.amount_minor:
         book.lock_exact(conn, debit)  # a refusal is decided under the lock, never on a reading
     validate_balance_integrity(
         account_code=debit.code,
         balance_minor=debit.balance_minor,
         debit_minor=transfer.amount_minor,
         may_go_negative=debit.may_go_negative,
+        overdraft_limit_minor=debit.limit_minor,
     )
+    if debit.daily_limit_minor is not None:
+        check_daily_debits(conn, debit, transfer.amount_minor)
     if book is not None:
         book.post(command_id, transfer)
         return
     apply_balance_deltas(conn, {debit.id: -transfer.amount_minor, credit.id: transfer.amount_minor})
     debit.balance_minor -= transfer.amount_minor
     credit.balance_minor += transfer.amount_minor
-    conn.execute(_INSERT_TRANSFER, {"command_id": command_id, "debit_id": debit.id,
-                                    "credit_id": credit.id, "amount_minor": transfer.amount_minor,
-                                    "kind": transfer.kind})
+    # Both rows are locked (outside a book every account is): their balances are exact.
+    row = {"command_id": command_id, "debit_id": debit.id, "credit_id": credit.id,
+           "amount_minor": transfer.amount_minor, "kind": transfer.kind,
+           "debit_after": debit.balance_minor, "credit_after": credit.balance_minor}
+    at = _leg_time(conn)
+    if at is None:
+        conn.execute(_INSERT_TRANSFER, row)
+    else:
+        conn.execute(_INSERT_TRANSFER.values(created_at=bindparam("at")), {**row, "at": at})
+
+
+def _leg_time(conn: Connection) -> datetime | None:
+    """A leg's time on SQLite: now, to the microsecond (CURRENT_TIMESTAMP has whole seconds,
+    too coarse for `balance --at`); the database's own default elsewhere."""
+    return datetime.now(UTC) if conn.dialect.name == "sqlite" else None
 
 
 _UPDATE_FROM_ARRAYS = text(
@@ -330,13 +416,37 @@ def _write_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     )
 
 
+_UPDATE_RETURNING = text(
+    "UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
+    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
+    "WHERE accounts.id = v.id RETURNING accounts.id, accounts.balance_minor"
+)
+
+
+def _write_deltas_returning(conn: Connection, deltas: Mapping[int, int]) -> dict[int, int]:
+    """`_write_deltas` (outside a book), returning each account's new balance."""
+    items = sorted((account_id, delta) for account_id, delta in deltas.items() if delta)
+    if not items:
+        return {}
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(_UPDATE_RETURNING, {"ids": pg_array([i for i, _ in items]),
+                                                "deltas": pg_array([d for _, d in items])})
+        return {account_id: balance for account_id, balance in rows}
+    _write_deltas(conn, deltas)
+    a = schema.accounts
+    rows = conn.execute(select(a.c.id, a.c.balance_minor).where(
+        a.c.id.in_([i for i, _ in items])))
+    return {account_id: balance for account_id, balance in rows}
+
+
 def read_account(conn: Connection, spec: AccountSpec) -> LockedAccount | None:
     """A hot account read, not locked (`exact` False): post_fan_out debits it last, and the
     CHECK constraint refuses the debit if the row no longer covers it by then."""
     a = schema.accounts
     row = conn.execute(select(a.c.id, a.c.code, a.c.user_id, a.c.balance_minor,
-                              a.c.may_go_negative).where(a.c.code == spec.code)).one_or_none()
-    return None if row is None else LockedAccount(*row, exact=False)
+                              a.c.may_go_negative, *_STATE_COLUMNS)
+                       .where(a.c.code == spec.code)).one_or_none()
+    return None if row is None else _locked(row, False)
 
 
 def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
@@ -352,6 +462,8 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
     """
     if not credits:
         return
+    if _book(conn) is not None:
+        raise TransactionIntegrityError("Bug! a fan-out writes at once: no book may be open")
     total = 0
     for account_id, amount_minor in credits:
         if type(amount_minor) is not int or amount_minor <= 0:
@@ -359,24 +471,132 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
         if account_id == debit.id:
             raise TransactionIntegrityError(f"Bug! a transfer from {debit.code} to itself")
         total += amount_minor
+    if debit.closed or debit.debits_frozen:  # the payout refuses it when it locks it
+        raise TransactionIntegrityError(f"Bug! a fan-out from {debit.code}, frozen or closed")
     validate_balance_integrity(account_code=debit.code, balance_minor=debit.balance_minor,
-                               debit_minor=total, may_go_negative=debit.may_go_negative)
+                               debit_minor=total, may_go_negative=debit.may_go_negative,
+                               overdraft_limit_minor=debit.limit_minor)
+    if debit.daily_limit_minor is not None:
+        check_daily_debits(conn, debit, total)
+    deltas: dict[int, int] = {}
+    for account_id, amount_minor in credits:
+        deltas[account_id] = deltas.get(account_id, 0) + amount_minor
+    # Balances first (the credited rows locked by their UPDATE, the debited one last), so
+    # that each leg's balance after it is known from the balances written: the legs of one
+    # account, in order, end at its new balance.
+    after = _write_deltas_returning(conn, deltas)
+    after.update(_write_deltas_returning(conn, {debit.id: -total}))
+    debit.balance_minor -= total
+    credit_after, debit_after = [0] * len(credits), [0] * len(credits)
+    running = dict(after)
+    for index in range(len(credits) - 1, -1, -1):
+        account_id, amount_minor = credits[index]
+        credit_after[index] = running[account_id]
+        running[account_id] -= amount_minor
+        debit_after[index] = running[debit.id]
+        running[debit.id] += amount_minor
     insert_rows(conn, schema.transfers, {
         "command_id": [command_id] * len(credits),
         "debit_account_id": [debit.id] * len(credits),
         "credit_account_id": [account_id for account_id, _ in credits],
         "amount_minor": [amount_minor for _, amount_minor in credits],
-        "kind": [kind] * len(credits)})
-    deltas: dict[int, int] = {}
-    for account_id, amount_minor in credits:
-        deltas[account_id] = deltas.get(account_id, 0) + amount_minor
-    if debit.exact:
-        deltas[debit.id] = -total
-        apply_balance_deltas(conn, deltas)
-    else:
-        apply_balance_deltas(conn, deltas)
-        apply_balance_deltas(conn, {debit.id: -total})
-    debit.balance_minor -= total
+        "kind": [kind] * len(credits),
+        "debit_balance_after_minor": debit_after,
+        "credit_balance_after_minor": credit_after,
+        **_leg_times(conn, len(credits))})
+
+
+def utc_day_start(moment: datetime | None = None) -> datetime:
+    """The start of the UTC day of `moment` (now): a velocity limit's day."""
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def check_daily_debits(conn: Connection, debit: LockedAccount, amount_minor: int) -> None:
+    """Refuse a debit that takes the account's debits of this UTC day beyond its daily
+    limit. Under the row lock (a user's account is locked for the whole transaction): the
+    day's committed legs (one index range, `ix_transfers_debit_account_at`: bounded by one
+    day of one account) plus what this transaction posted and has not written yet."""
+    assert debit.daily_limit_minor is not None
+    t = schema.transfers
+    start = utc_day_start()
+    bound = start.replace(tzinfo=None) if conn.dialect.name == "sqlite" else start
+    written = conn.execute(select(func.coalesce(func.sum(t.c.amount_minor), 0)).where(
+        t.c.debit_account_id == debit.id, t.c.created_at >= bound)).scalar_one()
+    book = _book(conn)
+    pending = 0 if book is None else sum(
+        posted[3] for posted in book.transfers if posted[1] == debit.id)
+    if int(written) + pending + amount_minor > debit.daily_limit_minor:
+        raise LimitExceededError(
+            f"{debit.code} has debited {int(written) + pending} minor units today (UTC), "
+            f"{amount_minor} more exceeds its daily limit of {debit.daily_limit_minor}",
+            account=debit.code, limit_minor=debit.daily_limit_minor)
+
+
+def set_account_state(conn: Connection, account: LockedAccount, *,
+                      limit_minor: int | None = None, daily_limit_minor: int | None = None,
+                      frozen: str | None = None,
+                      frozen_until: datetime | None = None, unfreeze: bool = False,
+                      close: bool = False) -> None:
+    """The one writer of an account's state (its overdraft limit, a freeze, its closing),
+    on a row this transaction locked; the locked copy follows, so a later command of the
+    same batch sees it. A limit that the balance is already below is refused: the CHECK
+    constraint would refuse it too, against the balance written so far."""
+    values: dict[str, Any] = {}
+    if limit_minor is not None:
+        book = _book(conn)
+        pending = 0 if book is None else sum(
+            delta for account_id, delta, _ in book.journal if account_id == account.id)
+        lowest = min(account.balance_minor, account.balance_minor - pending)
+        if lowest < -limit_minor:
+            raise LimitExceededError(
+                f"{account.code} holds {account.balance_minor} minor units: below "
+                f"-{limit_minor}", account=account.code, limit_minor=limit_minor)
+        values["overdraft_limit_minor"] = account.limit_minor = limit_minor
+    if daily_limit_minor is not None:  # 0: none
+        account.daily_limit_minor = daily_limit_minor or None
+        values["daily_debit_limit_minor"] = account.daily_limit_minor
+    if frozen is not None:
+        values.update(frozen=frozen, frozen_until=frozen_until)
+        in_force = frozen_until is None or frozen_until > datetime.now(UTC)
+        account.debits_frozen = in_force
+        account.credits_frozen = in_force and frozen == "both"
+    if unfreeze:
+        values.update(frozen=None, frozen_until=None)
+        account.debits_frozen = account.credits_frozen = False
+    if close:
+        values["closed_at"] = datetime.now(UTC)
+        account.closed = True
+    if values:
+        conn.execute(update(_a).where(_a.c.id == account.id).values(values))
+
+
+def settle(conn: Connection) -> None:
+    """Write what this transaction's book posted so far, now: an account's state change
+    (a freeze, a closing) is then ordered after the legs of the commands before it in a
+    batch, and before those after it (verify reads them in that order)."""
+    book = _book(conn)
+    if book is None:
+        return
+    try:
+        book.flush(conn)
+    except IntegrityError as exc:
+        if book.read_hot and "balance_nonnegative" in str(exc.orig):
+            raise HotAccountShort(str(exc.orig)) from exc
+        raise
+
+
+def last_transfer_id(conn: Connection, account_id: int) -> int | None:
+    """The id of the account's last leg (its legs' time follows their id order): two index
+    probes."""
+    t = schema.transfers
+    found = []
+    for column in (t.c.debit_account_id, t.c.credit_account_id):
+        found.append(conn.execute(select(t.c.id).where(column == account_id)
+                                  .order_by(t.c.created_at.desc(), t.c.id.desc())
+                                  .limit(1)).scalar_one_or_none())
+    ids = [found_id for found_id in found if found_id is not None]
+    return max(ids) if ids else None
 
 
 # One index probe per wallet (LATERAL ... LIMIT 1 is never flattened into a hash join, so
@@ -427,6 +647,11 @@ def open_user_wallets(conn: Connection, users: Sequence[str]) -> dict[str, int]:
 _BOOK: ContextVar[tuple[Connection, Book] | None] = ContextVar("walletq_ledger_book", default=None)
 
 
+#: A transfer posted in a book: command id, debit id, credit id, amount, kind, and the
+#: debit's and the credit's balance after it (None where the account was only read).
+_Posted = tuple[int, int, int, int, str, int | None, int | None]
+
+
 class BookMark(NamedTuple):
     locked: int
     journal: int
@@ -449,8 +674,9 @@ class Book:
     locked: dict[str, LockedAccount] = field(default_factory=dict)
     #: (account id, delta, the locked account whose tracked balance it changed, if any).
     journal: list[tuple[int, int, LockedAccount | None]] = field(default_factory=list)
-    #: (command id, debit id, credit id, amount, kind), in posting order.
-    transfers: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+    #: (command id, debit id, credit id, amount, kind, debit's and credit's balance after:
+    #: exact where the account is locked, else None), in posting order.
+    transfers: list[_Posted] = field(default_factory=list)
     #: Rows another owner locked in this transaction (a hold), by (table, key): read again
     #: from here; and that owner's own writes, sent with the flush (`keep`, `defer`).
     kept: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -468,7 +694,9 @@ class Book:
         self.journal += [(debit.id, -amount, debit), (credit.id, amount, credit)]
         debit.balance_minor -= amount
         credit.balance_minor += amount
-        self.transfers.append((command_id, debit.id, credit.id, amount, transfer.kind))
+        self.transfers.append((command_id, debit.id, credit.id, amount, transfer.kind,
+                               debit.balance_minor if debit.exact else None,
+                               credit.balance_minor if credit.exact else None))
 
     def add_deltas(self, deltas: Mapping[int, int]) -> None:
         self.journal += [(account_id, delta, None) for account_id, delta in deltas.items() if delta]
@@ -525,13 +753,18 @@ class Book:
         Other owners' deferred writes come first, in the order they were made."""
         deltas, transfers, writes = self.deltas(), self.transfers, self.writes
         self.journal, self.transfers, self.writes = [], [], []
-        if conn.dialect.name != "postgresql" or not deltas or not transfers:
+        if conn.dialect.name != "postgresql" or not transfers:
             for write in writes:
                 conn.execute(write.statement, write.params)
             _write_now(conn, deltas, transfers)
             return []
         columns = list(zip(*transfers, strict=True))
-        hot = [account_id for account_id in self.hot_ids() if account_id in deltas]
+        # Every hot account a leg names is locked, even when its legs net to zero: the
+        # balance after each leg is read under that lock.
+        legs = set(columns[1]) | set(columns[2])
+        hot = [account_id for account_id in self.hot_ids() if account_id in legs]
+        # Each leg's balance after it is computed by _FLUSH itself, from the balances it
+        # reads under the locks (a hot account read, not locked, is exact only there).
         lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)})] if hot else []
         return [*writes, *lock_hot, Pending(_FLUSH, {
             "ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
@@ -545,24 +778,50 @@ _LOCK_ONE = text("SELECT balance_minor FROM accounts WHERE id = :id FOR UPDATE")
 _LOCK_HOT = text("SELECT id FROM accounts WHERE id = ANY(CAST(:ids AS BIGINT[])) ORDER BY id "
                  "FOR UPDATE")
 # Balances and transfers in one round trip: a data-modifying CTE runs whatever follows it.
+# Every sub-statement sees one snapshot, taken once every row is locked (the hot ones by
+# the statement before): `before` is each account's balance before this transaction's
+# legs, and each leg's balance after it is that plus the running sum of the account's legs
+# in posting order (docs/ARCHITECTURE.md, "Balance after each leg"). The transfers' time is
+# the moment they are written, under the locks, so an account's legs follow its id order.
 _FLUSH = text(
     "WITH moved AS (UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
     "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
-    "WHERE accounts.id = v.id) "
-    "INSERT INTO transfers (command_id, debit_account_id, credit_account_id, amount_minor, kind) "
-    "SELECT * FROM unnest(CAST(:commands AS BIGINT[]), CAST(:debits AS BIGINT[]), "
-    "CAST(:credits AS BIGINT[]), CAST(:amounts AS BIGINT[]), CAST(:kinds AS TEXT[]))")
+    "WHERE accounts.id = v.id), "
+    "before AS (SELECT id, balance_minor FROM accounts WHERE id = ANY(CAST(:debits AS BIGINT[])) "
+    "OR id = ANY(CAST(:credits AS BIGINT[]))), "
+    "t AS (SELECT * FROM unnest(CAST(:commands AS BIGINT[]), CAST(:debits AS BIGINT[]), "
+    "CAST(:credits AS BIGINT[]), CAST(:amounts AS BIGINT[]), CAST(:kinds AS TEXT[])) "
+    "WITH ORDINALITY AS t(command_id, debit, credit, amount, kind, n)), "
+    "legs AS (SELECT n, 0 AS side, debit AS account_id, -amount AS delta FROM t "
+    "UNION ALL SELECT n, 1, credit, amount FROM t), "
+    "run AS (SELECT n, side, b.balance_minor + SUM(delta) OVER (PARTITION BY account_id "
+    "ORDER BY n, side ROWS UNBOUNDED PRECEDING) AS after FROM legs "
+    "JOIN before b ON b.id = legs.account_id) "
+    "INSERT INTO transfers (command_id, debit_account_id, credit_account_id, amount_minor, kind, "
+    "debit_balance_after_minor, credit_balance_after_minor, created_at) "
+    "SELECT t.command_id, t.debit, t.credit, t.amount, t.kind, d.after, c.after, "
+    "clock_timestamp() FROM t JOIN run d ON d.n = t.n AND d.side = 0 "
+    "JOIN run c ON c.n = t.n AND c.side = 1 ORDER BY t.n")
 
 
-def _write_now(conn: Connection, deltas: Mapping[int, int],
-               transfers: Sequence[tuple[int, int, int, int, str]]) -> None:
+def _write_now(conn: Connection, deltas: Mapping[int, int], transfers: Sequence[_Posted]
+               ) -> None:
+    """SQLite (every account locked and exact there), or nothing to write on PostgreSQL."""
     _write_deltas(conn, deltas)
     if transfers:
         columns = list(zip(*transfers, strict=True))
+        if None in columns[5] or None in columns[6]:
+            raise TransactionIntegrityError("Bug! a leg's balance after it is unknown")
         insert_rows(conn, schema.transfers, {
             "command_id": list(columns[0]), "debit_account_id": list(columns[1]),
             "credit_account_id": list(columns[2]), "amount_minor": list(columns[3]),
-            "kind": list(columns[4])})
+            "kind": list(columns[4]), "debit_balance_after_minor": list(columns[5]),
+            "credit_balance_after_minor": list(columns[6]), **_leg_times(conn, len(transfers))})
+
+
+def _leg_times(conn: Connection, count: int) -> dict[str, list[datetime]]:
+    at = _leg_time(conn)
+    return {} if at is None else {"created_at": [at] * count}
 
 
 def _book(conn: Connection) -> Book | None:

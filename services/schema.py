@@ -28,7 +28,8 @@ from services import command_status
 
 __all__ = ["metadata", "accounts", "commands", "transfers", "holds", "audit_events",
            "payout_batches", "payout_items", "roles", "role_permissions", "producers",
-           "producer_permissions", "producer_keys", "refusals", "signature_epoch"]
+           "producer_permissions", "producer_keys", "refusals", "signature_epoch",
+           "account_events", "reversals", "FREEZE_DIRECTIONS", "ACCOUNT_EVENTS"]
 
 ID_LENGTH_MAX = 200
 ACCOUNT_CODE_LENGTH_MAX = 220
@@ -60,7 +61,24 @@ accounts = Table(
     Column("may_go_negative", Boolean, nullable=False),
     Column("balance_minor", BigInteger, nullable=False, server_default="0"),
     _now(),
-    CheckConstraint("may_go_negative OR balance_minor >= 0", name="balance_nonnegative"),
+    # Migration 0007 (docs/ARCHITECTURE.md, "Accounts: limits, freezes, closing"): a user's
+    # available account may go down to -overdraft_limit_minor; a freeze refuses its debits
+    # ('debits') or everything ('both') until frozen_until (NULL: until unfrozen); a closed
+    # account takes nothing.
+    Column("overdraft_limit_minor", BigInteger, nullable=False, server_default="0"),
+    Column("frozen", String(10)),
+    Column("frozen_until", DateTime(timezone=True)),
+    Column("closed_at", DateTime(timezone=True)),
+    # The most its debits may take in one UTC day (NULL: no velocity limit).
+    Column("daily_debit_limit_minor", BigInteger),
+    CheckConstraint("daily_debit_limit_minor IS NULL OR (daily_debit_limit_minor > 0 AND "
+                    "kind = 'user_available')", name="daily_debit_limit"),
+    CheckConstraint("may_go_negative OR balance_minor >= -overdraft_limit_minor",
+                    name="balance_nonnegative"),
+    CheckConstraint("overdraft_limit_minor >= 0 AND "
+                    "(overdraft_limit_minor = 0 OR kind = 'user_available')",
+                    name="overdraft_limit"),
+    CheckConstraint("frozen IS NULL OR frozen IN ('debits', 'both')", name="frozen"),
     CheckConstraint(
         "kind IN ('user_available', 'user_escrow', 'treasury', 'fees', 'issuance', 'external')",
         name="kind",
@@ -107,14 +125,23 @@ transfers = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("command_id", BigId, ForeignKey("commands.id"), nullable=False, index=True),
-    Column("debit_account_id", BigId, ForeignKey("accounts.id"), nullable=False, index=True),
-    Column("credit_account_id", BigId, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("debit_account_id", BigId, ForeignKey("accounts.id"), nullable=False),
+    Column("credit_account_id", BigId, ForeignKey("accounts.id"), nullable=False),
     Column("amount_minor", BigInteger, nullable=False),
     Column("kind", String(30), nullable=False),
     _now(),
+    # Migration 0007: each leg's account balance right after it (the running balance that
+    # `balance --at`, `history` and `statement` read; verify holds the chain together).
+    Column("debit_balance_after_minor", BigInteger),
+    Column("credit_balance_after_minor", BigInteger),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint("debit_account_id <> credit_account_id", name="distinct_accounts"),
 )
+# Migration 0007: an account's legs by time (balance at a moment: the last leg before it).
+Index("ix_transfers_debit_account_at", transfers.c.debit_account_id, transfers.c.created_at,
+      transfers.c.id)
+Index("ix_transfers_credit_account_at", transfers.c.credit_account_id, transfers.c.created_at,
+      transfers.c.id)
 
 HOLD_STATUSES = ("held", "released", "refunded")
 
@@ -334,4 +361,47 @@ signature_epoch = Table(
     Column("legacy_command_id_max", BigInteger, nullable=False),
     _now(),
     CheckConstraint("id = 1", name="one_row"),
+)
+
+
+# --- account lifecycle and reversals (migration 0007) ---------------------------------------
+
+FREEZE_DIRECTIONS = ("debits", "both")
+ACCOUNT_EVENTS = ("set_limit", "freeze", "unfreeze", "close")
+
+# What happened to an account besides its money: limits set, freezes, unfreezes, closing;
+# one row per succeeded admin command. Append-only; `verify` reads the freezes back.
+account_events = Table(
+    "account_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("account_id", BigId, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("command_id", BigId, ForeignKey("commands.id"), nullable=False),
+    Column("event", String(12), nullable=False),
+    Column("direction", String(10)),
+    Column("until", DateTime(timezone=True)),
+    Column("limit_minor", BigInteger),
+    Column("daily_debit_limit_minor", BigInteger),
+    Column("reason", String(500)),
+    # The account's last transfer when the event happened (its row locked, this
+    # transaction's earlier legs written first): verify orders legs and events by it.
+    Column("transfer_id_max", BigInteger),
+    _now(),
+    CheckConstraint("event IN ('set_limit', 'freeze', 'unfreeze', 'close')", name="event"),
+    CheckConstraint("(event = 'freeze') = (direction IS NOT NULL)", name="direction_iff_freeze"),
+    CheckConstraint("direction IS NULL OR direction IN ('debits', 'both')", name="direction"),
+    CheckConstraint("(event = 'set_limit') = (limit_minor IS NOT NULL)", name="limit_iff_set"),
+)
+
+# A succeeded command and the command that reversed it: one reversal per original (the
+# unique index), never a reversal of a reversal. Append-only.
+reversals = Table(
+    "reversals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("command_id", BigId, ForeignKey("commands.id"), nullable=False, unique=True),
+    Column("original_command_id", BigId, ForeignKey("commands.id"), nullable=False, unique=True),
+    Column("reason", String(500), nullable=False),
+    _now(),
+    CheckConstraint("command_id <> original_command_id", name="distinct_commands"),
 )

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from services import command_types
 from services.command_status import CommandStatus
 from services.operations.base import TransferFacts
+from services.verify_accounts import account_checks
 from services.verify_holds import escrow_problems, hold_problems
 from services.verify_provenance import audit_problems, signatures_problems
 
@@ -48,8 +49,8 @@ def _sum_zero(conn: Connection) -> Check:
 
 def _no_negative(conn: Connection) -> Check:
     rows = conn.execute(text(
-        "SELECT code, balance_minor FROM accounts WHERE NOT may_go_negative AND balance_minor < 0"
-        " ORDER BY code")).all()
+        "SELECT code, balance_minor FROM accounts WHERE NOT may_go_negative"
+        " AND balance_minor < -overdraft_limit_minor ORDER BY code")).all()  # 0 but overdrafts
     names = [f"{code} ({minor})" for code, minor in rows]
     return Check("no_forbidden_negative_balance", not rows,
                  _offenders(names, "accounts below zero") if rows else "no account below zero")
@@ -153,4 +154,5 @@ def verify_ledger(engine: Engine, scale: int) -> list[Check]:
                 _signed(conn, scale),
                 _audited(conn),
                 _holds_add_up(conn),
+                *(Check(*found) for found in account_checks(conn)),
             ]

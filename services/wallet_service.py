@@ -184,7 +184,8 @@ class WalletService:
                 raise UnknownUserError(f"no account {account!r}", account=account)
             rows = conn.execute(
                 select(t.c.id, t.c.amount_minor, t.c.kind, t.c.created_at, debit.c.code,
-                       credit.c.code, t.c.command_id)
+                       credit.c.code, t.c.command_id, t.c.debit_balance_after_minor,
+                       t.c.credit_balance_after_minor)
                 .join(debit, debit.c.id == t.c.debit_account_id)
                 .join(credit, credit.c.id == t.c.credit_account_id)
                 .where(or_(t.c.debit_account_id == account_id,
@@ -199,7 +200,9 @@ class WalletService:
              "debit": row[4], "credit": row[5],
              "amount": to_decimal(row.amount_minor if row[5] == account else -row.amount_minor,
                                   scale),
-             "idempotency_key": keys[row.command_id]}
+             "idempotency_key": keys[row.command_id],
+             # the account's running balance (issue 9): recorded on the leg, not summed
+             "balance_after": to_decimal(row[8] if row[5] == account else row[7], scale)}
             for row in rows
         ]
 

@@ -124,6 +124,10 @@ def scenario(run_id: str) -> list[tuple[str, list[dict[str, Any]]]]:
             # A duplicate: the same mint again, one effect.
             cmd("admin_create_tokens", "mint", amount="10000.00"),
         ]),
+        ("an operator reverses a mistaken gift", [
+            cmd("reverse_command", "gift-2-reversed", original_key=f"{k}-gift-2",
+                reason="sent to the wrong user"),
+        ]),
         ("providers cash out; the rest of order-1 is released", [
             cmd("release_from_escrow", "order-1-done", hold_id=f"{k}-order-1"),
             cmd("user_sell_tokens_to_admin", "cashout-dave", user=u["dave"], amount="60.00"),
@@ -163,7 +167,7 @@ def _run_phases(client: WalletClient, phases: list[tuple[str, list[dict[str, Any
     return outcomes, refused, duplicates
 
 
-def run(out: Output, *, timeout_s: float = 45.0) -> bool:
+def run(out: Output, *, timeout_s: float = 120.0) -> bool:
     """The whole demo; True when every command ended as planned and the ledger verifies."""
     settings = get_settings()
     ensure_schema(settings)

@@ -27,9 +27,16 @@ from services import command_store
 from services.audit import log_financial_operation
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
-from services.errors import BusinessRuleError, ForbiddenError, TransactionIntegrityError
+from services.errors import (
+    AccountClosedError,
+    AccountFrozenError,
+    BusinessRuleError,
+    ForbiddenError,
+    TransactionIntegrityError,
+)
 from services.ledger import (
     account_spec,
+    check_usable,
     is_hot,
     lock_accounts,
     open_user_wallets,
@@ -74,9 +81,14 @@ def _lock_funding(conn: Connection, from_account: str, *, exact: bool = True) ->
             return found
     opened = {spec.code} if spec.user_id is None else set()
     try:
-        return lock_accounts(conn, [spec], open_missing=opened)[spec.code]
+        funding = lock_accounts(conn, [spec], open_missing=opened)[spec.code]
     except BusinessRuleError as exc:  # a user's account that does not exist
         return exc
+    try:  # a frozen or closed account funds nothing (issue 9): refused before any write
+        check_usable(funding, funding)
+    except BusinessRuleError as exc:
+        return exc
+    return funding
 
 
 def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: bool
@@ -84,6 +96,10 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
     """Decide and pay one chunk; raises a BusinessRuleError (nothing written) in atomic mode."""
     started = time.perf_counter()
     funding = _lock_funding(conn, batch.from_account, exact=exact)
+    if isinstance(funding, (AccountFrozenError, AccountClosedError)):
+        # Frozen or closed after the batch began: this chunk writes nothing and the command
+        # fails; unfreezing and re-driving it resumes where it stopped.
+        raise TransactionIntegrityError(f"payout stopped: {funding.message}")
     if isinstance(funding, BusinessRuleError):
         raise TransactionIntegrityError(f"Bug! funding account {batch.from_account}: {funding}")
     references = [item.reference for item in chunk]

@@ -21,8 +21,8 @@ def test_the_demo_runs_embedded_on_a_fresh_home_twice(tmp_path: Path, monkeypatc
         assert done.exit_code == 0, done
         report = done.json()
         assert report["verify"]["ok"], report["verify"]
-        # Issue 9: a partial capture (and a release over the rest, refused), an expiry.
-        assert report["outcomes"] == {"succeeded": 20, "rejected": 3}
+        # Issue 9: a reversal; a partial capture (and a release over the rest, refused), an expiry.
+        assert report["outcomes"] == {"succeeded": 21, "rejected": 3}
         by_key = {c["idempotency_key"].split("-", 2)[-1]: c for c in report["commands"]}
         assert by_key["order-1-over"]["error"]["code"] == "hold_exceeded"
         expired = [c for c in report["commands"] if c["type"] == "expire_hold"]

@@ -19,6 +19,7 @@ from services.wallet_service import WalletService
 from tests import servers
 from tests.support.cli import walletq
 from tests.support.env import strip_walletq_env
+from tests.support.ledger import CHECKS
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -88,7 +89,8 @@ def test_history_prints_an_accounts_transfers_newest_first(ledger: WalletService
     assert [(r["idempotency_key"], r["kind"], r["amount"]) for r in rows] == [
         ("h-1", "hold", "-5.00"), ("t-1", "transfer", "-2.50"), ("sale", "sale", "100.00")]
     assert set(rows[0]) == {"transfer_id", "at", "kind", "debit", "credit", "amount",
-                            "idempotency_key"}
+                            "idempotency_key", "balance_after"}
+    assert [r["balance_after"] for r in rows] == ["92.50", "97.50", "100.00"]
 
 
 def test_history_takes_an_account_code_and_a_limit(ledger: WalletService) -> None:
@@ -107,7 +109,7 @@ def test_history_of_an_unknown_account_exits_1(ledger: WalletService) -> None:
 def test_verify_prints_every_check_and_exits_0_when_the_ledger_holds(ledger: WalletService) -> None:
     [report] = both_orders("verify")
     assert report["ok"] is True
-    assert len(report["checks"]) == 9  # issue 9: holds_add_up
+    assert {c["name"] for c in report["checks"]} >= set(CHECKS)
     assert all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in report["checks"])
 
 
@@ -128,7 +130,9 @@ def test_verify_exits_non_zero_naming_the_account_whose_balance_was_corrupted(
     [report] = result.json_lines()
     assert report["ok"] is False
     failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
-    assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers"}
+    # The last leg's balance after it no longer matches the balance either (issue 9).
+    assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers",
+                           "balance_after_chain"}
     assert "user:bob:available (balance 243, transfers 250)" in failed["balance_equals_transfers"]
     assert "-7" in failed["sum_of_balances_is_zero"]
     table = walletq("verify")

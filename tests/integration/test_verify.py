@@ -69,7 +69,9 @@ def test_an_empty_ledger_passes(engine: Engine, settings: Settings) -> None:
 def test_a_balance_edited_behind_the_ledgers_back_is_named(busy: WalletService, engine: Engine) -> None:
     sql(engine, "UPDATE accounts SET balance_minor = balance_minor + 5 WHERE code = 'platform:fees'")
     failed = failures(engine)
-    assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers"}
+    # ... and the running balance (issue 9) no longer adds up
+    assert set(failed) == {"sum_of_balances_is_zero", "balance_equals_transfers",
+                           "balance_after_chain"}
     assert failed["sum_of_balances_is_zero"] == "sum of all balances = 5 minor units"
     assert failed["balance_equals_transfers"] == (
         "1 accounts disagree: platform:fees (balance 205, transfers 200)")
@@ -198,7 +200,9 @@ def test_a_command_account_and_transfer_written_by_hand_are_named_while_balances
 ) -> None:
     forge_credit(engine, "forged", "forger", 1_000_000_00)
     failed = failures(engine)
-    assert set(failed) == {"commands_are_signed", "commands_have_their_audit"}
+    # ... and the running balance (issue 9) no longer adds up
+    assert set(failed) == {"commands_are_signed", "commands_have_their_audit",
+                           "balance_after_chain"}
     assert failed["commands_are_signed"] == (
         "1 commands moved money unsigned or unauthorized: forged (credit_wallet succeeded: "
         "no signature)")
@@ -250,7 +254,9 @@ def test_a_transfer_added_by_hand_to_a_real_command_is_named_with_its_accounts(
         "UPDATE accounts SET balance_minor = balance_minor - 700 WHERE code = 'system:external'",
         "UPDATE accounts SET balance_minor = balance_minor + 700 WHERE code = 'user:bob:available'")
     failed = failures(engine)
-    assert set(failed) == {"commands_have_their_transfers", "commands_have_their_audit"}
+    # ... and the running balance (issue 9) no longer adds up
+    assert set(failed) == {"commands_have_their_transfers", "commands_have_their_audit",
+                           "balance_after_chain"}
     assert ("dep (credit_wallet succeeded: transfers its audit row does not name: "
             "system:external->user:bob:available 700; audited but not moved: none)"
             in failed["commands_have_their_audit"])

@@ -20,7 +20,10 @@ __all__ = ["assert_ledger_sound", "assert_report_sound", "CHECKS", "transfers", 
 #: The invariants of docs/ARCHITECTURE.md that verify must report, at least.
 CHECKS = ("sum_of_balances_is_zero", "no_forbidden_negative_balance", "balance_equals_transfers",
           "escrow_equals_open_holds", "commands_have_their_transfers", "idempotency_keys_unique",
-          "commands_are_signed", "commands_have_their_audit", "holds_add_up")
+          "commands_are_signed", "commands_have_their_audit", "holds_add_up",
+          # issue 9, the accounts' half (services.verify_accounts)
+          "balance_after_chain", "no_balance_below_limit", "frozen_accounts_not_debited",
+          "reversals_net_to_zero")
 
 
 def assert_ledger_sound(engine: Engine, settings: Settings) -> None:

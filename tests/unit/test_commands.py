@@ -61,6 +61,15 @@ VALID = [
      "payee": "bob", "amount": "5.00", "expires_in_s": 3600},
     {"type": "transfer_to_escrow", "idempotency_key": "o-9-hold", "hold_id": "o-9", "payer": "alice",
      "payee": "bob", "amount": "5.00", "expires_at": "2030-01-31T12:00:00+01:00"},
+    # issue 9, the accounts' half (admin only)
+    {"type": "set_account_limit", "idempotency_key": "lim-1", "user": "bob", "limit": "50.00",
+     "reason": "trusted seller"},
+    {"type": "freeze_account", "idempotency_key": "fz-1", "user": "bob", "reason": "review",
+     "direction": "both", "until": "2026-12-31T00:00:00Z"},
+    {"type": "unfreeze_account", "idempotency_key": "uf-1", "user": "bob", "reason": "cleared"},
+    {"type": "close_account", "idempotency_key": "cl-1", "user": "bob", "reason": "leaving"},
+    {"type": "reverse_command", "idempotency_key": "rev-1", "original_key": "t-1",
+     "reason": "sent to the wrong user"},
 ]
 VALID = [{**command, **SIGNED} for command in VALID]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from services.settings import get_settings
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
+from worker.cli.lifecycle import Moment, balances_at
 
 
 @cli.group()
@@ -81,12 +83,22 @@ def _read_passwords(out: Output, folder: str, names: Mapping[RoleKind, str]) -> 
 
 @cli.command()
 @click.argument("user")
+@click.option("--at", "moment", type=Moment(),
+              help="as of this time (ISO 8601; UTC without an offset)")
 @json_option
 @pass_output
-def balance(out: Output, user: str) -> None:
-    """A user's available and escrow balances."""
+def balance(out: Output, user: str, moment: datetime | None) -> None:
+    """A user's available and escrow balances (now, or --at a moment)."""
     settings = get_settings()
     ensure_schema(settings)
+    if moment is not None:
+        then = balances_at(user, moment)
+        if out.as_json:
+            out.json(then)
+        else:
+            out.table(f"at {then['at']}", ["user", "available", "escrow"],
+                      [[user, then["available"], then["escrow"]]], right=["available", "escrow"])
+        return
     result = WalletService(settings=settings).balance(user)
     if out.as_json:
         out.json(result.to_dict())
@@ -126,9 +138,10 @@ def history(out: Output, account: str, limit: int) -> None:
         for row in rows:
             out.json(row)
         return
-    out.table(f"history of {code}", ["at", "kind", "amount", "debit", "credit", "command"],
-              [[r["at"], r["kind"], r["amount"], r["debit"], r["credit"], r["idempotency_key"]]
-               for r in rows], right=["amount"])
+    out.table(f"history of {code}",
+              ["at", "kind", "amount", "debit", "credit", "command", "balance"],
+              [[r["at"], r["kind"], r["amount"], r["debit"], r["credit"], r["idempotency_key"],
+                r["balance_after"]] for r in rows], right=["amount", "balance"])
 
 
 @cli.command()
