@@ -8,11 +8,11 @@ so the JSON Schema, is derived from the registry (services.command_types).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from services.boundary import PAYLOAD_BYTES_MAX, decode_strict
 from services.canonical import canonical_payload, payload_hash
 from services.command_fields import ID_PATTERN, CommandBase, CommandLimits, JsonNumber
 from services.command_schema import build_command_schema
@@ -52,8 +52,6 @@ __all__ = [
     "PAYLOAD_BYTES_MAX",
 ]
 
-# Single commands are small; a payout of 10,000 rows is about a megabyte.
-PAYLOAD_BYTES_MAX = 4 * 1024 * 1024
 COMMAND_TYPES = NAMES
 
 if TYPE_CHECKING:
@@ -76,7 +74,7 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel, limits: Command
     key = data.get("idempotency_key")
     key = key if isinstance(key, str) and len(key) <= 200 else None
     try:
-        return _adapter.validate_python(data, context=limits)
+        command = _adapter.validate_python(data, context=limits)
     except ValidationError as exc:
         fields = [_field_error(err) for err in exc.errors(include_url=False)]
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
@@ -84,17 +82,21 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel, limits: Command
         raise InvalidCommandError(
             f"invalid command: {summary}{more}", fields[:50], idempotency_key=key
         ) from None
+    # What is stored must fit its column (a CHECK): refused here, never an IntegrityError.
+    # Only a batch can be that long: a single command's fields are bounded far below.
+    stored = len(canonical_payload(command)) if isinstance(command, PayoutBatch) else 0
+    if stored > PAYLOAD_BYTES_MAX:
+        raise InvalidCommandError(
+            f"command is {stored} characters in its canonical form; at most {PAYLOAD_BYTES_MAX}",
+            idempotency_key=key)
+    return command
 
 
 def load_json(raw: str | bytes) -> Any:
-    if len(raw) > PAYLOAD_BYTES_MAX:
-        raise InvalidCommandError(f"command is {len(raw)} bytes; at most {PAYLOAD_BYTES_MAX}")
-    try:
-        # Floats and non-finite literals never become floats: money is never a float. They
-        # stay JsonNumber, which every field refuses, so the error names the field.
-        return json.loads(raw, parse_float=JsonNumber, parse_constant=JsonNumber)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCommandError(f"malformed JSON: {exc}") from None
+    """Strictly (services.boundary): bounded size and depth, no duplicate key. Floats and
+    non-finite literals never become floats: money is never a float. They stay JsonNumber,
+    which every field refuses, so the error names the field."""
+    return decode_strict(raw)
 
 
 def json_kind(data: Any) -> str:

@@ -36,10 +36,12 @@ def _redelivered(task: Task) -> bool:
 
 
 #: Both tasks: late acks, a lost worker's message back to the queue, Celery's autoretry of
-#: a transient failure (bounded through the app's task_annotations), no result.
+#: a transient failure (bounded through the app's task_annotations), no result; every
+#: message inspected in the main process before it reaches the pool (the boundary).
 _OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True,
             "autoretry_for": (ConcurrentOperationError, DBAPIError), "retry_backoff": True,
-            "retry_jitter": True, "ignore_result": True}
+            "retry_jitter": True, "ignore_result": True,
+            "Strategy": "worker.guarded_request:guarded_strategy"}
 
 
 @shared_task(name=TASK_NAME, **_OPTIONS)
