@@ -26,6 +26,7 @@ __all__ = [
     "IdempotencyConflictError",
     "TransactionIntegrityError",
     "ConcurrentOperationError",
+    "PoisonMessageError",
     "EscrowIntegrityError",
     "error_class",
 ]
@@ -149,12 +150,20 @@ class ConcurrentOperationError(FinancialIntegrityError):
     code = "concurrent_operation"
 
 
+class PoisonMessageError(FinancialIntegrityError):
+    """Raised when a command was delivered more than WALLETQ_DELIVERY_MAX times without an
+    outcome (each delivery killed its worker, or failed): it is quarantined."""
+
+    code = "poison"
+
+
 # A stored outcome's code → the class a caller catches (internal codes share the root).
 _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
     cls.code: cls
     for cls in (InvalidCommandError, InsufficientBalanceError, UnknownUserError, UnknownHoldError,
                 HoldNotOpenError, HoldExistsError, ForbiddenError, UnauthenticatedError,
-                IdempotencyConflictError, ConcurrentOperationError, ProducerError)
+                IdempotencyConflictError, ConcurrentOperationError, ProducerError,
+                PoisonMessageError)
 }
 
 

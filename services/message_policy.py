@@ -178,7 +178,7 @@ def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
         return None
     with engine.connect() as conn:
         record = command_store.get_record(conn, evidence.key)
-    if record is None or not record.terminal or record.signed != evidence.signed \
+    if record is None or not record.ended or record.signed != evidence.signed \
             or record.error_code in _ROW_REFUSALS:
         return None
     return Done(record)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError
 
 from services.db import get_engine
-from services.errors import ConcurrentOperationError
+from services.errors import ConcurrentOperationError, PoisonMessageError
 from services.message_policy import (
     KEYS_TASK_NAME,
     TASK_NAME,
@@ -27,6 +30,9 @@ from services.message_policy import (
 from services.settings import get_settings
 
 __all__ = ["execute", "execute_keys"]
+
+log = logging.getLogger("walletq.tasks")
+POISON = PoisonMessageError.code
 
 
 def _redelivered(task: Task) -> bool:
@@ -52,7 +58,12 @@ def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
                               redelivered=_redelivered(self))
     if isinstance(outcome, RetryLater):
         raise outcome.error  # autoretry_for: re-queued with exponential backoff and jitter
-    return outcome.summary()
+    summary = outcome.summary()
+    if (summary.get("error") or {}).get("code") == POISON:
+        # Quarantined: dropped, never requeued (dead-lettered where the queue has a DLX).
+        log.error("%s: poison message rejected: %s", summary["idempotency_key"], summary)
+        raise Reject(summary, requeue=False)
+    return summary
 
 
 @shared_task(name=KEYS_TASK_NAME, **_OPTIONS)
