@@ -518,11 +518,13 @@ def redrive(conn: Connection, record: CommandRecord) -> CommandRecord:
 
 def claim_stale(conn: Connection, *, grace_s: float, limit: int) -> list[CommandRecord]:
     """The oldest commands stuck past the grace period, their clocks restarted so that no
-    concurrent sweep takes them too."""
+    concurrent sweep takes them too. A row another transaction holds (a long apply, another
+    sweep) is skipped, never waited for (FOR UPDATE SKIP LOCKED): the sweep goes on with the
+    rest, and a later run finds it if it is still stuck."""
     cutoff = _now() - timedelta(seconds=grace_s)
     stale = [CommandRecord.from_row(row) for row in conn.execute(
         select(_c).where(_c.c.status.in_(sorted(STUCK)), _c.c.updated_at < cutoff)
-        .order_by(_c.c.updated_at).limit(limit))]
+        .order_by(_c.c.updated_at).limit(limit).with_for_update(skip_locked=True))]
     if not stale:
         return []
     claimed = set(conn.execute(
