@@ -14,7 +14,14 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from services.boundary import PAYLOAD_BYTES_MAX, decode_strict
 from services.canonical import canonical_payload, payload_hash
-from services.command_fields import ID_PATTERN, CommandBase, CommandLimits, JsonNumber
+from services.command_fields import (
+    ID_PATTERN,
+    NAME_PATTERN,
+    NAME_RULE,
+    CommandBase,
+    CommandLimits,
+    JsonNumber,
+)
 from services.command_schema import build_command_schema
 from services.command_types import NAMES, REGISTRY
 from services.errors import InvalidCommandError
@@ -119,6 +126,9 @@ def _field_error(err: Any) -> dict[str, str]:
         message = f"unknown command type; expected one of {', '.join(COMMAND_TYPES)}"
     elif err["type"] == "union_tag_not_found":
         loc, message = ["type"], "required: the command's type"
+    elif err["type"] == "string_pattern_mismatch" and (err.get("ctx") or {}).get(
+            "pattern") == NAME_PATTERN:
+        message = NAME_RULE
     elif err["type"] == "string_pattern_mismatch":
         message = "must be 1-200 characters of A-Z a-z 0-9 . _ : -"
     message = message.removeprefix("Value error, ")
