@@ -40,6 +40,7 @@ from services.canonical import canonical_payload, payload_hash
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
 from services.errors import (
+    BusinessRuleError,
     FinancialIntegrityError,
     IdempotencyConflictError,
     InvalidCommandError,
@@ -180,7 +181,7 @@ def _lean(admitted: Admitted, engine: Engine, settings: Settings, *, coalesce: b
     except IntegrityError as exc:
         _count_attempt(admitted, engine, settings)
         raise integrity_failure(exc, key) from exc
-    except (IdempotencyConflictError, FinancialIntegrityError):
+    except (IdempotencyConflictError, BusinessRuleError):
         raise
     except Exception:
         # A bug, or a permanent database error: the transaction left nothing. Record the

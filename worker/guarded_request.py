@@ -172,10 +172,14 @@ def _body_text(raw_body: Any) -> str:
 
 
 def _refuse(message: Any, verdict: Verdict, ack: Callable[..., Any], reject: Callable[..., Any],
-            errors: tuple[type[BaseException], ...], settings: Settings) -> None:
-    """Audit the refusal, then acknowledge; a refusal that cannot be written is rejected."""
+            errors: tuple[type[BaseException], ...], settings: Settings, eventer: Any) -> None:
+    """Audit the refusal, then acknowledge; a refusal that cannot be written is rejected.
+    With events on, Flower shows the message REJECTED (a `task-rejected` event)."""
     reason = verdict.reason or ""
     log.warning("refused a task message at the boundary: %s", reason)
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    if eventer is not None and eventer.enabled and headers.get("id"):
+        eventer.send("task-rejected", uuid=str(headers["id"])[:200], requeue=False)
     refused = Refused(InvalidCommandError(reason), verdict.evidence, authenticated=False)
     try:
         record_refused(_body_text(message.body), refused, engine=get_engine(settings),
@@ -203,7 +207,7 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Calla
             verdict = Verdict(f"message could not be inspected: {type(exc).__name__}")
         if verdict.reason is None:
             return handle(message, body, ack, reject, callbacks, **more)
-        _refuse(message, verdict, ack, reject, errors, settings)
+        _refuse(message, verdict, ack, reject, errors, settings, consumer.event_dispatcher)
         return None
 
     return task_message_handler

@@ -28,6 +28,10 @@ def test_an_injected_bug_ends_its_command_failed_internal_with_one_audit_row(
     assert failed.error["code"] == "internal"
     assert failed.error["message"].startswith("KeyError: "), failed.error
     assert transfers(client.engine, "bug-1") == []
+    # What Flower shows of the task (its task-succeeded event's result is this same repr):
+    # the command's status and error, not a bare SUCCESS with None.
+    assert "'idempotency_key': 'bug-1', 'status': 'failed', 'error': {'code': 'internal'" \
+        in worker.log_text(), worker.log_tail()
     # A duplicate of the failed command gets its stored outcome: the first error stands,
     # no second audit row.
     client.publish_again(client.status("bug-1"))
