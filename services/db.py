@@ -6,7 +6,6 @@ SQLite writers are serialised with BEGIN IMMEDIATE, so a read-then-debit cannot 
 from __future__ import annotations
 
 import os
-
 import threading
 from pathlib import Path
 from typing import Any

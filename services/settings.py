@@ -178,10 +178,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     values.update(_test_switches(env, values))
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_sums(settings)
-    if settings.delivery_max <= settings.task_retries_max:
-        raise SettingsError(
-            f"WALLETQ_DELIVERY_MAX ({settings.delivery_max}) must exceed WALLETQ_TASK_RETRIES_MAX "
-            f"({settings.task_retries_max}): each retry is a delivery")
     if settings.asset_scale > 8:
         raise SettingsError("WALLETQ_ASSET_SCALE must be at most 8")
     if settings.retry_attempts < 1:
@@ -206,6 +202,10 @@ def _check_sums(settings: Settings) -> None:
         raise SettingsError(
             f"WALLETQ_AMOUNT_MAX × WALLETQ_PAYOUT_ITEMS_MAX is {largest} minor units, more than "
             f"a signed 64-bit integer holds ({INT64_MAX}): lower one of them")
+    if settings.delivery_max <= settings.task_retries_max:
+        raise SettingsError(
+            f"WALLETQ_DELIVERY_MAX ({settings.delivery_max}) must exceed WALLETQ_TASK_RETRIES_MAX "
+            f"({settings.task_retries_max}): each retry is a delivery")
 
 
 def _test_switches(env: Mapping[str, str], values: Mapping[str, object]) -> dict[str, object]:

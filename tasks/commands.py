@@ -10,9 +10,8 @@ WALLETQ_TASK_BACKOFF_S_MAX through the app's task_annotations) and return a summ
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
