@@ -151,7 +151,7 @@ def inspect_message(raw_body: Any, headers: Any, content_type: str | None, task_
     if problem is not None:
         return Verdict(problem)
     if content_type != "application/json":
-        return Verdict(f"content type {str(content_type)[:60]!r}: walletq takes JSON only")
+        return Verdict(f"content type {str(content_type)[:60]!r} disallowed: walletq takes JSON only")
     if not isinstance(raw_body, str | bytes):
         return Verdict("a task message body must be JSON text")
     try:
