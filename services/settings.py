@@ -68,7 +68,8 @@ class Settings:
     coalesce_max: int = 100
     payout_chunk_items: int = 2_000  # ~0.2 s per chunk holding the funding account's lock
     # Deliveries of one command (counted in its row, across worker deaths) before it is
-    # quarantined as poison: `failed` with code `poison`, its message dropped.
+    # quarantined as poison: `failed` with code `poison`, its message dropped. Default:
+    # WALLETQ_TASK_RETRIES_MAX + 5.
     delivery_max: int = 10
     # Test-only, refused unless WALLETQ_TEST_MODE=1: sleep this long inside each command's
     # transaction; and a fault ("exit:KEY" ends the process, "raise:KEY" raises KeyError)
@@ -176,6 +177,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env["WALLETQ_AMOUNT_MAX"], int(values.get("asset_scale", 2))  # type: ignore[call-overload]
         )
     values.update(_test_switches(env, values))
+    values.setdefault("delivery_max", _delivery_max_default(values))
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_sums(settings)
     if settings.asset_scale > 8:
@@ -191,6 +193,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 #: would silently turn it into a REAL).
 INT64_MAX = 2**63 - 1
 _TEST_FAULT = re.compile(r"(exit|raise):[A-Za-z0-9._:-]{1,200}")
+
+
+def _delivery_max_default(values: Mapping[str, object]) -> int:
+    """Each retry is a delivery: a few more deliveries than retries."""
+    retries = values.get("task_retries_max", 5)
+    return (retries if isinstance(retries, int) else 5) + 5
 
 
 def _check_sums(settings: Settings) -> None:

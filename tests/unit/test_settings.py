@@ -176,6 +176,7 @@ def test_a_test_fault_must_name_its_kind_and_key() -> None:
 
 def test_the_delivery_limit_must_exceed_the_retries_each_of_which_is_a_delivery() -> None:
     assert load_settings({}).delivery_max == 10
+    assert load_settings({"WALLETQ_TASK_RETRIES_MAX": "10"}).delivery_max == 15
     assert load_settings({"WALLETQ_DELIVERY_MAX": "3", "WALLETQ_TASK_RETRIES_MAX": "2"}
                          ).delivery_max == 3
     with pytest.raises(SettingsError, match="WALLETQ_DELIVERY_MAX"):
