@@ -102,6 +102,19 @@ def _eta_problem(headers: dict[str, Any], settings: Settings, now: datetime) -> 
     return None
 
 
+def _time_limit_allowed(limits: Any, settings: Settings) -> bool:
+    """None, or [hard, soft] each None or within the deployment's own limit (a message sent
+    from inside a worker carries the task's configured limits): never a longer one, which
+    would outlast the broker's visibility timeout."""
+    if limits is None:
+        return True
+    if not isinstance(limits, list) or len(limits) != 2:
+        return False
+    return all(value is None or (isinstance(value, int | float) and not isinstance(value, bool)
+                                 and 0 < value <= settings.task_time_limit_s)
+               for value in limits)
+
+
 def _body_problem(body: Any, task_name: str) -> str | None:
     """The `[args, kwargs, embed]` body of a walletq task, decoded."""
     if not (isinstance(body, list) and len(body) == 3 and isinstance(body[0], list)
@@ -159,8 +172,9 @@ def inspect_message(raw_body: Any, headers: Any, content_type: str | None, task_
     except InvalidCommandError as exc:
         return Verdict(exc.message)
     claims = _claims(body)
-    if headers.get("timelimit") not in (None, [None, None]):
-        return Verdict("a task message may not set its own time limit", claims)
+    if not _time_limit_allowed(headers.get("timelimit"), settings):
+        return Verdict("a task message may not set a time limit beyond "
+                       f"WALLETQ_TASK_TIME_LIMIT_S ({settings.task_time_limit_s} s)", claims)
     problem = _eta_problem(headers, settings, now) or _body_problem(body, task_name)
     return Verdict(problem, claims)
 

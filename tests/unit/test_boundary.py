@@ -53,6 +53,7 @@ def test_an_eta_is_refused_unless_it_is_a_retry_within_the_backoff() -> None:
     ({"content_type": "application/x-python-serialize"}, "JSON only"),
     ({"compression": "application/x-gzip"}, "compressed"),
     ({"timelimit": [3600, None]}, "time limit"),
+    ({"timelimit": "300"}, "time limit"),
     ({"stamps": json.loads("[" * 12 + "]" * 12)}, "headers"),
 ])
 def test_what_is_not_a_plausible_command_message_is_refused_naming_why(
@@ -64,3 +65,11 @@ def test_what_is_not_a_plausible_command_message_is_refused_naming_why(
 def test_a_chunk_of_keys_must_be_one_list_of_keys() -> None:
     assert "list of 1 to" in verdict([["k" * 201]], task=KEYS_TASK_NAME)
     assert "list of 1 to" in verdict([[]], task=KEYS_TASK_NAME)
+
+
+def test_the_deployments_own_time_limits_go_on_a_longer_one_does_not() -> None:
+    # A message a worker publishes (the sweep) carries the task's configured limits.
+    own = SETTINGS.task_time_limit_s
+    assert verdict(timelimit=[own, own - 30]) is None
+    assert verdict(timelimit=[None, None]) is None
+    assert "WALLETQ_TASK_TIME_LIMIT_S" in verdict(timelimit=[own + 1, None])
