@@ -5,6 +5,7 @@ it cannot read instead of crashing; the embedded database and broker are their u
 from __future__ import annotations
 
 import dataclasses
+import json
 import stat
 from pathlib import Path
 
@@ -13,12 +14,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import celeryconfig
+from services.boundary import PAYLOAD_BYTES_MAX
 from services.db import get_engine
 from services.errors import FinancialIntegrityError
 from services.settings import Settings
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
-from tests.support.builders import credit
+from tests.support.builders import credit, payout
+from tests.support.cli import walletq
 
 
 def test_a_sqlite_balance_past_64_bits_is_refused_and_nothing_becomes_a_real(
@@ -68,3 +71,30 @@ def test_the_embedded_database_and_broker_folders_are_their_users_only(
     made = sqlite_env.home / "made-after.txt"
     made.write_text("x")  # what kombu writes now: this process's umask keeps it private
     assert _mode(made) == 0o600
+
+
+def _deep(levels: int) -> object:
+    value: object = "x"
+    for _ in range(levels):
+        value = {"n": value}
+    return value
+
+
+def test_walletq_submit_refuses_deep_duplicate_and_oversized_commands_naming_why(
+        walletq_env: dict[str, str], engine: Engine) -> None:
+    deep = json.dumps({**credit("deep-1", "alice", "1.00"), "memo": _deep(500)})
+    twice = json.dumps(credit("dup-1", "alice", "1.00"))[:-1] + ', "amount": "999.00"}'
+    # Valid item by item, and its text within the limit; its canonical form ("1" stored as
+    # "1.00") is not: refused at validation, never an IntegrityError at the INSERT.
+    items = [{"user": "u" * 200, "amount": "1", "reference": f"{i:0>179}"} for i in range(10_000)]
+    huge = json.dumps(payout("big-1", items), separators=(",", ":"))
+    assert len(huge) <= PAYLOAD_BYTES_MAX
+    for line, reason in ((deep, "more than 8 deep"), (twice, "appears twice"),
+                         (huge, "canonical form")):
+        done = walletq("--json", "submit", line)
+        assert done.exit_code == 1, done
+        answer = done.json()
+        assert answer["error"]["code"] == "invalid_command" and reason in answer["error"]["message"]
+        assert "Traceback" not in done.stdout + done.stderr
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM commands")).scalar_one() == 0
