@@ -20,12 +20,14 @@ envelope checks live in worker.guarded_request and call `decode_strict`/`check_d
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from services.command_fields import JsonNumber
 from services.errors import InvalidCommandError
 
-__all__ = ["PAYLOAD_BYTES_MAX", "DEPTH_MAX", "decode_strict", "check_object", "depth_over"]
+__all__ = ["PAYLOAD_BYTES_MAX", "DEPTH_MAX", "decode_strict", "check_object", "depth_over",
+           "text_depth_over"]
 
 #: The largest command text. Single commands are small; a payout of 10,000 rows with long
 #: ids is about 4 MB, and `commands.payload` holds at most 4 MiB (a CHECK).
@@ -62,6 +64,26 @@ def depth_over(value: Any, depth_max: int = DEPTH_MAX) -> bool:
     return False
 
 
+# In text that is valid JSON (so every string ends): its strings, then all but brackets.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]++")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def text_depth_over(text: str | bytes, depth_max: int = DEPTH_MAX) -> bool:
+    """Whether valid JSON text nests deeper than `depth_max`: its skeleton of brackets, the
+    innermost pairs removed `depth_max` times (regular expressions, no recursion)."""
+    raw = text.encode() if isinstance(text, str) else text
+    if raw.count(b"[") + raw.count(b"{") <= depth_max:
+        return False
+    skeleton = _NOT_BRACKET.sub(b"", _STRING.sub(b"", raw))
+    for _ in range(depth_max):
+        skeleton = _INNERMOST.sub(b"", skeleton)
+        if not skeleton:
+            return False
+    return bool(skeleton)
+
+
 def _too_deep() -> InvalidCommandError:
     return InvalidCommandError(f"command nests objects and arrays more than {DEPTH_MAX} deep")
 
@@ -72,13 +94,16 @@ def decode_strict(raw: str | bytes, *, bytes_max: int = PAYLOAD_BYTES_MAX,
     if len(raw) > bytes_max:
         raise InvalidCommandError(f"command is {len(raw)} bytes; at most {bytes_max}")
     try:
-        value = json.loads(raw, parse_float=JsonNumber, parse_constant=JsonNumber,
+        # UTF-8 only (json.loads would guess UTF-16 or 32 from bytes): in UTF-8 no byte of a
+        # multi-byte character is a quote, a backslash or a bracket, so the skeleton is exact.
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        value = json.loads(text, parse_float=JsonNumber, parse_constant=JsonNumber,
                            object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidCommandError(f"malformed JSON: {str(exc)[:200]}") from None
-    if depth_over(value, depth_max):
+    if text_depth_over(raw, depth_max):  # valid JSON now: every string ends
         raise _too_deep()
     return value
 

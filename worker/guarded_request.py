@@ -35,7 +35,7 @@ from typing import Any
 from celery.worker.strategy import default as default_strategy
 
 from services.admission import Evidence, Refused
-from services.boundary import DEPTH_MAX, PAYLOAD_BYTES_MAX, decode_strict, depth_over
+from services.boundary import DEPTH_MAX, PAYLOAD_BYTES_MAX, decode_strict, text_depth_over
 from services.command_fields import ID_LENGTH_MAX
 from services.db import get_engine
 from services.errors import InvalidCommandError
@@ -74,10 +74,10 @@ def _header_problem(headers: Any, task_name: str, settings: Settings, now: datet
     if not isinstance(headers, dict) or headers.get("task") != task_name or "id" not in headers:
         return "not a Celery task message of protocol 2"
     try:
-        size = len(json.dumps(headers, default=str))
+        text = json.dumps(headers, default=str)
     except (TypeError, ValueError, RecursionError):
         return "task message headers are not plain JSON"
-    if size > HEADERS_BYTES_MAX or depth_over(headers, DEPTH_MAX):
+    if len(text) > HEADERS_BYTES_MAX or text_depth_over(text, DEPTH_MAX):
         return f"task message headers are over {HEADERS_BYTES_MAX} bytes or {DEPTH_MAX} deep"
     if headers.get("compression"):
         return "a compressed task message (walletq never compresses)"
@@ -171,12 +171,13 @@ def inspect_message(raw_body: Any, headers: Any, content_type: str | None, task_
         body = decode_strict(raw_body, bytes_max=BODY_BYTES_MAX, depth_max=_BODY_DEPTH_MAX)
     except InvalidCommandError as exc:
         return Verdict(exc.message)
-    claims = _claims(body)
+    problem = None
     if not _time_limit_allowed(headers.get("timelimit"), settings):
-        return Verdict("a task message may not set a time limit beyond "
-                       f"WALLETQ_TASK_TIME_LIMIT_S ({settings.task_time_limit_s} s)", claims)
-    problem = _eta_problem(headers, settings, now) or _body_problem(body, task_name)
-    return Verdict(problem, claims)
+        problem = ("a task message may not set a time limit beyond "
+                   f"WALLETQ_TASK_TIME_LIMIT_S ({settings.task_time_limit_s} s)")
+    problem = problem or _eta_problem(headers, settings, now) or _body_problem(body, task_name)
+    # What it claims is read only for the record of a refusal.
+    return Verdict(None) if problem is None else Verdict(problem, _claims(body))
 
 
 def _body_text(raw_body: Any) -> str:

@@ -73,3 +73,16 @@ def test_the_deployments_own_time_limits_go_on_a_longer_one_does_not() -> None:
     assert verdict(timelimit=[own, own - 30]) is None
     assert verdict(timelimit=[None, None]) is None
     assert "WALLETQ_TASK_TIME_LIMIT_S" in verdict(timelimit=[own + 1, None])
+
+
+def test_depth_is_read_from_the_text_without_being_fooled_by_strings_or_encodings() -> None:
+    from services.boundary import decode_strict, text_depth_over
+    from services.errors import InvalidCommandError
+
+    assert not text_depth_over(b'{"a": "[[[[[[[[[[[[[[[[[[[[[["}', 2)
+    assert not text_depth_over(b'["\\"[[[[\\\\"]', 1)
+    assert text_depth_over(b'[{"a": [1, {"b": []}]}]', 4)
+    assert not text_depth_over(b'[{"a": [1, {"b": []}]}]', 5)
+    hidden = ("[" * 20 + "]" * 20).encode("utf-16")  # json.loads would take UTF-16 bytes
+    with pytest.raises(InvalidCommandError, match="malformed JSON"):
+        decode_strict(hidden)
