@@ -103,10 +103,13 @@ def prepare_broker_folders(env: Mapping[str, str] | None = None) -> None:
     """Create the embedded broker's folders (and WALLETQ_HOME); the edges call it before
     their first message, never an import."""
     settings = load_settings(os.environ if env is None else env)
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.broker_url.startswith("filesystem"):
+        # Message files are commands with their signatures: this process's own (kombu
+        # writes them with the umask's mode, so the umask keeps them 0600, folders 0700).
+        os.umask(os.umask(0) | 0o077)
         for folder in _broker_folders(settings.home).values():
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 def _filesystem_options(home: Path) -> dict[str, Any]:

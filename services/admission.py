@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 
 from services import command_store, command_types
 from services.authentication import DIRECTORY, Principal, ProducerDirectory, authenticate
+from services.boundary import check_object
 from services.command_fields import ID_PATTERN, CommandBase, CommandLimits
 from services.commands import Command, json_kind, load_json, parse_command
 from services.errors import (
@@ -99,7 +100,11 @@ def as_object(raw: Any) -> dict[str, Any]:
         return raw.model_dump(mode="json", exclude_none=True)
     if isinstance(raw, BaseModel):
         raise InvalidCommandError(f"{type(raw).__name__} is not a walletq command")
-    data = load_json(raw) if isinstance(raw, str | bytes) else raw
+    if isinstance(raw, str | bytes):
+        data = load_json(raw)  # bounded size and depth, no duplicate key (services.boundary)
+    else:
+        check_object(raw)  # a dict from a caller: the same bounds, before anything recurses
+        data = raw
     if not isinstance(data, dict):
         raise InvalidCommandError(f"a command must be a JSON object, not a JSON {json_kind(data)}")
     return data

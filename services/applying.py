@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,10 +189,24 @@ def apply(conn: Connection, items: Sequence[Item], settings: Settings, *, alone:
             outcomes.add(item, CommandStatus.REJECTED, error=error.to_dict(),
                          ids={"check": "signature"})
             continue
+        if settings.test_fault:
+            _test_fault(settings.test_fault, item.record.idempotency_key)
         _run(conn, item, prints[item.record.id], book, settings, alone, outcomes)
     if settings.test_delay_s:
         time.sleep(settings.test_delay_s)  # fault tests: a window inside the transaction
     return Applied(_write(conn, book, outcomes), outcomes.left)
+
+
+def _test_fault(fault: str, key: str) -> None:
+    """WALLETQ_TEST_FAULT (settings refuse it unless WALLETQ_TEST_MODE=1): a bug, or a
+    process that dies, on the command under one key, inside its transaction."""
+    kind, _, target = fault.partition(":")
+    if key != target:
+        return
+    if kind == "exit":
+        log.error("WALLETQ_TEST_FAULT: the process ends while applying %s", key)
+        os._exit(70)
+    raise KeyError(f"WALLETQ_TEST_FAULT injected into {key}")
 
 
 def _write(conn: Connection, book: ledger.Book, outcomes: _Outcomes) -> list[CommandRecord]:

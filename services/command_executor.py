@@ -40,9 +40,11 @@ from services.canonical import canonical_payload, payload_hash
 from services.command_status import CommandStatus
 from services.command_store import CommandRecord
 from services.errors import (
+    BusinessRuleError,
     FinancialIntegrityError,
     IdempotencyConflictError,
     InvalidCommandError,
+    PoisonMessageError,
 )
 from services.refusing import admit_row, record_refused, reject_row, row_refusal
 from services.settings import Settings
@@ -137,7 +139,7 @@ def _own_row(conn: Connection, admitted: Admitted, *, expect_new: bool
         raise command_store.conflict(admitted.command, record)
     if not _same(record, admitted):
         return None, False  # a retry signed afresh, or a row held to its own signature
-    if record.terminal or record.untouched:
+    if record.ended or record.untouched:
         return record, False
     return None, False  # delivered, swept or re-driven before: count this delivery first
 
@@ -150,7 +152,7 @@ def _lean_body(conn: Connection, admitted: Admitted, engine: Engine, settings: S
         record: CommandRecord | None = trigger
     else:
         record, counted = _own_row(conn, admitted, expect_new=not coalesce)
-    if record is None or record.terminal:
+    if record is None or record.ended:
         if not others:
             return _Lean(record)
         with ledger.deferred(conn):  # the company is applied all the same
@@ -179,7 +181,7 @@ def _lean(admitted: Admitted, engine: Engine, settings: Settings, *, coalesce: b
     except IntegrityError as exc:
         _count_attempt(admitted, engine, settings)
         raise integrity_failure(exc, key) from exc
-    except (IdempotencyConflictError, FinancialIntegrityError):
+    except (IdempotencyConflictError, BusinessRuleError):
         raise
     except Exception:
         # A bug, or a permanent database error: the transaction left nothing. Record the
@@ -256,14 +258,14 @@ def _claim(admitted: Admitted, engine: Engine, settings: Settings) -> CommandRec
         # payload differs: written behind walletq's back. It ends; else the conflict stands.
         with engine.connect() as conn:
             found = command_store.get_record(conn, key)
-        if found is None or found.terminal or found.signed != admitted.signed:
+        if found is None or found.ended or found.signed != admitted.signed:
             raise
         refusal = row_refusal(found, engine=engine, settings=settings)
         ended = reject_row(key, refusal.error, engine=engine, settings=settings) if refusal else None
         if ended is None:
             raise
         return ended
-    if record.terminal or record.signed == admitted.signed:
+    if record.ended or record.signed == admitted.signed:
         return record
     refusal = row_refusal(record, engine=engine, settings=settings)
     if refusal is None:
@@ -277,8 +279,10 @@ def _claimed(admitted: Admitted, engine: Engine, settings: Settings) -> CommandR
     command = admitted.command
     key = command.idempotency_key
     record = _claim(admitted, engine, settings)
-    if record.terminal:
+    if record.ended:
         return record
+    if record.attempts > settings.delivery_max:
+        return _quarantine(record, engine, settings)
     entry = command_types.get(command.type)
     if entry.batch_executor is not None:
         return entry.batch_executor(engine, command, settings)
@@ -294,7 +298,7 @@ def _claimed(admitted: Admitted, engine: Engine, settings: Settings) -> CommandR
 def _apply_claimed(conn: Connection, admitted: Admitted, settings: Settings) -> CommandRecord:
     record = command_store.lock(conn, admitted.command.idempotency_key)
     assert record is not None, "claimed command vanished"
-    if record.terminal:
+    if record.ended:
         return record
     with ledger.deferred(conn, hot_first=True):  # the slow path takes no chance
         return apply(conn, [Item(record, admitted, counted=True)], settings,
@@ -346,6 +350,20 @@ def _each_batch(chunk: list[str], engine: Engine, settings: Settings) -> list[Co
 # --- failures -------------------------------------------------------------------------------
 
 
+def _quarantine(record: CommandRecord, engine: Engine, settings: Settings) -> CommandRecord:
+    """A command delivered more than WALLETQ_DELIVERY_MAX times (its count committed by each
+    claim, so deliveries that killed their worker count too) ends `failed` as `poison`."""
+    error = PoisonMessageError(
+        f"delivered {record.attempts} times without an outcome (WALLETQ_DELIVERY_MAX="
+        f"{settings.delivery_max}): quarantined; `walletq redrive` runs it again after a fix",
+        idempotency_key=record.idempotency_key)
+    log.error("%s quarantined as poison after %d deliveries", record.idempotency_key,
+              record.attempts)
+    failed = record_failure(record.idempotency_key, error, engine=engine, settings=settings)
+    assert failed is not None, "claimed command vanished"
+    return failed
+
+
 def record_failure(
     key: str, error: FinancialIntegrityError | dict[str, Any], *, engine: Engine,
     settings: Settings,
@@ -355,8 +373,8 @@ def record_failure(
 
     def body(conn: Connection) -> CommandRecord | None:
         record = command_store.lock(conn, key)
-        if record is None or record.terminal:
-            return record
+        if record is None or record.ended:
+            return record  # a failed command keeps its first error and its one audit row
         failed = command_store.finish(conn, record.id, CommandStatus.FAILED, error=error_dict)
         audit_command(conn, record, "failed", error=error_dict)
         return failed

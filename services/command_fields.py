@@ -28,6 +28,9 @@ from services.settings import Settings
 __all__ = [
     "AMOUNT_SCHEMA_MARK",
     "ID_PATTERN",
+    "NAME_PATTERN",
+    "NAME_RULE",
+    "Key",
     "ID_LENGTH_MAX",
     "MEMO_LENGTH_MAX",
     "CommandLimits",
@@ -44,7 +47,13 @@ __all__ = [
 ]
 
 ID_LENGTH_MAX = 200
+#: An idempotency key (and `requested_by`): `:` allowed ("order:81:hold").
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+#: A user, hold or payout reference id: no `:`, which separates the parts of an account
+#: code (`user:{id}:available`), so every user's accounts can be named unambiguously.
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
+NAME_RULE = "must be 1-200 characters of A-Z a-z 0-9 . _ - (no ':', which separates the " \
+    "parts of account codes)"
 MEMO_LENGTH_MAX = 500
 #: What pydantic writes for an amount; services.command_schema replaces each with a
 #: reference to one definition built from the limits (pydantic's own cannot see them).
@@ -96,7 +105,9 @@ def _validate_amount(value: Any, info: ValidationInfo) -> Decimal:
     return to_decimal(minor, limits.scale)
 
 
-Ident = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=ID_LENGTH_MAX)]
+#: A user, hold or reference id (NAME_PATTERN); an idempotency key is a `Key`.
+Ident = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=ID_LENGTH_MAX)]
+Key = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=ID_LENGTH_MAX)]
 # A producer's name, and a signature's one spelling (services.signing says why).
 ProducerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,200}$",
                                                 max_length=ID_LENGTH_MAX)]
@@ -142,8 +153,8 @@ class CommandBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     type: str
-    idempotency_key: Ident
+    idempotency_key: Key
     producer: ProducerName
     signature: SignatureText
     memo: Memo | None = None
-    requested_by: Ident | None = None
+    requested_by: Key | None = None

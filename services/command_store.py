@@ -229,8 +229,10 @@ def _claim_statement(dialect_name: str) -> Any:
         index_elements=["idempotency_key"],
         set_={"status": CommandStatus.PROCESSING.value, "attempts": _c.c.attempts + 1,
               "updated_at": _NOW},
+        # A failed command is not claimed: a duplicate gets its stored outcome (only a
+        # redrive runs it again), so its first error and audit row stand.
         where=and_(_c.c.payload_hash == stmt.excluded.payload_hash,
-                   _c.c.status.not_in(sorted(TERMINAL))),
+                   _c.c.status.in_(sorted(STUCK))),
     ).returning(*_c.c)
 
 
@@ -250,7 +252,7 @@ def claim(conn: Connection, command: CommandBase, signed: Signed) -> CommandReco
     assert record is not None, "a key that conflicted has no row"
     if record.payload_hash != params["digest"]:
         raise conflict(command, record)
-    assert record.terminal, "an upsert skipped a non-terminal command"
+    assert record.ended, "an upsert skipped a command that has not ended"
     return record
 
 
@@ -502,24 +504,27 @@ def refuse(conn: Connection, key: str, text: str, error: dict[str, Any], signed:
 
 
 def redrive(conn: Connection, record: CommandRecord) -> CommandRecord:
-    """Move a locked `failed` command back to `accepted`, its error cleared."""
+    """Move a locked `failed` command back to `accepted`, its error cleared and its delivery
+    count restarted (a quarantined poison command gets WALLETQ_DELIVERY_MAX more)."""
     if record.status != CommandStatus.FAILED:
         raise AssertionError(f"Bug! redrive of a {record.status} command")
     row = conn.execute(
         update(_c).where(_c.c.id == record.id, _c.c.status == CommandStatus.FAILED.value)
         .values(status=CommandStatus.ACCEPTED.value, error_code=None, error_message=None,
-                updated_at=_now())
+                attempts=0, updated_at=_now())
         .returning(*_c.c)).one()
     return CommandRecord.from_row(row)
 
 
 def claim_stale(conn: Connection, *, grace_s: float, limit: int) -> list[CommandRecord]:
     """The oldest commands stuck past the grace period, their clocks restarted so that no
-    concurrent sweep takes them too."""
+    concurrent sweep takes them too. A row another transaction holds (a long apply, another
+    sweep) is skipped, never waited for (FOR UPDATE SKIP LOCKED): the sweep goes on with the
+    rest, and a later run finds it if it is still stuck."""
     cutoff = _now() - timedelta(seconds=grace_s)
     stale = [CommandRecord.from_row(row) for row in conn.execute(
         select(_c).where(_c.c.status.in_(sorted(STUCK)), _c.c.updated_at < cutoff)
-        .order_by(_c.c.updated_at).limit(limit))]
+        .order_by(_c.c.updated_at).limit(limit).with_for_update(skip_locked=True))]
     if not stale:
         return []
     claimed = set(conn.execute(

@@ -8,13 +8,20 @@ so the JSON Schema, is derived from the registry (services.command_types).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from services.boundary import PAYLOAD_BYTES_MAX, decode_strict
 from services.canonical import canonical_payload, payload_hash
-from services.command_fields import ID_PATTERN, CommandBase, CommandLimits, JsonNumber
+from services.command_fields import (
+    ID_PATTERN,
+    NAME_PATTERN,
+    NAME_RULE,
+    CommandBase,
+    CommandLimits,
+    JsonNumber,
+)
 from services.command_schema import build_command_schema
 from services.command_types import NAMES, REGISTRY
 from services.errors import InvalidCommandError
@@ -52,8 +59,6 @@ __all__ = [
     "PAYLOAD_BYTES_MAX",
 ]
 
-# Single commands are small; a payout of 10,000 rows is about a megabyte.
-PAYLOAD_BYTES_MAX = 4 * 1024 * 1024
 COMMAND_TYPES = NAMES
 
 if TYPE_CHECKING:
@@ -76,7 +81,7 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel, limits: Command
     key = data.get("idempotency_key")
     key = key if isinstance(key, str) and len(key) <= 200 else None
     try:
-        return _adapter.validate_python(data, context=limits)
+        command = _adapter.validate_python(data, context=limits)
     except ValidationError as exc:
         fields = [_field_error(err) for err in exc.errors(include_url=False)]
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
@@ -84,17 +89,21 @@ def parse_command(raw: str | bytes | dict[str, Any] | BaseModel, limits: Command
         raise InvalidCommandError(
             f"invalid command: {summary}{more}", fields[:50], idempotency_key=key
         ) from None
+    # What is stored must fit its column (a CHECK): refused here, never an IntegrityError.
+    # Only a batch can be that long: a single command's fields are bounded far below.
+    stored = len(canonical_payload(command)) if isinstance(command, PayoutBatch) else 0
+    if stored > PAYLOAD_BYTES_MAX:
+        raise InvalidCommandError(
+            f"command is {stored} characters in its canonical form; at most {PAYLOAD_BYTES_MAX}",
+            idempotency_key=key)
+    return command
 
 
 def load_json(raw: str | bytes) -> Any:
-    if len(raw) > PAYLOAD_BYTES_MAX:
-        raise InvalidCommandError(f"command is {len(raw)} bytes; at most {PAYLOAD_BYTES_MAX}")
-    try:
-        # Floats and non-finite literals never become floats: money is never a float. They
-        # stay JsonNumber, which every field refuses, so the error names the field.
-        return json.loads(raw, parse_float=JsonNumber, parse_constant=JsonNumber)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCommandError(f"malformed JSON: {exc}") from None
+    """Strictly (services.boundary): bounded size and depth, no duplicate key. Floats and
+    non-finite literals never become floats: money is never a float. They stay JsonNumber,
+    which every field refuses, so the error names the field."""
+    return decode_strict(raw)
 
 
 def json_kind(data: Any) -> str:
@@ -117,6 +126,9 @@ def _field_error(err: Any) -> dict[str, str]:
         message = f"unknown command type; expected one of {', '.join(COMMAND_TYPES)}"
     elif err["type"] == "union_tag_not_found":
         loc, message = ["type"], "required: the command's type"
+    elif err["type"] == "string_pattern_mismatch" and (err.get("ctx") or {}).get(
+            "pattern") == NAME_PATTERN:
+        message = NAME_RULE
     elif err["type"] == "string_pattern_mismatch":
         message = "must be 1-200 characters of A-Z a-z 0-9 . _ : -"
     message = message.removeprefix("Value error, ")

@@ -5,6 +5,7 @@ SQLite writers are serialised with BEGIN IMMEDIATE, so a read-then-debit cannot 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,14 @@ def _postgres_engine(settings: Settings, *, pre_ping: bool, **kwargs: Any) -> En
 
 
 def _make_sqlite_folder(url: str) -> None:
+    """The embedded database's folder (made 0700) and file (made 0600 before SQLite opens
+    it; SQLite gives its journal and WAL files the database file's mode): the ledger is
+    readable by its own user only."""
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite") else ""
     if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
 
 
 def _sqlite_engine(url: str, **kwargs: Any) -> Engine:

@@ -26,6 +26,7 @@ __all__ = [
     "IdempotencyConflictError",
     "TransactionIntegrityError",
     "ConcurrentOperationError",
+    "PoisonMessageError",
     "EscrowIntegrityError",
     "LimitExceededError",
     "AccountFrozenError",
@@ -174,6 +175,8 @@ class HoldExceededError(BusinessRuleError):
     """Raised when a release asks for more than remains held; nothing moves."""
 
     code = "hold_exceeded"
+
+
 class LimitExceededError(BusinessRuleError):
     """Raised when a debit would take an account below its overdraft limit (or a new limit
     would leave the balance below it)."""
@@ -212,6 +215,13 @@ class NotReversibleError(BusinessRuleError):
     code = "not_reversible"
 
 
+class PoisonMessageError(FinancialIntegrityError):
+    """Raised when a command was delivered more than WALLETQ_DELIVERY_MAX times without an
+    outcome (each delivery killed its worker, or failed): it is quarantined."""
+
+    code = "poison"
+
+
 # A stored outcome's code → the class a caller catches (internal codes share the root).
 _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
     cls.code: cls
@@ -220,7 +230,8 @@ _BY_CODE: dict[str, type[FinancialIntegrityError]] = {
                 IdempotencyConflictError, ConcurrentOperationError, ProducerError,
                 HoldExpiredError, HoldNotExpiredError, HoldExceededError,
                 LimitExceededError, AccountFrozenError, AccountClosedError,
-                AccountNotEmptyError, AlreadyReversedError, NotReversibleError)
+                AccountNotEmptyError, AlreadyReversedError, NotReversibleError,
+                PoisonMessageError)
 }
 
 

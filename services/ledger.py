@@ -396,11 +396,32 @@ def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     _write_deltas(conn, deltas)
 
 
+#: A balance is a signed 64-bit integer (PostgreSQL's BIGINT refuses more; SQLite would
+#: silently store a REAL instead, so its new balances are checked here first).
+BALANCE_MIN, BALANCE_MAX = -(2**63), 2**63 - 1
+
+
+def _check_sqlite_range(conn: Connection, items: Sequence[tuple[int, int]]) -> None:
+    a = schema.accounts
+    found = dict(conn.execute(select(a.c.id, a.c.balance_minor)
+                              .where(a.c.id.in_([i for i, _ in items]))).all())
+    for account_id, delta in items:
+        balance = found.get(account_id)
+        if balance is None:
+            continue
+        if not isinstance(balance, int) or not BALANCE_MIN <= balance + delta <= BALANCE_MAX:
+            raise TransactionIntegrityError(
+                f"account {account_id}: balance {balance!r} + {delta} leaves the signed 64-bit "
+                "range; nothing written", account_id=account_id)
+
+
 def _write_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     items = sorted((account_id, delta) for account_id, delta in deltas.items() if delta)
     if not items:
         return
     a = schema.accounts
+    if conn.dialect.name == "sqlite":
+        _check_sqlite_range(conn, items)
     if conn.dialect.name == "postgresql" and len(items) > 1:
         # One statement (one round trip) for both legs of a transfer or a payout chunk's
         # many accounts, its text the same whatever their number: two arrays unnested.

@@ -39,6 +39,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services import command_store
 from services.admission import Admitted, Evidence, Refused, admit
+from services.boundary import check_object
 from services.command_executor import execute_admitted, execute_keys, record_failure
 from services.command_fields import ID_PATTERN
 from services.command_store import CommandRecord
@@ -178,7 +179,7 @@ def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
         return None
     with engine.connect() as conn:
         record = command_store.get_record(conn, evidence.key)
-    if record is None or not record.terminal or record.signed != evidence.signed \
+    if record is None or not record.ended or record.signed != evidence.signed \
             or record.error_code in _ROW_REFUSALS:
         return None
     return Done(record)
@@ -191,6 +192,8 @@ def execute_message(args: tuple[Any, ...], kwargs: dict[str, Any], *, engine: En
     raw: Any = args
     try:
         raw = _payload_of(args, kwargs)
+        if not isinstance(raw, str | bytes):
+            check_object(raw)  # before anything recurses into it (the canonical form below)
     except InvalidCommandError as exc:
         log.warning("refused a message that is not a valid command: %s", exc.message)
         return _refuse(raw, Refused(exc, Evidence(), authenticated=False), engine, settings)

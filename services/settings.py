@@ -73,8 +73,16 @@ class Settings:
     # waiting `accepted` (or a bulk producer's chunk of keys). 1: no coalescing.
     coalesce_max: int = 100
     payout_chunk_items: int = 2_000  # ~0.2 s per chunk holding the funding account's lock
-    # Test-only: sleep this long inside each command's transaction (fault tests).
+    # Deliveries of one command (counted in its row, across worker deaths) before it is
+    # quarantined as poison: `failed` with code `poison`, its message dropped. Default:
+    # WALLETQ_TASK_RETRIES_MAX + 5.
+    delivery_max: int = 10
+    # Test-only, refused unless WALLETQ_TEST_MODE=1: sleep this long inside each command's
+    # transaction; and a fault ("exit:KEY" ends the process, "raise:KEY" raises KeyError)
+    # when the command under KEY is applied (fault tests).
+    test_mode: bool = False
     test_delay_s: float = 0.0
+    test_fault: str | None = None
     # The producer this process signs as (WALLETQ_PRODUCER) and its private key file; with
     # neither set, an embedded deployment signs as `local-admin` (key under WALLETQ_HOME).
     producer: str | None = None
@@ -108,6 +116,7 @@ _INT_FIELDS = {
     "WALLETQ_PAYOUT_CHUNK_ITEMS": "payout_chunk_items",
     "WALLETQ_COALESCE_MAX": "coalesce_max",
     "WALLETQ_EXPIRY_BATCH_MAX": "expiry_batch_max",
+    "WALLETQ_DELIVERY_MAX": "delivery_max",
 }
 _FLOAT_FIELDS = {
     "WALLETQ_RETRY_BACKOFF_S": "retry_backoff_s",
@@ -183,7 +192,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         values["amount_max_minor"] = _amount_max_minor(
             env["WALLETQ_AMOUNT_MAX"], int(values.get("asset_scale", 2))  # type: ignore[call-overload]
         )
+    values.update(_test_switches(env, values))
+    values.setdefault("delivery_max", _delivery_max_default(values))
     settings = Settings(**values)  # type: ignore[arg-type]
+    _check_sums(settings)
     if settings.asset_scale > 8:
         raise SettingsError("WALLETQ_ASSET_SCALE must be at most 8")
     if settings.retry_attempts < 1:
@@ -192,6 +204,49 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not 1 <= settings.coalesce_max <= COALESCE_MAX_LIMIT:
         raise SettingsError(f"WALLETQ_COALESCE_MAX must be between 1 and {COALESCE_MAX_LIMIT}")
     return settings
+
+
+#: PostgreSQL's BIGINT and SQLite's INTEGER: a balance beyond this is an overflow (SQLite
+#: would silently turn it into a REAL).
+INT64_MAX = 2**63 - 1
+_TEST_FAULT = re.compile(r"(exit|raise):[A-Za-z0-9._:-]{1,200}")
+
+
+def _delivery_max_default(values: Mapping[str, object]) -> int:
+    """Each retry is a delivery: a few more deliveries than retries."""
+    retries = values.get("task_retries_max", 5)
+    return (retries if isinstance(retries, int) else 5) + 5
+
+
+def _check_sums(settings: Settings) -> None:
+    """The largest payout (items × the largest amount) must fit a signed 64-bit integer: a
+    batch's total is stored as one. (A balance that many commands would push past it is
+    refused by the ledger, in Python, before the database is asked.)"""
+    largest = settings.amount_max_minor * max(settings.payout_items_max, 1)
+    if largest > INT64_MAX:
+        raise SettingsError(
+            f"WALLETQ_AMOUNT_MAX × WALLETQ_PAYOUT_ITEMS_MAX is {largest} minor units, more than "
+            f"a signed 64-bit integer holds ({INT64_MAX}): lower one of them")
+    if settings.delivery_max <= settings.task_retries_max:
+        raise SettingsError(
+            f"WALLETQ_DELIVERY_MAX ({settings.delivery_max}) must exceed WALLETQ_TASK_RETRIES_MAX "
+            f"({settings.task_retries_max}): each retry is a delivery")
+
+
+def _test_switches(env: Mapping[str, str], values: Mapping[str, object]) -> dict[str, object]:
+    """WALLETQ_TEST_* hooks exist for fault tests only: refused unless WALLETQ_TEST_MODE=1."""
+    mode = env.get("WALLETQ_TEST_MODE", "")
+    if mode not in ("", "0", "1"):
+        raise SettingsError(f"WALLETQ_TEST_MODE={mode[:20]!r} must be 0 or 1")
+    fault = env.get("WALLETQ_TEST_FAULT") or None
+    hooks = [name for name, on in (("WALLETQ_TEST_DELAY_S", values.get("test_delay_s")),
+                                   ("WALLETQ_TEST_FAULT", fault)) if on]
+    if hooks and mode != "1":
+        raise SettingsError(f"{', '.join(hooks)}: test hooks that slow or break commands; "
+                            "refused unless WALLETQ_TEST_MODE=1 (never in production)")
+    if fault is not None and not _TEST_FAULT.fullmatch(fault):
+        raise SettingsError("WALLETQ_TEST_FAULT must be exit:KEY or raise:KEY")
+    return {"test_mode": mode == "1", "test_fault": fault}
 
 
 _PRODUCER_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")

@@ -8,6 +8,7 @@ type's transfers must be comes from its registry entry (services.command_types).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +95,8 @@ def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
         entry = command_types.BY_NAME.get(type_)
         if entry is not None and (entry.is_batch or status == CommandStatus.SUCCEEDED):
             # A batch's check covers every status: a running batch has paid some items.
-            problem = entry.implied_transfers(
-                TransferFacts(conn, command_id, status, json.loads(payload), n, s, scale))
+            problem = _implied(entry, TransferFacts, conn, command_id, status, payload, n, s,
+                               scale)
         elif status == CommandStatus.SUCCEEDED:
             problem = f"a succeeded command of unknown type {type_!r}"
         else:
@@ -105,6 +106,18 @@ def _commands_have_their_transfers(conn: Connection, scale: int) -> Check:
     return Check("commands_have_their_transfers", not names,
                  _offenders(names, "commands disagree") if names
                  else f"{total} commands have exactly the transfers their outcome implies")
+
+
+def _implied(entry: Any, facts: Any, conn: Connection, *args: Any) -> str | None:
+    """A command's own rule; a row it cannot read (a payload that is not JSON, a field of the
+    wrong kind, written by hand) is reported, never a crash of verify."""
+    command_id, status, payload, n, s, scale = args
+    try:
+        problem: str | None = entry.implied_transfers(
+            facts(conn, command_id, status, json.loads(payload), n, s, scale))
+    except Exception as exc:  # noqa: BLE001 - a bad row is a finding, not a crash
+        return f"unreadable row: {type(exc).__name__}: {str(exc)[:200]}"
+    return problem
 
 
 def _keys_unique(conn: Connection) -> Check:
@@ -144,15 +157,31 @@ def verify_ledger(engine: Engine, scale: int) -> list[Check]:
         if conn.dialect.name == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
-            return [
-                _sum_zero(conn),
-                _no_negative(conn),
-                _balances_match_transfers(conn),
-                _escrow_matches_holds(conn),
-                _commands_have_their_transfers(conn, scale),
-                _keys_unique(conn),
-                _signed(conn, scale),
-                _audited(conn),
-                _holds_add_up(conn),
-                *(Check(*found) for found in account_checks(conn)),
-            ]
+            checks = [_guarded(conn, name, check) for name, check in (
+                ("sum_of_balances_is_zero", _sum_zero),
+                ("no_forbidden_negative_balance", _no_negative),
+                ("balance_equals_transfers", _balances_match_transfers),
+                ("escrow_equals_open_holds", _escrow_matches_holds),
+                ("commands_have_their_transfers",
+                 lambda c: _commands_have_their_transfers(c, scale)),
+                ("idempotency_keys_unique", _keys_unique),
+                ("commands_are_signed", lambda c: _signed(c, scale)),
+                ("commands_have_their_audit", _audited),
+                ("holds_add_up", _holds_add_up),
+            )]
+            try:
+                checks += [Check(*found) for found in account_checks(conn)]
+            except Exception as exc:  # noqa: BLE001 - reported, as _guarded does
+                checks.append(Check("account_checks", False,
+                                    f"could not check: {type(exc).__name__}: {str(exc)[:300]}"))
+            return checks
+
+
+def _guarded(conn: Connection, name: str, check: Callable[[Connection], Check]) -> Check:
+    """One check: one that cannot run on some row fails, naming why, and the others still run
+    (verify reports a bad row; it never crashes on one). A database error aborts the
+    snapshot's transaction on PostgreSQL: the checks after it then say so too."""
+    try:
+        return check(conn)
+    except Exception as exc:  # noqa: BLE001 - reported as the check's failure
+        return Check(name, False, f"could not check: {type(exc).__name__}: {str(exc)[:300]}")

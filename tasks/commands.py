@@ -10,13 +10,15 @@ WALLETQ_TASK_BACKOFF_S_MAX through the app's task_annotations) and return a summ
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError
 
 from services.db import get_engine
-from services.errors import ConcurrentOperationError
+from services.errors import ConcurrentOperationError, PoisonMessageError
 from services.message_policy import (
     KEYS_TASK_NAME,
     TASK_NAME,
@@ -28,6 +30,9 @@ from services.settings import get_settings
 
 __all__ = ["execute", "execute_keys"]
 
+log = logging.getLogger("walletq.tasks")
+POISON = PoisonMessageError.code
+
 
 def _redelivered(task: Task) -> bool:
     """Delivered before (Redis and RabbitMQ flag a message they restore), or a retry."""
@@ -36,10 +41,12 @@ def _redelivered(task: Task) -> bool:
 
 
 #: Both tasks: late acks, a lost worker's message back to the queue, Celery's autoretry of
-#: a transient failure (bounded through the app's task_annotations), no result.
+#: a transient failure (bounded through the app's task_annotations), no result; every
+#: message inspected in the main process before it reaches the pool (the boundary).
 _OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True,
             "autoretry_for": (ConcurrentOperationError, DBAPIError), "retry_backoff": True,
-            "retry_jitter": True, "ignore_result": True}
+            "retry_jitter": True, "ignore_result": True,
+            "Strategy": "worker.guarded_request:guarded_strategy"}
 
 
 @shared_task(name=TASK_NAME, **_OPTIONS)
@@ -50,7 +57,12 @@ def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
                               redelivered=_redelivered(self))
     if isinstance(outcome, RetryLater):
         raise outcome.error  # autoretry_for: re-queued with exponential backoff and jitter
-    return outcome.summary()
+    summary = outcome.summary()
+    if (summary.get("error") or {}).get("code") == POISON:
+        # Quarantined: dropped, never requeued (dead-lettered where the queue has a DLX).
+        log.error("%s: poison message rejected: %s", summary["idempotency_key"], summary)
+        raise Reject(summary, requeue=False)
+    return summary
 
 
 @shared_task(name=KEYS_TASK_NAME, **_OPTIONS)

@@ -117,6 +117,8 @@ def walletq_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         "WALLETQ_RETRY_BACKOFF_S_MAX": "0.2",
         "WALLETQ_PRODUCER": ADMIN_PRODUCER,
         "WALLETQ_PRODUCER_KEY_FILE": str(key_file(ADMIN_PRODUCER)),
+        # The fault tests' hooks (WALLETQ_TEST_DELAY_S, WALLETQ_TEST_FAULT) need it.
+        "WALLETQ_TEST_MODE": "1",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

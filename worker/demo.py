@@ -175,7 +175,7 @@ def run(out: Output, *, timeout_s: float = 120.0) -> bool:
     where = "embedded (SQLite + filesystem broker under " + str(settings.home) + ")" \
         if settings.embedded else settings.database_url.split("@")[-1]
     if not out.as_json:
-        out.say(f"[bold]walletq demo[/bold] run {run_id}: {where}")
+        out.say(f"walletq demo run {run_id}: {where}", "bold")
     phases = scenario(run_id)
     total = sum(len(commands) for _, commands in phases)
     worker = DemoWorker(settings, run_id)
@@ -259,8 +259,8 @@ def _report(out: Output, settings: Settings, run_id: str, outcomes: dict[str, Co
     summary = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
     out.say(f"{len(outcomes)} commands ({summary}), {len(refused)} refused at submit, "
             f"{len(duplicates)} duplicate, "
-            f"in {elapsed_s:.1f} s — " + ("[green]all invariants hold[/green]" if ok
-                                          else "[red]invariants broken[/red]"))
+            f"in {elapsed_s:.1f} s — " + ("all invariants hold" if ok else "invariants broken"),
+            "green" if ok else "red")
     return ok
 
 

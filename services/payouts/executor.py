@@ -172,7 +172,7 @@ def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
     record = command_store.lock(conn, key)
     if record is None:
         raise TransactionIntegrityError(f"Bug! payout {key} was claimed but has no command row")
-    if record.terminal:
+    if record.ended:
         return True, 0
     batch = store.load_batch(conn, record.id)
     if batch is None:

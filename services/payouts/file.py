@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.command_fields import ID_PATTERN, CommandLimits
+from services.command_fields import NAME_PATTERN, NAME_RULE, CommandLimits
 from services.money import AmountError, parse_amount
 
 __all__ = ["CSV_COLUMNS", "FILE_BYTES_MAX", "PayoutFile", "PayoutFileError", "read_payout_csv",
@@ -28,8 +28,8 @@ CSV_COLUMNS = ("user", "amount", "reference")
 # A file of a million rows is ~50 MB; beyond that, split it first.
 FILE_BYTES_MAX = 256 * 1024 * 1024
 PROBLEMS_SHOWN_MAX = 10
-_ID_RE = re.compile(ID_PATTERN)
-_ID_RULE = "must be 1-200 characters of A-Z a-z 0-9 . _ : -"
+_ID_RE = re.compile(NAME_PATTERN)
+_ID_RULE = NAME_RULE
 
 
 class PayoutFileError(ValueError):

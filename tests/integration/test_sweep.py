@@ -17,7 +17,6 @@ from services.wallet_service import WalletService
 from tests.support.builders import credit
 from tests.support.cli import walletq
 from tests.support.outbox import accept_only, age
-from tests.support.polling import eventually
 from tests.support.publishing import FakePublisher
 
 GRACE_S = 60
@@ -97,17 +96,10 @@ def test_a_run_stops_at_its_first_short_batch(engine: Engine, settings: Settings
     assert (counts.found, counts.batches) == (5, 3)
 
 
-def _waiting_on_a_lock(engine: Engine) -> bool:
-    with engine.connect() as conn:
-        return bool(conn.execute(text(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'")).scalar_one())
-
-
 def test_two_sweeps_at_once_publish_each_command_once(engine: Engine, settings: Settings) -> None:
-    """Sweep A claims every stuck command and holds its transaction open; sweep B reads the
-    same commands as stuck (A has not committed), waits on their row locks, and — once A
-    commits — finds their clocks restarted and takes none."""
+    """Sweep A claims every stuck command and holds its transaction open; sweep B sees the
+    same commands as stuck (A has not committed) but skips the rows A holds (SKIP LOCKED):
+    it ends at once, taking none; once A commits their clocks are restarted."""
     keys = stuck(engine, settings, 20)
     a, b = FakePublisher(), FakePublisher()
     claimed, release = threading.Event(), threading.Event()
@@ -135,10 +127,31 @@ def test_two_sweeps_at_once_publish_each_command_once(engine: Engine, settings: 
     thread_b = threading.Thread(target=sweep_b)
     thread_b.start()
     try:
-        eventually(lambda: _waiting_on_a_lock(engine), 10)
+        thread_b.join(30)
+        ended_while_a_held = not thread_b.is_alive()
     finally:
         release.set()
         thread_a.join(30)
         thread_b.join(30)
     assert not errors, errors
+    assert ended_while_a_held
     assert a.published == keys and b.published == []
+
+
+def test_a_row_locked_by_another_transaction_is_skipped_and_the_rest_republished(
+        engine: Engine, settings: Settings) -> None:
+    keys = stuck(engine, settings, 4)
+    # A long apply (or an operator's session) holds one stuck row: the sweep must not wait
+    # for it (a wait ends in lock timeouts, retried, then raised: nothing republished).
+    with engine.connect() as holder:
+        holder.begin()
+        holder.execute(text("SELECT 1 FROM commands WHERE idempotency_key = :k FOR UPDATE"),
+                       {"k": keys[1]})
+        publisher = FakePublisher()
+        counts = sweep.run_once(publisher, engine=engine, settings=settings, grace_s=GRACE_S)
+        holder.rollback()
+    assert (counts.found, counts.republished) == (3, 3)
+    assert publisher.published == [keys[0], keys[2], keys[3]]
+    # Once free, the next run takes it.
+    assert sweep.run_once(FakePublisher(), engine=engine, settings=settings,
+                          grace_s=GRACE_S).found == 1

@@ -57,19 +57,21 @@ def queued_commands(url: str, prefix: str) -> int:
         conn.close()
 
 
-def redis_task_message(task: str, args: list[Any], queue: str) -> str:
+def redis_task_message(task: str, args: list[Any], queue: str, *, body: bytes | None = None,
+                       headers: dict[str, Any] | None = None) -> str:
     """A Celery task message (protocol 2) as kombu's Redis transport stores it in a queue's
-    list: what a producer without kombu (celery-node, a hand-written client) LPUSHes."""
+    list: what a producer without kombu (celery-node, a hand-written client) LPUSHes.
+    `body` replaces the encoded `[args, {}, embed]`; `headers` adds to / overrides the headers."""
     task_id = str(uuid.uuid4())
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    body = json.dumps([args, {}, embed]).encode()
+    body = json.dumps([args, {}, embed]).encode() if body is None else body
     return json.dumps({
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {"lang": "js", "task": task, "id": task_id, "root_id": task_id,
                     "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
-                    "timelimit": [None, None], "origin": "a foreign producer"},
+                    "timelimit": [None, None], "origin": "a foreign producer", **(headers or {})},
         "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
                        "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
                        "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},

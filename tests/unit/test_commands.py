@@ -213,9 +213,23 @@ def test_an_id_outside_the_allowed_characters_is_refused_naming_it(
 
 
 def test_an_id_of_exactly_200_allowed_characters_is_accepted() -> None:
-    key = "aZ09._:-" * 25
-    assert len(key) == 200
-    assert parse_command({**CREDIT, "idempotency_key": key, "user": key}).user == key
+    key, user = "aZ09._:-" * 25, "aZ09._-" * 28 + "aZ09"
+    assert len(key) == len(user) == 200
+    command = parse_command({**CREDIT, "idempotency_key": key, "user": user})
+    assert (command.idempotency_key, command.user) == (key, user)
+
+
+@pytest.mark.parametrize("field", ["user", "hold_id", "payer", "reference"])
+def test_a_colon_in_a_user_hold_or_reference_id_is_refused_saying_why(field: str) -> None:
+    # `user:alice:available` as a user id could not be told apart from an account code.
+    hold, payout = VALID[3], VALID[-1]
+    base = {"user": CREDIT, "hold_id": hold, "payer": hold}.get(field)
+    if base is None:
+        bad = {**payout, "items": [{**payout["items"][0], "reference": "inv:1"}]}
+        message = field_error(bad, "items.0.reference")
+    else:
+        message = field_error({**base, field: "user:alice:available"}, field)
+    assert "no ':'" in message and "account codes" in message
 
 
 def test_an_id_that_is_not_a_string_is_refused_naming_it() -> None:
@@ -364,7 +378,8 @@ def test_the_json_schema_names_every_command_type_and_forbids_unknown_fields() -
     assert credit["properties"]["amount"] == {"$ref": "#/$defs/Amount"}
     assert schema["$defs"]["Amount"]["type"] == "string"
     assert set(credit["required"]) >= {"type", "idempotency_key", "user", "amount"}
-    assert credit["properties"]["user"]["pattern"] == "^[A-Za-z0-9._:-]{1,200}$(?!\\n)"
+    assert credit["properties"]["user"]["pattern"] == "^[A-Za-z0-9._-]{1,200}$(?!\\n)"
+    assert credit["properties"]["idempotency_key"]["pattern"] == "^[A-Za-z0-9._:-]{1,200}$(?!\\n)"
 
 
 def test_the_json_schema_is_valid_under_its_meta_schema_and_agrees_with_the_parser() -> None:
@@ -379,3 +394,38 @@ def test_the_json_schema_is_valid_under_its_meta_schema_and_agrees_with_the_pars
     assert not validator.is_valid({**CREDIT, "surprise": 1})  # unknown fields are errors
     assert not validator.is_valid({**CREDIT, "amount": 10})  # a JSON number is no amount
     assert not validator.is_valid({**CREDIT, "type": "no_such_type"})
+
+
+def test_the_same_key_twice_in_json_text_is_refused_never_the_last_one_wins() -> None:
+    text = json.dumps(CREDIT)[:-1] + ', "amount": "999.00"}'
+    assert refused(text).message == "malformed JSON: the key 'amount' appears twice"
+
+
+@pytest.mark.parametrize("as_text", [True, False], ids=["json text", "dict"])
+def test_a_500_deep_command_is_invalid_naming_the_depth_not_a_recursion_error(as_text: bool) -> None:
+    from services.admission import as_object
+
+    deep: Any = "x"
+    for _ in range(500):
+        deep = {"n": deep}
+    raw = {**CREDIT, "memo": deep}
+    with pytest.raises(InvalidCommandError, match="more than 8 deep"):
+        as_object(json.dumps(raw) if as_text else raw)
+
+
+def test_an_oversized_dict_is_refused_before_it_is_walked_whole() -> None:
+    from services.admission import as_object
+    from services.boundary import PAYLOAD_BYTES_MAX
+
+    huge = {**CREDIT, "memo": ["m" * 1024] * (6 * 1024)}  # 6 MiB of text, never encoded
+    with pytest.raises(InvalidCommandError, match=f"over {PAYLOAD_BYTES_MAX} bytes"):
+        as_object(huge)
+
+
+def test_a_payout_whose_canonical_form_exceeds_the_stored_limit_is_invalid() -> None:
+    # 10,000 items with 200-character ids: valid item by item, 4.4 MB canonical; the column
+    # holds 4 MiB. Refused by validation, never an IntegrityError at the INSERT.
+    long_id = "u" * 200
+    items = [{"user": long_id, "amount": "1.00", "reference": f"{i:0>200}"} for i in range(10_000)]
+    error = refused({**VALID[-1], "items": items})
+    assert "canonical form" in error.message and "at most 4194304" in error.message

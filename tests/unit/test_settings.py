@@ -146,3 +146,38 @@ def test_a_password_file_that_cannot_be_used_stops_the_process_at_start(
     env = {key: value.format(**paths) for key, value in env.items()}
     with pytest.raises(SettingsError, match=reason):
         load_settings(env)
+
+
+def test_an_amount_maximum_whose_largest_payout_could_overflow_64_bits_is_refused() -> None:
+    # 10^17 minor units × 10,000 items = 10^21: more than a signed 64-bit sum holds.
+    with pytest.raises(SettingsError, match="signed 64-bit"):
+        load_settings({"WALLETQ_AMOUNT_MAX": "1000000000000000", "WALLETQ_PAYOUT_ITEMS_MAX": "10000"})
+    with pytest.raises(SettingsError, match="signed 64-bit"):
+        load_settings({"WALLETQ_PAYOUT_ITEMS_MAX": "100000"})  # 10^14 × 10^5
+    # At the edge: 9.2e14 minor units × 10,000 items still fits.
+    fits = load_settings({"WALLETQ_AMOUNT_MAX": "9200000000000.00"})
+    assert fits.amount_max_minor * fits.payout_items_max < 2**63
+
+
+@pytest.mark.parametrize("hook", [{"WALLETQ_TEST_DELAY_S": "0.5"},
+                                  {"WALLETQ_TEST_FAULT": "exit:k-1"}])
+def test_a_test_hook_is_refused_unless_test_mode_is_explicitly_on(hook: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="WALLETQ_TEST_MODE=1"):
+        load_settings(hook)
+    with pytest.raises(SettingsError, match="WALLETQ_TEST_MODE=1"):
+        load_settings({**hook, "WALLETQ_TEST_MODE": "0"})
+    assert load_settings({**hook, "WALLETQ_TEST_MODE": "1"}).test_mode
+
+
+def test_a_test_fault_must_name_its_kind_and_key() -> None:
+    with pytest.raises(SettingsError, match="exit:KEY or raise:KEY"):
+        load_settings({"WALLETQ_TEST_FAULT": "boom", "WALLETQ_TEST_MODE": "1"})
+
+
+def test_the_delivery_limit_must_exceed_the_retries_each_of_which_is_a_delivery() -> None:
+    assert load_settings({}).delivery_max == 10
+    assert load_settings({"WALLETQ_TASK_RETRIES_MAX": "10"}).delivery_max == 15
+    assert load_settings({"WALLETQ_DELIVERY_MAX": "3", "WALLETQ_TASK_RETRIES_MAX": "2"}
+                         ).delivery_max == 3
+    with pytest.raises(SettingsError, match="WALLETQ_DELIVERY_MAX"):
+        load_settings({"WALLETQ_DELIVERY_MAX": "5", "WALLETQ_TASK_RETRIES_MAX": "5"})

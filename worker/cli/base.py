@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -18,40 +19,65 @@ from services.db import get_engine, schema_is_current, upgrade
 from services.errors import FinancialIntegrityError
 from services.settings import Settings, SettingsError
 
-__all__ = ["cli", "main", "json_option", "Output", "pass_output", "ensure_schema"]
+__all__ = ["cli", "main", "json_option", "Output", "pass_output", "ensure_schema", "visible"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: C0 and C1 control characters (ESC starts a terminal's escape sequences), DEL, and the
+#: bidirectional overrides that reorder what a terminal shows (U+202A-U+202E, U+2066-U+2069).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_OR_BREAK = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(char: re.Match[str]) -> str:
+    code = ord(char.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str, *, lines: bool = False) -> str:
+    """Stored text as a terminal must show it: every control character as its escape
+    (`\\x1b`), never obeyed; with `lines`, newlines and tabs are kept."""
+    return (_CONTROL if lines else _CONTROL_OR_BREAK).sub(_visible, text)
+
+
 class Output:
-    """Prints JSON for scripts or rich tables for people, and owns the exit code."""
+    """Prints JSON for scripts or rich tables for people, and owns the exit code.
+
+    Nothing printed is read as markup, emoji codes or highlighting: a record's text may be
+    what a producer (or an attacker) wrote ("[/x]" once crashed `walletq status`, and
+    "[link=...]" made a link in an operator's terminal). Styles come only from `style=`.
+    """
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
-        self.console = Console()
-        self.err = Console(stderr=True)
+        self.console = Console(markup=False, emoji=False, highlight=False)
+        self.err = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
     def json(self, obj: Any) -> None:
         click.echo(json.dumps(obj, default=_default, sort_keys=False))
 
     def table(self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
               *, right: Sequence[str] = ()) -> None:
-        table = Table(title=title, show_lines=False)
+        table = Table(title=None if title is None else Text(visible(title)), show_lines=False)
         for name in columns:
-            table.add_column(name, justify="right" if name in right else "left")
+            table.add_column(Text(name), justify="right" if name in right else "left")
         for row in rows:
             # Text, not markup: a cell may hold stored text a producer (or an attacker) wrote.
-            table.add_row(*[Text("" if v is None else str(v)) for v in row])
+            table.add_row(*[Text(visible("" if v is None else str(v))) for v in row])
         self.console.print(table)
 
-    def say(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+    def say(self, text: str, style: str | None = None) -> None:
+        self.console.print(Text(visible(text, lines=True), style=style or ""))
+
+    def warn(self, text: str) -> None:
+        self.err.print(Text(visible(text, lines=True)))
 
     def fail(self, message: str, code: int = 1, error_code: str = "invalid_command") -> None:
         if self.as_json:
             self.json({"error": {"code": error_code, "message": message}})
         else:
-            self.err.print(f"[red]error:[/red] {message}", highlight=False)
+            self.err.print(Text.assemble(("error: ", "red"), visible(message, lines=True)))
         raise SystemExit(code)
 
 

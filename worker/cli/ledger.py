@@ -158,7 +158,7 @@ def verify(out: Output) -> None:
     else:
         out.table("ledger invariants", ["check", "ok", "detail"],
                   [[c.name, "ok" if c.ok else "FAILED", c.detail] for c in checks])
-        out.say("[green]all invariants hold[/green]" if ok else "[red]invariants broken[/red]")
+        out.say("all invariants hold" if ok else "invariants broken", "green" if ok else "red")
     if not ok:
         raise SystemExit(1)
 

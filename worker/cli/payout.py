@@ -142,8 +142,8 @@ def _show_batches(out: Output, title: str, states: Sequence[dict[str, Any]]) -> 
               right=["decided", "paid", "rejected", "duplicate", "amount paid"])
     for s in states:
         if s.get("error"):
-            out.say(f"[red]{s['idempotency_key']} {s['status']}:[/red] {s['error']['code']}: "
-                    f"{s['error']['message']}")
+            out.say(f"{s['idempotency_key']} {s['status']}: {s['error']['code']}: "
+                    f"{s['error']['message']}", "red")
 
 
 def _report(out: Output, source: str, from_account: str, states: list[dict[str, Any]],
@@ -165,9 +165,9 @@ def _report(out: Output, source: str, from_account: str, states: list[dict[str, 
             f"rejected {totals['rejected']}{f' ({reasons})' if reasons else ''}; "
             f"duplicates {totals['duplicate']} (paid before: nothing paid again)")
     if timed_out:
-        out.say(f"[yellow]still running: {totals['done']} of {totals['items']} items decided; "
-                f"see `walletq payout-status {states[0]['idempotency_key'] if states else ''}`"
-                "[/yellow]")
+        out.say(f"still running: {totals['done']} of {totals['items']} items decided; "
+                f"see `walletq payout-status {states[0]['idempotency_key'] if states else ''}`",
+                "yellow")
 
 
 @cli.command("payout")
@@ -218,8 +218,8 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
             _report(out, str(file), from_account, states, [], True)
             return
         if not out.as_json:
-            out.err.print(f"submitted {len(keys)} batch(es) to the payouts queue; waiting for a "
-                          "worker (celery -A worker worker)", highlight=False)
+            out.warn(f"submitted {len(keys)} batch(es) to the payouts queue; waiting for a "
+                     "worker (celery -A worker worker)")
     states = _watch(out, keys, len(payout_file.rows), settings, timeout_s, runner)
     timed_out = not (len(states) == len(keys) and all(s["status"] in ENDED for s in states))
     rejected = _rejected_items(states, settings, payout_file, settings.payout_items_max)

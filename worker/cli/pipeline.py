@@ -136,7 +136,7 @@ def status(out: Output, key: str, wait_s: float | None) -> None:
     _show_record(out, record)
     if wait_s is not None and record.status not in ENDED:
         if not out.as_json:
-            out.err.print(f"still {record.status} after {wait_s:g} s")
+            out.warn(f"still {record.status} after {wait_s:g} s")
         raise SystemExit(3)
 
 
@@ -237,7 +237,7 @@ def redrive(out: Output, key: str) -> None:
         client.publish_again(record)
     except Exception as exc:  # noqa: BLE001 - it is accepted now: the sweep delivers it
         if not out.as_json:
-            out.err.print(f"could not publish ({exc}); the sweep will deliver it")
+            out.warn(f"could not publish ({exc}); the sweep will deliver it")
     finally:
         client.close()
     _show_record(out, record)
