@@ -219,10 +219,15 @@ def test_an_id_of_exactly_200_allowed_characters_is_accepted() -> None:
     assert (command.idempotency_key, command.user) == (key, user)
 
 
+def example_of(type_name: str) -> dict[str, Any]:
+    """The corpus's first valid command of a type."""
+    return next(c for c in VALID if c["type"] == type_name)
+
+
 @pytest.mark.parametrize("field", ["user", "hold_id", "payer", "reference"])
 def test_a_colon_in_a_user_hold_or_reference_id_is_refused_saying_why(field: str) -> None:
     # `user:alice:available` as a user id could not be told apart from an account code.
-    hold, payout = VALID[3], VALID[-1]
+    hold, payout = example_of("transfer_to_escrow"), example_of("payout_batch")
     base = {"user": CREDIT, "hold_id": hold, "payer": hold}.get(field)
     if base is None:
         bad = {**payout, "items": [{**payout["items"][0], "reference": "inv:1"}]}
@@ -427,5 +432,5 @@ def test_a_payout_whose_canonical_form_exceeds_the_stored_limit_is_invalid() -> 
     # holds 4 MiB. Refused by validation, never an IntegrityError at the INSERT.
     long_id = "u" * 200
     items = [{"user": long_id, "amount": "1.00", "reference": f"{i:0>200}"} for i in range(10_000)]
-    error = refused({**VALID[-1], "items": items})
+    error = refused({**example_of("payout_batch"), "items": items})
     assert "canonical form" in error.message and "at most 4194304" in error.message
