@@ -279,6 +279,7 @@ class Soak:
         while not self.stop.wait(self.args.fault_every):
             kind = kinds[turn % len(kinds)]
             turn += 1
+            log(f"fault {kind} ...")
             try:
                 getattr(self, f"fault_{kind}")()
                 self.faults[kind] += 1
@@ -402,12 +403,14 @@ class Soak:
                     f"{done:,}, {rate:,.0f}/s, faults {dict(self.faults)}, sweeps "
                     f"{self.sweeps} (republished {self.republished})")
                 last_print = now
-            if not producer.is_alive() and len(self.commands) >= self.args.commands:
-                if faults.is_alive():
-                    self.stop.set()
-                    faults.join()
-                if done >= len(self.commands) and self.in_flight() == 0:
+            if not producer.is_alive() and done >= len(self.commands) \
+                    and self.in_flight() == 0:
+                if not faults.is_alive():
                     break
+                # Faults go on until every command ended; then none more, and once more
+                # until everything a last fault disturbed has ended too.
+                self.stop.set()
+                faults.join()
             time.sleep(0.5)
         self.stop.set()
         ended = time.monotonic()
