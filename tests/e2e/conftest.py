@@ -71,7 +71,8 @@ class Broker:
         from celeryconfig import QueueNames
 
         names = QueueNames(prefix)
-        return {**{f"{k} (ready)": v for k, v in ready_counts(self.url, names.all() + names.dead()).items() if v},
+        ready = ready_counts(self.url, names.all() + names.dead())
+        return {**{f"{k} (ready)": v for k, v in ready.items() if v},
                 **in_queue_counts(prefix, self.node)}
 
 

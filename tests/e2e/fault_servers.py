@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import uuid
 import pwd
 import random
 import shutil
 import signal
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
