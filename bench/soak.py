@@ -48,7 +48,7 @@ from kombu import Exchange, Producer  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
-from tests.e2e.conftest import WorkerProcess  # noqa: E402
+from tests.e2e.conftest import Broker, WorkerProcess  # noqa: E402
 from tests.e2e.fault_servers import PrivatePostgres, PrivateRabbit, PrivateRedis  # noqa: E402
 
 TERMINAL = ("succeeded", "rejected", "failed")
@@ -364,7 +364,10 @@ class Soak:
                         f"{process.proc.returncode}); restarting\n{process.log_tail(15)}")
                     self.killed_by_us.add(process.proc.pid)
                     process.kill()
-                    process.start(timeout_s=120)
+                    try:
+                        process.start(timeout_s=120)
+                    except (RuntimeError, AssertionError) as exc:  # died again at once
+                        log(f"worker {process.name} did not start: {str(exc)[:200]}")
 
     def sweep(self) -> None:
         from services import sweep as sweep_module
@@ -414,10 +417,38 @@ class Soak:
             time.sleep(0.5)
         self.stop.set()
         ended = time.monotonic()
-        self.watch_workers()
+        self.settle()
         figures = self.check()
         figures["duration_s"] = ended - started
         return figures
+
+    def settle(self, timeout_s: float = 90.0) -> None:
+        """Every command has ended; wait until the poison messages have too (the broker
+        idle), so that a worker they killed is seen. On Redis a message whose worker died
+        stays unacknowledged until the visibility timeout: the wait then ends at timeout_s."""
+        node = self.broker.node if isinstance(self.broker, PrivateRabbit) else None
+        broker = Broker(self.args.broker, self.broker.url, node)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.watch_workers()
+            try:
+                if broker.idle(self.prefix):
+                    break
+            except Exception:  # the broker restarting under the last fault
+                pass
+            time.sleep(1.0)
+        else:
+            log(f"the broker still holds messages after {timeout_s:.0f} s: "
+                f"{broker.state(self.prefix)}")
+        time.sleep(2.0)  # a worker that just failed takes a moment to exit
+        self.watch_workers()
+        self.dead_letters = 0
+        if isinstance(self.broker, PrivateRabbit):
+            from celeryconfig import QueueNames
+            from tests.support.rabbit import ready_counts
+
+            names = QueueNames(self.prefix)
+            self.dead_letters = sum(ready_counts(self.broker.url, names.dead()).values())
 
     # checking
 
@@ -490,6 +521,8 @@ def print_report(args: argparse.Namespace, soak: Soak, figures: dict[str, Any]) 
         # One a broker restart dropped before a worker saw it is neither: lost, harmlessly.
         ("unsigned poison refused (audited)", f"{figures['poison_refused']} of "
                                               f"{soak.poison_sent['unsigned']}"),
+        ("dead-lettered (RabbitMQ)", str(soak.dead_letters)),
+        ("worker deaths nobody caused", str(soak.unexpected_deaths)),
         ("sweeps (republished)", f"{soak.sweeps} ({soak.republished:,})"),
         ("duration", f"{figures['duration_s']:.1f} s"),
         ("throughput", f"{total / figures['duration_s']:,.0f} commands/s"),
