@@ -188,14 +188,16 @@ def test_a_worker_killed_mid_transaction_ends_every_command_exactly_once(
     assert all(transfers[k] == 0 for k in in_flight), "a cut transaction left transfers"
 
     slow.start()
-    # The killed worker's messages sit in Redis's unacked set until the visibility timeout
-    # (an hour): the sweep republishes the commands left `processing` (grace 0: at once).
-    # The rest of the queue is consumed meanwhile; a republished duplicate is harmless.
+    # On Redis the killed worker's messages sit in the unacked set until the visibility
+    # timeout (an hour): the sweep republishes the commands left `processing` (grace 0: at
+    # once). RabbitMQ requeued them when the connection dropped, and the restarted worker
+    # may have run some already: the sweep finds fewer. A republished duplicate is harmless.
     swept = walletq("sweep", "--grace", "0", "--json")
     assert swept.exit_code == 0, swept
     counts = swept.json()
-    print(f"[kill] walletq sweep: {counts}")
-    assert counts["republished"] >= len(in_flight)
+    print(f"[kill] walletq sweep ({broker.kind}): {counts}")
+    if broker.kind == "redis":
+        assert counts["republished"] >= len(in_flight)
     wait_terminal(client, keys, 60, [slow])
 
     rows = assert_exactly_once({k: "succeeded" for k in keys})
