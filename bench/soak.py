@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -566,7 +567,10 @@ def main() -> None:
     finally:
         soak.teardown()
     print_report(args, soak, figures)
-    sys.exit(1 if soak.violations else 0)
+    if soak.violations:
+        print(f"workers' logs kept in {soak.folder / 'workers'}")
+        sys.exit(1)
+    shutil.rmtree(soak.folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
