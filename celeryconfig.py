@@ -18,6 +18,15 @@ Extra variables read here (besides services.settings):
   that was taken and never acknowledged (a worker killed outright). Default: one hour, and
   at least twice the task time limit; the outbox sweep recovers such commands much sooner.
 - WALLETQ_WORKER_CONCURRENCY: worker processes (default: Celery's, the number of CPUs).
+- WALLETQ_BROKER_DELIVERY_LIMIT: on RabbitMQ, how many times a message may go back to its
+  queue unacknowledged (its worker or pool process died) before RabbitMQ dead-letters it
+  to `<queue>.dead` instead of delivering it again. Default WALLETQ_DELIVERY_MAX + 1: the
+  database's own count quarantines a poison command first (`poison`, with its audit row);
+  the broker's limit is the backstop for a message that never reaches the database.
+
+On RabbitMQ (an amqp:// URL) every queue is a durable quorum queue (replicated, fsynced
+before it confirms), publishes wait for the broker's confirm, and each work queue has a
+dead-letter queue; see docs/ARCHITECTURE.md, "RabbitMQ".
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import Settings, SettingsError, load_settings
 
 __all__ = ["build_config", "queue_names", "QueueNames", "prepare_broker_folders",
-           "redis_bookkeeping_keys"]
+           "redis_bookkeeping_keys", "is_amqp", "work_queues", "dead_letter_queues",
+           "delivery_limit"]
+
 
 
 class QueueNames:
@@ -47,6 +58,8 @@ class QueueNames:
         self.payouts = f"{prefix}payouts"
         self.maintenance = f"{prefix}maintenance"
         self.exchange = f"{prefix}walletq"
+        #: RabbitMQ only: where a queue's poison messages go (`<queue>.dead`).
+        self.dead_exchange = f"{prefix}walletq.dead"
 
     def for_command_type(self, command_type: object) -> str:
         """The registry's queue for the type (a payout batch runs for seconds and must not
@@ -55,6 +68,10 @@ class QueueNames:
 
     def all(self) -> list[str]:
         return [self.commands, self.payouts, self.maintenance]
+
+    def dead(self) -> list[str]:
+        """The dead-letter queue of each work queue, in the order of all()."""
+        return [f"{name}.dead" for name in self.all()]
 
 
 def queue_names(env: Mapping[str, str] | None = None) -> QueueNames:
@@ -83,6 +100,50 @@ def redis_bookkeeping_keys(prefix: str) -> dict[str, str]:
     restores only its own deployment's messages, after its own visibility timeout."""
     return {"unacked_key": f"{prefix}unacked", "unacked_index_key": f"{prefix}unacked_index",
             "unacked_mutex_key": f"{prefix}unacked_mutex"}
+
+
+def is_amqp(broker_url: str) -> bool:
+    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def delivery_limit(env: Mapping[str, str]) -> int:
+    raw = env.get("WALLETQ_BROKER_DELIVERY_LIMIT", "")
+    if not raw:
+        return load_settings(env).delivery_max + 1
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"WALLETQ_BROKER_DELIVERY_LIMIT={raw!r} is not an int") from None
+    if not 1 <= value <= 1000:
+        raise SettingsError(f"WALLETQ_BROKER_DELIVERY_LIMIT={value} must be between 1 and 1000")
+    return value
+
+
+def work_queues(names: QueueNames, broker_url: str, env: Mapping[str, str]) -> list[Queue]:
+    """The three work queues. On RabbitMQ: quorum queues (durable, replicated), which count
+    each delivery that went back unacknowledged and dead-letter a message past the limit
+    (at-least-once dead-lettering, which RabbitMQ allows only with `reject-publish`)."""
+    exchange = Exchange(names.exchange, type="direct")
+    if not is_amqp(broker_url):
+        return [Queue(name, exchange, routing_key=name) for name in names.all()]
+    limit = delivery_limit(env)
+    return [Queue(name, exchange, routing_key=name, durable=True, queue_arguments={
+        "x-queue-type": "quorum",
+        "x-delivery-limit": limit,
+        "x-dead-letter-exchange": names.dead_exchange,
+        "x-dead-letter-routing-key": dead,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }) for name, dead in zip(names.all(), names.dead(), strict=True)]
+
+
+def dead_letter_queues(names: QueueNames) -> list[Queue]:
+    """RabbitMQ only: `<queue>.dead` for each work queue, bound to the dead-letter exchange.
+    No worker consumes them; an operator inspects and requeues (README, "Choosing a
+    broker"). Declared by the worker at start (worker.celery_app.DeclareDeadLetters)."""
+    exchange = Exchange(names.dead_exchange, type="direct", durable=True)
+    return [Queue(dead, exchange, routing_key=dead, durable=True,
+                  queue_arguments={"x-queue-type": "quorum"}) for dead in names.dead()]
 
 
 def _broker_tls(settings: Settings) -> dict[str, Any] | bool:
@@ -131,6 +192,7 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if env is None else env
     settings = load_settings(env)
     names = queue_names(env)
+    amqp = is_amqp(settings.broker_url)
     exchange = Exchange(names.exchange, type="direct")
     time_limit_s = settings.task_time_limit_s
     visibility_timeout_s = _visibility_timeout_s(env, settings)
@@ -139,6 +201,10 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         transport_options.update(_filesystem_options(settings.home))
     elif settings.broker_url.startswith(("redis", "rediss")):
         transport_options.update(redis_bookkeeping_keys(names.prefix))
+    elif amqp:
+        # Publisher confirms: a publish returns once RabbitMQ has the message (for a quorum
+        # queue, on a majority of nodes' disks), not when it left our socket.
+        transport_options = {"confirm_publish": True}
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "broker_use_ssl": _broker_tls(settings),
@@ -159,7 +225,7 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": time_limit_s,
         "task_soft_time_limit": max(1, time_limit_s - max(5, time_limit_s // 10)),
-        "task_queues": [Queue(name, exchange, routing_key=name) for name in names.all()],
+        "task_queues": work_queues(names, settings.broker_url, env),
         # A queue nobody consumes is a command nobody executes and no sweep knows of: a
         # message sent to a queue walletq does not declare (`celery call --queue commands`
         # under a prefix, a typo) is refused at publish (QueueNotFound), and so is a worker
@@ -200,6 +266,11 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
     }
+    if amqp:
+        # Quorum queues refuse a global QoS: Celery detects them and sets a per-consumer
+        # prefetch instead (worker_detect_quorum_queues, on by default; stated here).
+        config["task_default_queue_type"] = "quorum"
+        config["worker_detect_quorum_queues"] = True
     concurrency = env.get("WALLETQ_WORKER_CONCURRENCY")
     if concurrency:
         config["worker_concurrency"] = int(concurrency)

@@ -1,4 +1,5 @@
-"""Bring up what the tests need: PostgreSQL and Redis, started when installed but down.
+"""Bring up what the tests need: PostgreSQL, Redis and RabbitMQ, started when installed but
+down.
 
 When one is missing, the message says exactly what to install; the tests never run
 against a half-configured machine.
@@ -16,11 +17,14 @@ from tests.support.polling import eventually
 
 PG_URL = os.environ.get("WALLETQ_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("WALLETQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+RABBITMQ_URL = os.environ.get("WALLETQ_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 INSTALL_HINT = (
-    "walletq's tests need PostgreSQL (trust auth for user postgres on 127.0.0.1:5432) and "
-    "Redis (127.0.0.1:6379).\n  Debian/Ubuntu: apt-get install -y postgresql redis-server\n"
-    "  or point WALLETQ_TEST_PG_URL / WALLETQ_TEST_REDIS_URL at running servers."
+    "walletq's tests need PostgreSQL (trust auth for user postgres on 127.0.0.1:5432), "
+    "Redis (127.0.0.1:6379) and RabbitMQ (guest/guest on 127.0.0.1:5672).\n"
+    "  Debian/Ubuntu: apt-get install -y postgresql redis-server rabbitmq-server\n"
+    "  or point WALLETQ_TEST_PG_URL / WALLETQ_TEST_REDIS_URL / WALLETQ_TEST_RABBITMQ_URL at "
+    "running servers."
 )
 
 
@@ -62,6 +66,17 @@ def ensure_redis() -> str | None:
                     "--save", "", "--appendonly", "no", "--dir", folder], check=False,
                    capture_output=True)
     return None if _wait("127.0.0.1", 6379, 15) else "Redis did not start.\n" + INSTALL_HINT
+
+
+def ensure_rabbitmq() -> str | None:
+    """None when RabbitMQ answers on 5672 (started here if installed but down), else why not."""
+    if port_open("127.0.0.1", 5672):
+        return None
+    if not shutil.which("rabbitmq-server"):
+        return "RabbitMQ is not installed.\n" + INSTALL_HINT
+    subprocess.run(["rabbitmq-server", "-detached"], check=False, capture_output=True)
+    # A node boots in seconds to a minute (Erlang VM, then its database).
+    return None if _wait("127.0.0.1", 5672, 120) else "RabbitMQ did not start.\n" + INSTALL_HINT
 
 
 def pg_bin(name: str) -> str | None:

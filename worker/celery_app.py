@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, bootsteps
 from celery.exceptions import InvalidTaskError, QueueNotFound
 from celery.signals import (
     beat_init,
@@ -31,7 +31,7 @@ from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import reset_settings
 
 __all__ = ["app", "make_app", "route_task", "refuse_foreign_destination", "EXECUTE_TASK",
-           "EXECUTE_KEYS_TASK", "SWEEP_TASK", "EXPIRY_TASK"]
+           "EXECUTE_KEYS_TASK", "SWEEP_TASK", "EXPIRY_TASK", "DeclareDeadLetters"]
 
 log = logging.getLogger("walletq.worker")
 
@@ -64,11 +64,28 @@ class WalletqTask(Task):
     Request = CheckedRequest
 
 
+class DeclareDeadLetters(bootsteps.StartStopStep):
+    """On RabbitMQ, declare the dead-letter exchange and queues once connected, before the
+    task consumer starts: RabbitMQ drops a message dead-lettered to an exchange that routes
+    it nowhere. Run again on every reconnection (a broker that lost its definitions)."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def include_if(self, c: Any) -> bool:
+        return celeryconfig.is_amqp(str(c.app.conf.broker_url))
+
+    def start(self, c: Any) -> None:
+        channel = c.connection.default_channel
+        for queue in celeryconfig.dead_letter_queues(celeryconfig.queue_names()):
+            queue(channel).declare()
+
+
 def make_app(env: Mapping[str, str] | None = None) -> Celery:
     """A Celery app for this environment, configured now (the producer client's own)."""
     celeryconfig.prepare_broker_folders(env)
     celery_app = Celery("walletq", set_as_current=False, task_cls=WalletqTask)
     celery_app.conf.update(celeryconfig.build_config(env))
+    celery_app.steps["consumer"].add(DeclareDeadLetters)
     return celery_app
 
 
@@ -77,6 +94,7 @@ def _lazy_app() -> Celery:
     read (a worker starting, a task published), not when this module is imported."""
     celery_app = Celery("walletq", task_cls=WalletqTask)
     celery_app.add_defaults(lambda: celeryconfig.build_config())
+    celery_app.steps["consumer"].add(DeclareDeadLetters)
     return celery_app
 
 

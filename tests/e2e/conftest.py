@@ -1,10 +1,14 @@
 """End-to-end fixtures: a REAL `celery -A worker worker` subprocess on the test's database.
 
 Use `pipeline_env` for the environment (a fresh PostgreSQL database from `walletq_env`,
-Redis as the broker, queue names of the test's own), `worker` for one started worker, or
+the test's broker, queue names of the test's own), `worker` for one started worker, or
 `worker_factory` to start several or with options. `client` is a WalletClient on that
-environment. Every worker is stopped (SIGKILL if need be) and the test's Redis keys are
-deleted at teardown.
+environment. Every worker is stopped (SIGKILL if need be) and the test's Redis keys (or
+RabbitMQ queues) are deleted at teardown.
+
+The broker is Redis unless the test is parametrized by `broker_kind`: `@on_both_brokers`
+runs it on Redis and on RabbitMQ (the shared node on 5672; a test that restarts RabbitMQ
+starts its own, tests/e2e/fault_servers.py). `broker` says which one and whether it is idle.
 
     def test_something(worker, client):
         client.submit({...})
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,11 +37,43 @@ import redis
 from services import settings as settings_module
 from services.db import dispose_engines
 from tests import servers
+from tests.support.broker import broker_idle, queue_state
 from tests.support.polling import eventually
+from tests.support.rabbit import delete_walletq_queues, in_queue_counts, rabbit_idle, ready_counts
 
 REDIS_DB = 0
 BROKER_URL = f"{servers.REDIS_URL}/{REDIS_DB}"
+RABBITMQ_URL = servers.RABBITMQ_URL
 READY_TIMEOUT_S = 30.0
+BROKERS = ("redis", "rabbitmq")
+
+#: Run a test on each broker (the fixtures below read `broker_kind`).
+on_both_brokers = pytest.mark.parametrize("broker_kind", BROKERS, indirect=True)
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The test's broker: its kind, URL, and (RabbitMQ) the node rabbitmqctl should ask."""
+
+    kind: str
+    url: str
+    node: str | None = None
+
+    def idle(self, prefix: str) -> bool:
+        """Nothing waits and nothing is in flight under the prefix: every delivery ended."""
+        if self.kind == "redis":
+            return broker_idle(self.url, prefix)
+        return rabbit_idle(self.url, prefix, self.node)
+
+    def state(self, prefix: str) -> dict[str, int]:
+        if self.kind == "redis":
+            return queue_state(self.url, prefix)
+        from celeryconfig import QueueNames
+
+        names = QueueNames(prefix)
+        ready = ready_counts(self.url, names.all() + names.dead())
+        return {**{f"{k} (ready)": v for k, v in ready.items() if v},
+                **in_queue_counts(prefix, self.node)}
 
 
 class WorkerProcess:
@@ -164,17 +201,42 @@ def redis_up() -> None:
         pytest.exit(problem, returncode=3)
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_up() -> None:
+    problem = servers.ensure_rabbitmq()
+    if problem:
+        pytest.exit(problem, returncode=3)
+
+
 @pytest.fixture
-def pipeline_env(redis_up: None, walletq_env: dict[str, str], queue_prefix: str,
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """`redis` unless parametrized (on_both_brokers)."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture
+def broker(broker_kind: str, request: pytest.FixtureRequest) -> Broker:
+    if broker_kind == "rabbitmq":
+        request.getfixturevalue("rabbitmq_up")
+        return Broker("rabbitmq", RABBITMQ_URL)
+    request.getfixturevalue("redis_up")
+    return Broker("redis", BROKER_URL)
+
+
+@pytest.fixture
+def pipeline_env(broker: Broker, walletq_env: dict[str, str], queue_prefix: str,
                  monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """walletq_env plus Redis as the broker and this test's own queue names; set in os.environ."""
-    extra = {"WALLETQ_BROKER_URL": BROKER_URL, "WALLETQ_QUEUE_PREFIX": queue_prefix,
+    """walletq_env plus the test's broker and its own queue names; set in os.environ."""
+    extra = {"WALLETQ_BROKER_URL": broker.url, "WALLETQ_QUEUE_PREFIX": queue_prefix,
              "WALLETQ_SWEEP_GRACE_S": "60"}
     for key, value in extra.items():
         monkeypatch.setenv(key, value)
     settings_module.reset_settings()
     yield {**walletq_env, **extra}
-    _delete_redis_keys(queue_prefix)
+    if broker.kind == "redis":
+        _delete_redis_keys(queue_prefix)
+    else:
+        delete_walletq_queues(broker.url, queue_prefix)
 
 
 def _delete_redis_keys(prefix: str) -> None:

@@ -5,7 +5,11 @@ a private instance.
 no append-only file): restart() loses everything it held, as a production Redis configured
 that way would; with TLS files it listens for TLS only. `PrivatePostgres` is a PostgreSQL
 cluster of the test's own (initdb in a temporary folder), where every connection must give
-its password (scram-sha-256), as in docker-compose.yml.
+its password (scram-sha-256), as in docker-compose.yml; crash() stops it the way a power
+cut would (immediate shutdown: no checkpoint) and start() brings it back on its port.
+`PrivateRabbit` is a RabbitMQ node of the test's own (its own node name, ports, database
+and configuration in a temporary folder); restart() SIGKILLs it and starts it again with
+its database (durable queues come back), restart(lose=True) without (every queue gone).
 
 A port is never "found free, released, used later" (another process may take it in
 between): the server binds a candidate port itself, and on a bind failure the next
@@ -24,12 +28,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import amqp
 import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,7 +47,7 @@ from redis.retry import Retry
 from tests.servers import pg_bin
 from tests.support.polling import eventually
 
-__all__ = ["PrivateRedis", "PrivatePostgres", "PortTaken", "TlsFiles", "make_tls_files",
+__all__ = ["PrivateRedis", "PrivatePostgres", "PrivateRabbit", "PortTaken", "TlsFiles", "make_tls_files",
            "candidate_ports", "on_a_free_port", "start_serving", "BIND_FAILED"]
 
 #: Below Linux's ephemeral range (32768-60999), where clients' own ports come from.
@@ -49,6 +55,8 @@ CANDIDATE_PORTS = range(20_000, 30_000)
 ATTEMPTS_MAX = 20
 #: What redis-server, postgres (and any server on Linux) logs when its port is taken.
 BIND_FAILED = "Address already in use"
+#: What a RabbitMQ (Erlang) node logs when one of its ports is taken.
+BIND_FAILED_ERLANG = "eaddrinuse"
 
 T = TypeVar("T")
 
@@ -129,7 +137,7 @@ def start_serving(argv: list[str], log_path: Path, port: int,
     def up() -> bool:
         if proc.poll() is not None:
             output = _log_since(log_path, log_start)
-            if BIND_FAILED in output:
+            if BIND_FAILED in output or BIND_FAILED_ERLANG in output:
                 raise PortTaken(f"{argv[0]} on {port}: {output[-300:]}")
             raise RuntimeError(f"{argv[0]} exited on {port}:\n{output[-3000:]}")
         return serving(port, proc.pid)
@@ -244,6 +252,9 @@ class PrivatePostgres:
         self.log_path = self.folder / "postgres.log"
 
     def start(self, timeout_s: float = 30.0) -> PrivatePostgres:
+        if self.port is not None:  # after crash(): the same cluster, on its port
+            self._launch(self.port, timeout_s)
+            return self
         password_file = self.folder / "superuser-password"
         password_file.write_text(self.password)
         if self.user is not None:
@@ -277,6 +288,16 @@ class PrivatePostgres:
         return len(lines) >= 8 and lines[0] == str(pid) and lines[3] == str(port) \
             and lines[7] == "ready"
 
+    def crash(self) -> None:
+        """Immediate shutdown (SIGQUIT): no checkpoint, crash recovery at the next start."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
     def stop(self) -> None:
         """Fast shutdown (SIGINT), then the folder goes."""
         if self.proc is not None and self.proc.poll() is None:
@@ -286,4 +307,121 @@ class PrivatePostgres:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of its own: node name, AMQP and distribution ports, configuration,
+    database and logs in a temporary folder (never the machine's node on 5672). Run as the
+    `rabbitmq` OS user when the tests run as root (its Erlang cookie, for rabbitmqctl)."""
+
+    def __init__(self, ports: Iterable[int] | None = None) -> None:
+        packaged = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        binary = str(packaged) if packaged.exists() else shutil.which("rabbitmq-server")
+        if binary is None:
+            raise RuntimeError("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)")
+        self.binary = binary
+        self.candidates = list(ports) if ports is not None else candidate_ports()
+        self.port: int | None = None
+        self.name = f"walletq{uuid.uuid4().hex[:8]}"
+        self.node = f"{self.name}@localhost"
+        self.folder = Path(tempfile.mkdtemp(prefix="walletq-rabbit-"))
+        self.user: str | None = None
+        self.home = self.folder
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("rabbitmq")
+            self.user, self.home = "rabbitmq", Path(entry.pw_dir)
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.folder / "rabbitmq.log"
+
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "not started"
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _env(self, port: int) -> dict[str, str]:
+        config = self.folder / "rabbitmq.conf"
+        # cluster_name: what the node tells every client, so a start can tell it is ours.
+        config.write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n"
+                          f"cluster_name = {self.name}\n")
+        (self.folder / "rabbitmq-env.conf").write_text("")  # not the machine's NODENAME
+        (self.folder / "enabled_plugins").write_text("[].\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        return {**env, "HOME": str(self.home), "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_NODE_PORT": str(port),
+                # Below the candidate range, so never a candidate AMQP port of another test.
+                "RABBITMQ_DIST_PORT": str(port - 10_000),
+                "RABBITMQ_CONFIG_FILE": str(config),
+                "RABBITMQ_CONF_ENV_FILE": str(self.folder / "rabbitmq-env.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.folder / "log"), "RABBITMQ_LOGS": "-"}
+
+    def start(self, timeout_s: float = 90.0) -> PrivateRabbit:
+        """Start on the first candidate port it can bind (its own port on a restart)."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        if self.port is not None:
+            self._launch(self.port, timeout_s)
+        else:
+            self.port, _ = on_a_free_port(lambda port: self._launch(port, timeout_s),
+                                          self.candidates)
+        return self
+
+    def _launch(self, port: int, timeout_s: float) -> None:
+        if self.user is not None:
+            for sub in ("mnesia", "log"):
+                (self.folder / sub).mkdir(exist_ok=True)
+                shutil.chown(self.folder / sub, self.user, self.user)
+        try:
+            self.proc = start_serving([self.binary], self.log_path, port, self._serves,
+                                      timeout_s, env=self._env(port), user=self.user,
+                                      cwd=str(self.folder))
+        except BaseException:
+            self._kill_group()
+            raise
+
+    def _serves(self, port: int, pid: int) -> bool:
+        """Whether the node answering on the port is ours (the cluster name we gave it)."""
+        conn = amqp.Connection(f"127.0.0.1:{port}", userid="guest", password="guest",
+                               connect_timeout=1)
+        try:
+            conn.connect()
+            return conn.server_properties.get("cluster_name") == self.name
+        except Exception:  # nobody there yet, or booting
+            return False
+        finally:
+            try:
+                conn.collect()
+            except Exception:
+                pass
+
+    def _kill_group(self) -> None:
+        """SIGKILL every process of the node's session (the Erlang VM started by the
+        script, which start_serving's own kill would miss)."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if self.proc is not None and os.getsid(int(entry.name)) == self.proc.pid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+    def kill(self) -> None:
+        """SIGKILL the node: the Erlang VM and its helpers, nothing flushed."""
+        if self.proc is not None:
+            self._kill_group()
+            self.proc.wait(10)
+
+    def restart(self, *, lose: bool = False) -> None:
+        """SIGKILL, then start on the same port: with its database (durable queues and
+        their messages come back), or with `lose` without it (every queue gone)."""
+        self.kill()
+        if lose:
+            shutil.rmtree(self.folder / "mnesia", ignore_errors=True)
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)

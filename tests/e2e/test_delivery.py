@@ -3,7 +3,7 @@
 Each test ends its deliveries with a marker command and then waits until the broker is
 idle (nothing queued, nothing unacknowledged): with late acks, that is when every copy
 has been executed — not merely when the marker has, while another pool process may still
-be running a copy."""
+be running a copy. Every test runs on Redis and on RabbitMQ."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from decimal import Decimal
 import pytest
 
 from services.atomic_transaction_manager import IdempotencyConflictError
-from tests.e2e.conftest import BROKER_URL
-from tests.support.broker import broker_idle, queue_state
+from tests.e2e.conftest import on_both_brokers
 from tests.support.builders import credit, transfer
 from tests.support.ledger import assert_ledger_sound, audit_outcomes, transfers
 from tests.support.polling import eventually
 from tests.support.signing import signed
 from worker.celery_app import EXECUTE_TASK
+
+pytestmark = on_both_brokers
 
 
 def _send(client, *args, **kwargs) -> None:
@@ -28,21 +29,22 @@ def _send(client, *args, **kwargs) -> None:
                                    routing_key=queue)
 
 
-def _every_delivery_ended(client, worker, queue_prefix: str) -> None:
+def _every_delivery_ended(client, worker, broker, queue_prefix: str) -> None:
     """A marker published last has ended, and so has every message before it."""
     client.submit(credit("marker", "zed", "1.00"))
     assert client.wait("marker", timeout=20).status == "succeeded", worker.log_tail()
-    eventually(lambda: broker_idle(BROKER_URL, queue_prefix), 20,
-               describe=lambda: (queue_state(BROKER_URL, queue_prefix), worker.log_tail()))
+    eventually(lambda: broker.idle(queue_prefix), 30,
+               describe=lambda: (broker.state(queue_prefix), worker.log_tail()))
 
 
-def test_the_same_task_message_published_five_times_has_one_effect(worker, client, queue_prefix):
+def test_the_same_task_message_published_five_times_has_one_effect(
+        worker, client, broker, queue_prefix):
     client.submit(credit("seed", "alice", "100.00"))
     assert client.wait("seed", timeout=20).status == "succeeded"
     # A foreign producer: no outbox record first; the worker records the command itself.
     for _ in range(5):
         _send(client, signed(transfer("t-dup", "alice", "bob", "7.00")))
-    _every_delivery_ended(client, worker, queue_prefix)
+    _every_delivery_ended(client, worker, broker, queue_prefix)
     assert client.status("t-dup").status == "succeeded", worker.log_tail()
     # All five copies ran to their end, each answered with the one stored outcome.
     assert len(re.findall(r"succeeded in \S+: \{'idempotency_key': 't-dup', 'status': 'succeeded'",
@@ -55,7 +57,7 @@ def test_the_same_task_message_published_five_times_has_one_effect(worker, clien
 
 
 def test_invalid_payload_messages_are_refused_acked_and_the_worker_goes_on(
-        worker, client, queue_prefix):
+        worker, client, broker, queue_prefix):
     # Signed, with a usable key: the key is taken by a rejected `invalid` command.
     _send(client, signed({"type": "credit_wallet", "idempotency_key": "bad-1", "user": "alice",
                           "amount": 5}))
@@ -67,7 +69,7 @@ def test_invalid_payload_messages_are_refused_acked_and_the_worker_goes_on(
     _send(client, command=signed({"type": "no_such_type", "idempotency_key": "bad-2"}))
     _send(client, signed({"type": "credit_wallet", "idempotency_key": "bad key with spaces",
                           "user": "alice", "amount": "5.00"}))
-    _every_delivery_ended(client, worker, queue_prefix)
+    _every_delivery_ended(client, worker, broker, queue_prefix)
 
     bad = client.status("bad-1")
     assert bad.status == "rejected" and bad.error["code"] == "invalid_command"
@@ -84,11 +86,11 @@ def test_invalid_payload_messages_are_refused_acked_and_the_worker_goes_on(
 
 
 def test_a_message_conflicting_with_its_keys_first_command_is_refused_and_acked(
-        worker, client, queue_prefix):
+        worker, client, broker, queue_prefix):
     client.submit(credit("dep-1", "alice", "10.00"))
     assert client.wait("dep-1", timeout=20).status == "succeeded"
     _send(client, signed(credit("dep-1", "alice", "99.00")))
-    _every_delivery_ended(client, worker, queue_prefix)
+    _every_delivery_ended(client, worker, broker, queue_prefix)
     assert client.status("dep-1").status == "succeeded"
     assert client.balance("alice")["available"] == Decimal("10.00")
     assert audit_outcomes(client.engine, "dep-1") == [("succeeded", None),
