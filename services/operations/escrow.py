@@ -92,8 +92,10 @@ class TransferToEscrow(CommandBase):
     Optionally expiring: at `expires_at` (ISO-8601 with a timezone, a real date, in the
     future when it opens) or `expires_in_s` after it opens — not both."""
 
-    model_config = ConfigDict(json_schema_extra={"not": {"required": ["expires_at",
-                                                                      "expires_in_s"]}})
+    # ajv's strict mode wants a `required` property defined beside it, in the `not` too.
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "properties": {"expires_at": {}, "expires_in_s": {}},
+        "required": ["expires_at", "expires_in_s"]}})
 
     type: Literal["transfer_to_escrow"]
     hold_id: Ident

@@ -1,7 +1,8 @@
 """RabbitMQ as the durable broker: what Redis cannot do, tested against real nodes.
 
 A message RabbitMQ dead-letters lands in `<queue>.dead` with its `x-death` reason: one the
-worker rejected (not a task message walletq can run), and one that killed its pool process
+worker rejected (a task it does not know; a message that is not a task envelope is refused
+by the worker's guard and acknowledged instead), and one that killed its pool process
 on every delivery (past WALLETQ_BROKER_DELIVERY_LIMIT). A node SIGKILLed and restarted keeps
 every confirmed message of its quorum queues. The restarted node is a private one on spare
 ports (tests/e2e/fault_servers.py), never the machine's node on 5672.
@@ -64,8 +65,11 @@ def _dead_letters(url: str, queue: str, count: int, describe: Any) -> list[DeadL
     return taken
 
 
-def test_messages_the_worker_rejects_land_in_the_dead_letter_queue(worker, client, broker,
-                                                                  queue_prefix):
+def test_a_message_for_no_walletq_task_is_dead_lettered_and_a_refused_one_acked(
+        worker, client, broker, queue_prefix):
+    # Not a task envelope: the worker's guard refuses it (audited, acknowledged: it is not
+    # dead-lettered, there is nothing to retry). A task the worker does not know: Celery
+    # rejects it without requeue, and RabbitMQ dead-letters it.
     names = QueueNames(queue_prefix)
     _publish_raw(client, json.dumps({"not": "an envelope"}).encode(), _headers(EXECUTE_TASK))
     _publish_raw(client, json.dumps([[credit("no-task", "eve", "5.00")], {}, _EMBED]).encode(),
@@ -73,10 +77,15 @@ def test_messages_the_worker_rejects_land_in_the_dead_letter_queue(worker, clien
     client.submit(credit("after", "alice", "2.00"))
     assert client.wait("after", timeout=30).status == "succeeded", worker.log_tail()
 
-    dead = _dead_letters(broker.url, names.commands + ".dead", 2, worker.log_tail)
-    assert sorted(d.reason or "" for d in dead) == ["rejected", "rejected"], dead
-    assert any(isinstance(d.body, list) and d.body[0][0].get("idempotency_key") == "no-task"
-               for d in dead), dead
+    dead = _dead_letters(broker.url, names.commands + ".dead", 1, worker.log_tail)
+    assert [d.reason for d in dead] == ["rejected"], dead
+    assert isinstance(dead[0].body, list) and dead[0].body[0][0]["idempotency_key"] == "no-task"
+    assert take_dead_letters(broker.url, names.commands + ".dead") == []
+    with client.engine.connect() as conn:
+        details = conn.execute(text(
+            "SELECT detail FROM audit_events WHERE outcome = 'refused'")).scalars().all()
+    found = [d if isinstance(d, dict) else json.loads(d) for d in details]
+    assert [d.get("source") for d in found] == ["boundary"], found
     assert client.status("no-task") is None
     assert worker.alive
     assert_ledger_sound(client.engine, client.settings)
