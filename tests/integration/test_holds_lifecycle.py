@@ -1,5 +1,5 @@
 """Holds (issue 9): partial and repeated capture, refund of the rest, expiry, and the races
-between them. PostgreSQL here; tests/integration/test_holds_embedded.py runs the same
+between them. PostgreSQL here; tests/integration/embedded/test_holds_embedded.py runs the same
 tests on SQLite (embedded)."""
 
 from __future__ import annotations

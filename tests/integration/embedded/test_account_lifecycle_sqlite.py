@@ -8,33 +8,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from services.db import get_engine
 from services.settings import Settings
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
 from tests.integration import test_account_lifecycle
+from tests.support.embedded import recollect
 
 _POSTGRES_ONLY = {"test_account_events_are_append_only",
                   "test_verify_catches_a_hand_broken_balance_after"}
-for _name in dir(test_account_lifecycle):
-    if (_name.startswith("test_") and _name not in _POSTGRES_ONLY) or _name == "funded":
-        globals()[_name] = getattr(test_account_lifecycle, _name)
-del _name
-
-
-@pytest.fixture
-def settings(sqlite_env: Settings) -> Settings:
-    return sqlite_env
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Engine:
-    return get_engine(settings)
-
-
-@pytest.fixture
-def service(settings: Settings, engine: Engine) -> WalletService:
-    return WalletService(engine, settings)
+recollect(globals(), (test_account_lifecycle,), fixtures=("funded",), skip=_POSTGRES_ONLY)
 
 
 def test_the_embedded_database_runs_on_sqlite(engine: Engine) -> None:

@@ -15,34 +15,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from services.atomic_transaction_manager import BusinessRuleError
-from services.db import get_engine
 from services.settings import Settings
 from services.verify import verify_ledger
 from services.wallet_service import WalletService
 from tests.integration import test_idempotency, test_operations
+from tests.support.embedded import recollect
 from tests.support.ledger import assert_ledger_sound, balances, count
 
 # The PostgreSQL suite's tests, re-collected under this module's fixtures (SQLite).
-for _module in (test_operations, test_idempotency):
-    for _name in dir(_module):
-        if _name.startswith("test_") or _name == "funded":
-            globals()[_name] = getattr(_module, _name)
-del _module, _name
-
-
-@pytest.fixture
-def settings(sqlite_env: Settings) -> Settings:
-    return sqlite_env
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Engine:
-    return get_engine(settings)
-
-
-@pytest.fixture
-def service(settings: Settings, engine: Engine) -> WalletService:
-    return WalletService(engine, settings)
+recollect(globals(), (test_operations, test_idempotency), fixtures=("funded",))
 
 
 def test_embedded_mode_runs_on_a_sqlite_file_under_walletq_home(

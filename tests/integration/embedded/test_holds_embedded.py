@@ -4,37 +4,18 @@ pointing at SQLite (as test_embedded_sqlite does for the operations)."""
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy.engine import Engine
 
 from services import expiry
-from services.db import get_engine
 from services.producer_identity import system_signer_for
 from services.settings import Settings
 from services.wallet_service import WalletService
 from tests.integration import test_holds_lifecycle
 from tests.integration.test_holds_lifecycle import expire_now
+from tests.support.embedded import recollect
 from tests.support.ledger import assert_ledger_sound, record
 
-for _name in dir(test_holds_lifecycle):
-    if _name.startswith("test_") or _name in ("funded", "system"):
-        globals()[_name] = getattr(test_holds_lifecycle, _name)
-del _name
-
-
-@pytest.fixture
-def settings(sqlite_env: Settings) -> Settings:
-    return sqlite_env
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Engine:
-    return get_engine(settings)
-
-
-@pytest.fixture
-def service(settings: Settings, engine: Engine) -> WalletService:
-    return WalletService(engine, settings)
+recollect(globals(), (test_holds_lifecycle,), fixtures=("funded", "system"))
 
 
 def test_embedded_the_system_producer_is_made_on_first_use_and_expires_holds(
