@@ -357,6 +357,23 @@ class WalletMachine(RuleBasedStateMachine):
         hold_id = data.draw(st.sampled_from(sorted(self.model.holds)))
         self.send(builders.refund(self.key(), hold_id))
 
+    def richest(self) -> int:
+        return max(range(USERS), key=lambda n: self.model.balances[Model.available(self.user(n))])
+
+    @precondition(lambda self: self.model.balances[Model.available(self.user(self.richest()))])
+    @rule(payee=users, amount=amounts, release=st.booleans(), rate=st.sampled_from(RATES))
+    def hold_then_close(self, payee: int, amount: int, release: bool, rate: str | None) -> None:
+        """A hold its payer can cover, released or refunded at once: closings that succeed
+        (random holds are often refused, or closed before a release or refund draws them)."""
+        payer = self.richest()
+        amount = min(amount, self.model.balances[Model.available(self.user(payer))])
+        hold_id = f"{self.prefix}-hc{self.serial}"
+        self.send(builders.hold(self.key(), hold_id, self.user(payer),
+                                self.user(payee if payee != payer else (payer + 1) % USERS),
+                                money(amount), fee_rate=rate), amount)
+        self.send(builders.release(self.key(), hold_id) if release
+                  else builders.refund(self.key(), hold_id))
+
     @precondition(lambda self: self.model.holds)
     @rule(data=st.data(), release_first=st.booleans(), rate=st.sampled_from(RATES))
     def release_and_refund_one_hold(self, data: st.DataObject, release_first: bool,
