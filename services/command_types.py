@@ -142,7 +142,7 @@ REGISTRY: tuple[CommandType, ...] = (
     CommandType("expire_hold", escrow.ExpireHold, escrow.expire_transfers,
                 handler=escrow.expire_hold, footprint=escrow.expire_footprint,
                 roles=(SYSTEM,)),
-    # Issue 9, the accounts' half: admin only (docs/ARCHITECTURE.md, "Accounts: ...").
+    # Accounts: limits, freezes, closing, reversals — admin only (docs/ARCHITECTURE.md).
     CommandType("set_account_limit", accounts.SetAccountLimit, accounts.no_transfers,
                 handler=accounts.set_account_limit, footprint=accounts.available_footprint),
     CommandType("freeze_account", accounts.FreezeAccount, accounts.no_transfers,

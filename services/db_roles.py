@@ -65,7 +65,7 @@ TABLE_PRIVILEGES: dict[str, dict[RoleKind, tuple[str, ...]]] = {
     "signature_epoch": {"worker": ("SELECT",)},
     # A producer reads the refusals of its commands by key (they take no command row).
     "refusals": {"worker": APPEND_ONLY, "producer": ("SELECT",)},
-    # Issue 9 (migration 0007): account changes and reversals, written by workers only.
+    # Migration 0007: account changes and reversals, written by workers only.
     "account_events": {"worker": APPEND_ONLY},
     "reversals": {"worker": APPEND_ONLY},
     "alembic_version": {},

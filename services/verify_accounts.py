@@ -1,4 +1,4 @@
-"""The invariants of accounts' lives (issue 9): limits, freezes, closing, reversals, and the
+"""The invariants of accounts' lives: limits, freezes, closing, reversals, and the
 balance recorded after each leg (docs/ARCHITECTURE.md, "Invariants" 9-12).
 
 Plain SQL, inside verify's one repeatable-read snapshot; each check names its offenders.

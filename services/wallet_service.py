@@ -201,7 +201,7 @@ class WalletService:
              "amount": to_decimal(row.amount_minor if row[5] == account else -row.amount_minor,
                                   scale),
              "idempotency_key": keys[row.command_id],
-             # the account's running balance (issue 9): recorded on the leg, not summed
+             # the account's running balance: recorded on the leg, not summed
              "balance_after": to_decimal(row[8] if row[5] == account else row[7], scale)}
             for row in rows
         ]

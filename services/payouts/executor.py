@@ -84,7 +84,7 @@ def _lock_funding(conn: Connection, from_account: str, *, exact: bool = True) ->
         funding = lock_accounts(conn, [spec], open_missing=opened)[spec.code]
     except BusinessRuleError as exc:  # a user's account that does not exist
         return exc
-    try:  # a frozen or closed account funds nothing (issue 9): refused before any write
+    try:  # a frozen or closed account funds nothing: refused before any write
         check_usable(funding, funding)
     except BusinessRuleError as exc:
         return exc

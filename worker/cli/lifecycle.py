@@ -1,4 +1,4 @@
-"""Accounts through time (issue 9): `statement`, and the readers `balance --at` and
+"""Accounts through time: `statement`, and the readers `balance --at` and
 `history` use (the balance each leg recorded after it; services.statements)."""
 
 from __future__ import annotations
