@@ -20,6 +20,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     WithJsonSchema,
+    model_validator,
 )
 
 from services.money import AmountError, parse_amount, to_decimal
@@ -143,6 +144,10 @@ FeeRate = Annotated[
 ]
 
 
+#: Key prefixes walletq derives keys under, and the only type that may use each.
+RESERVED_KEY_PREFIXES: dict[str, str] = {"expire:": "expire_hold"}
+
+
 class CommandBase(BaseModel):
     """Fields every command carries; each type adds its own and a `type` literal.
 
@@ -158,3 +163,12 @@ class CommandBase(BaseModel):
     signature: SignatureText
     memo: Memo | None = None
     requested_by: Key | None = None
+
+    @model_validator(mode="after")
+    def _reserved_key(self) -> CommandBase:
+        # A key another part of walletq derives (the expiry pass's `expire:<hold_id>`) is
+        # that type's alone: taken by any other command, it would stop the hold expiring.
+        for prefix, owner in RESERVED_KEY_PREFIXES.items():
+            if self.idempotency_key.startswith(prefix) and self.type != owner:
+                raise ValueError(f"idempotency keys starting {prefix!r} are reserved for {owner}")
+        return self

@@ -15,9 +15,10 @@ models' docstrings say it where the validator lives.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
-from services.command_fields import AMOUNT_SCHEMA_MARK, CommandLimits
+from services.command_fields import AMOUNT_SCHEMA_MARK, RESERVED_KEY_PREFIXES, CommandLimits
 from services.money import format_minor
 
 __all__ = ["build_command_schema", "amount_schema", "amount_pattern", "digits_in_range"]
@@ -36,6 +37,13 @@ def build_command_schema(generated: dict[str, Any], limits: CommandLimits,
     names = {name: defs[name]["properties"]["type"]["const"] for name in branches}
     payout_items = defs["PayoutBatch"]["properties"]["items"]
     payout_items["maxItems"] = limits.payout_items_max
+    # A key walletq derives is its owner type's alone (services.command_fields).
+    for def_name, tag in names.items():
+        key = defs[def_name]["properties"]["idempotency_key"]
+        reserved = [prefix for prefix, owner in RESERVED_KEY_PREFIXES.items() if owner != tag]
+        if reserved:
+            key["not"] = {"anyOf": [{"pattern": "^" + re.escape(prefix) + r"[\s\S]*$"}
+                                    for prefix in reserved]}
     defs = _replace_marks(defs)
     defs[_AMOUNT_DEF] = amount_schema(limits)
     published: dict[str, Any] = {
@@ -45,7 +53,9 @@ def build_command_schema(generated: dict[str, Any], limits: CommandLimits,
             f"One walletq command: a JSON object of at most {payload_bytes_max} bytes, "
             "its fields chosen by `type`. Amounts are decimal strings, never JSON numbers. "
             "The worker also refuses what this schema cannot express: a transfer or a hold "
-            "between one user and themself, and a payout that repeats a reference."
+            "between one user and themself, a payout that repeats a reference, and an "
+            "expire_hold under `expire:` with another hold's key (`expire:` keys are the expiry "
+            "pass's)."
         ),
         "type": "object",
         "required": ["type"],

@@ -140,6 +140,14 @@ class ExpireHold(CommandBase):
     type: Literal["expire_hold"]
     hold_id: Ident
 
+    @model_validator(mode="after")
+    def _key_of_the_hold(self) -> ExpireHold:
+        # Under the pass's prefix, only the key of its own hold: never a hold's under another's.
+        if (self.idempotency_key.startswith("expire:")
+                and self.idempotency_key != expiry_key(self.hold_id)):
+            raise ValueError(f"an expire_hold under 'expire:' is {expiry_key(self.hold_id)!r}")
+        return self
+
 
 def fee_rate_needs(command: TransferToEscrow | ReleaseFromEscrow) -> frozenset[str]:
     """Naming a fee rate is an override: the rate of a hold is otherwise fixed at opening."""

@@ -190,6 +190,35 @@ def test_the_expiry_pass_returns_the_rest_of_expired_holds_each_by_its_own_comma
     assert_ledger_sound(engine, settings)
 
 
+def test_no_other_command_may_take_a_holds_expiry_key_so_nobody_can_stop_its_expiry(
+    funded: WalletService, engine: Engine, settings: Settings, system: Signer
+) -> None:
+    # An attacker that may send anything but expire_hold squats `expire:o-1` (the key the
+    # pass derives): had it been taken, the pass would count the hold "already" expired and
+    # leave it open past its time. And an expire_hold may not name one hold under another's key.
+    funded.transfer_to_escrow("o-1", "alice", "bob", "5.00", idempotency_key="h-1",
+                              expires_in_s=3600)
+    funded.transfer_to_escrow("o-2", "alice", "bob", "5.00", idempotency_key="h-2",
+                              expires_in_s=3600)
+    squats = [
+        {"type": "transfer_tokens_between_users", "idempotency_key": "expire:o-1",
+         "from_user": "alice", "to_user": "bob", "amount": "0.01"},
+        {"type": "refund_from_escrow", "idempotency_key": "expire:o-1", "hold_id": "o-2"},
+        {"type": "expire_hold", "idempotency_key": "expire:o-1", "hold_id": "o-2"},
+    ]
+    for squat in squats:
+        message = refused(InvalidCommandError, lambda s=squat: funded.execute(dict(s)), engine)
+        assert "expire" in message, message
+    with engine.connect() as conn:  # no squat took the key
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
+                                 "'expire:o-1'")).scalar_one() == 0
+    expire_now(engine, "o-1")
+    counts = expiry.run_once(engine, settings, system)
+    assert (counts.found, counts.expired, counts.already) == (1, 1, 0)
+    assert funded.hold("o-1")["status"] == "expired" and funded.hold("o-2")["status"] == "held"
+    assert_ledger_sound(engine, settings)
+
+
 def test_a_hold_opened_to_expire_in_a_second_is_expired_by_a_pass_once_its_time_came(
     funded: WalletService, engine: Engine, settings: Settings, system: Signer
 ) -> None:
