@@ -94,7 +94,7 @@ def audit_rows_pending(rows: Sequence[dict[str, Any]]) -> Pending:
         "types": pg_array([row["command_type"] for row in rows]),
         "outcomes": pg_array([row["outcome"] for row in rows]),
         "accounts": texts("accounts"), "amounts": texts("amounts"),
-        "codes": pg_array([row["error_code"] for row in rows]), "details": texts("detail")})
+        "codes": pg_array([row["error_code"] for row in rows]), "details": texts("detail")}, reusable=True)
 
 
 def _log(rows: Sequence[dict[str, Any]]) -> None:

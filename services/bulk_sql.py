@@ -12,7 +12,7 @@ writes balances, transfers, outcomes and audit rows at the price of one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.sql.elements import TextClause
 
-__all__ = ["pg_array", "insert_rows", "insert_ignoring_conflicts", "Pending", "execute_together"]
+from services import prepared
+
+__all__ = ["pg_array", "insert_rows", "insert_ignoring_conflicts", "Pending", "Deferred",
+           "execute_together", "execute_reusable"]
 
 
 def pg_array(values: Sequence[Any]) -> str:
@@ -90,10 +93,21 @@ def insert_ignoring_conflicts(
 
 @dataclass(frozen=True)
 class Pending:
-    """A statement and its parameters, built by its table's owner, not yet sent."""
+    """A statement and its parameters, built by its table's owner, not yet sent.
+    `reusable`: the statement is a constant, prepared once per connection
+    (services.prepared)."""
 
     statement: Any
     params: dict[str, Any]
+    reusable: bool = False
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A write whose parameters are known only when it is sent: rows a transaction changes
+    several times are written once, as they end up (`build`; None: nothing to write)."""
+
+    build: Callable[[], Pending | None]
 
 
 def execute_together(conn: Connection, pending: Sequence[Pending]) -> CursorResult[Any] | None:
@@ -101,7 +115,8 @@ def execute_together(conn: Connection, pending: Sequence[Pending]) -> CursorResu
     bound by the driver as always; the last one's rows come back. Elsewhere, one by one."""
     if not pending:
         return None
-    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg2" or len(pending) == 1:
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg2" or (
+            len(pending) == 1 and not (pending[0].reusable and prepared.supported(conn))):
         result = None
         for item in pending:
             result = conn.execute(item.statement, item.params)
@@ -110,13 +125,26 @@ def execute_together(conn: Connection, pending: Sequence[Pending]) -> CursorResu
 
     raw = conn.connection.driver_connection
     encoding = encodings[raw.encoding]  # type: ignore[union-attr]
+    prepare = prepared.supported(conn)
     cursor = raw.cursor()  # type: ignore[union-attr]
     try:
         texts = []
         for item in pending:
+            if item.reusable and prepare:
+                texts.append(prepared.prepared_text(conn, item.statement, item.params, cursor,
+                                                    encoding))
+                continue
             compiled = item.statement.compile(dialect=conn.dialect)
             texts.append(cursor.mogrify(str(compiled), compiled.construct_params(item.params))
                          .decode(encoding))
     finally:
         cursor.close()
-    return conn.execution_options(no_parameters=True).exec_driver_sql(";\n".join(texts))
+    return prepared.run_texts(conn, texts)
+
+
+def execute_reusable(conn: Connection, statement: Any, params: dict[str, Any]
+                     ) -> CursorResult[Any]:
+    """One constant statement: prepared once per connection where that is supported."""
+    result = execute_together(conn, [Pending(statement, params, reusable=True)])
+    assert result is not None
+    return result

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, and_, bindparam, func, select, text, update
+from sqlalchemy import DateTime, Text, and_, any_, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from services import schema
-from services.bulk_sql import Pending, insert_ignoring_conflicts, pg_array
+from services.bulk_sql import Pending, execute_reusable, insert_ignoring_conflicts, pg_array
 from services.canonical import canonical_payload, payload_hash
 from services.command_fields import CommandBase
 from services.command_status import ENDED, STUCK, TERMINAL, CommandStatus
@@ -211,7 +211,7 @@ def accept(conn: Connection, command: CommandBase, signed: Signed
     committed (ON CONFLICT waits for a concurrent inserter to end).
     """
     params = _row_params(command, signed)
-    row = conn.execute(_accept_statement(conn.dialect.name), params).one_or_none()
+    row = execute_reusable(conn, _accept_statement(conn.dialect.name), params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row), True
     record = get_record(conn, command.idempotency_key)
@@ -266,19 +266,25 @@ def insert_processing(conn: Connection, command: CommandBase, signed: Signed
                       ) -> CommandRecord | None:
     """Record a command met for the first time as `processing` (one attempt), its row
     locked until the transaction ends; None when the key is taken (the caller claims)."""
-    row = conn.execute(_insert_processing_statement(conn.dialect.name),
-                       _row_params(command, signed)).one_or_none()
+    row = execute_reusable(conn, _insert_processing_statement(conn.dialect.name),
+                           _row_params(command, signed)).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
+
+
+def _text_array(name: str) -> Any:
+    """An array parameter sent as one literal (bulk_sql.pg_array): the statement's text does
+    not change with the number of values, so it can be prepared (PostgreSQL only)."""
+    return func.cast(bindparam(name), postgresql.ARRAY(Text))
 
 
 def _untouched(*, keys: bool, exclude: bool) -> Any:
     query = (select(_c).where(_c.c.status == CommandStatus.ACCEPTED.value, _c.c.attempts == 0,
                               _c.c.updated_at == _c.c.created_at,
-                              _c.c.type.in_(bindparam("types", expanding=True)))
+                              _c.c.type == any_(_text_array("types")))
              .order_by(_c.c.updated_at, _c.c.id).limit(bindparam("limit"))
              .with_for_update(skip_locked=True))
     if keys:
-        query = query.where(_c.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+        query = query.where(_c.c.idempotency_key == any_(_text_array("keys")))
     if exclude:
         query = query.where(_c.c.idempotency_key != bindparam("first"))
     return query
@@ -308,15 +314,15 @@ def lock_untouched(conn: Connection, *, types: Iterable[str], limit: int,
     `limit`, locked: rows another transaction holds are skipped, never waited for (FOR
     UPDATE SKIP LOCKED). Only those under `keys` when given. With `first`, the row under
     that key comes first when it is untouched and free (of any type), then `limit` others."""
-    params: dict[str, Any] = {"types": sorted(types), "limit": limit}
+    params: dict[str, Any] = {"types": pg_array(sorted(types)), "limit": limit}
     if first is not None:
         statement = _untouched_after_statement()
         params["first"] = first
     else:
         statement = _untouched_statement(keys is not None)
         if keys is not None:
-            params["keys"] = list(keys)
-    rows = [CommandRecord.from_row(row) for row in conn.execute(statement, params)]
+            params["keys"] = pg_array(list(keys))
+    rows = [CommandRecord.from_row(row) for row in execute_reusable(conn, statement, params)]
     if first is not None and rows and rows[0].idempotency_key != first:
         rows = [row for row in rows if row.idempotency_key != first]
     return rows
@@ -414,7 +420,7 @@ def finish_many_pending(outcomes: Sequence[Finish]) -> Pending:
         "messages": pg_array([None if o.error is None else _message(o.error)
                               for o in outcomes]),
         "added": pg_array([o.attempts_added for o in outcomes]),
-    })
+    }, reusable=True)
 
 
 def finished_records(result: Any, outcomes: Sequence[Finish]) -> list[CommandRecord]:
@@ -547,7 +553,7 @@ _LOCK_BY_KEY = select(_c).where(_c.c.idempotency_key == bindparam("key")).with_f
 
 def lock(conn: Connection, key: str) -> CommandRecord | None:
     """The command row, locked FOR UPDATE until the caller's transaction ends."""
-    row = conn.execute(_LOCK_BY_KEY, {"key": key}).one_or_none()
+    row = execute_reusable(conn, _LOCK_BY_KEY, {"key": key}).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
 
 

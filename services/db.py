@@ -61,6 +61,7 @@ def _postgres_engine(settings: Settings, *, pre_ping: bool, **kwargs: Any) -> En
         pool_size=kwargs.pop("pool_size", 10),
         max_overflow=kwargs.pop("max_overflow", 20),
         isolation_level="READ COMMITTED",
+        execution_options={"walletq_prepared": settings.prepared_statements},
         **kwargs,
     )
 

@@ -38,7 +38,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from services import schema
-from services.bulk_sql import Pending, insert_ignoring_conflicts, insert_rows, pg_array
+from services.bulk_sql import (
+    Deferred,
+    Pending,
+    execute_reusable,
+    insert_ignoring_conflicts,
+    insert_rows,
+    pg_array,
+)
 from services.errors import (
     AccountClosedError,
     AccountFrozenError,
@@ -288,11 +295,12 @@ def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, 
     if book is None or conn.dialect.name != "postgresql" or not codes:
         return _select_for_update(conn, codes) if codes else {}
     if book.hot_first:
-        rows = conn.execute(_LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
+        rows = execute_reusable(conn, _LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
         return {row.code: _locked(row, True) for row in rows}
     hot = [code for code in codes if is_hot(code)]
     cold = [code for code in codes if not is_hot(code)]
-    rows = conn.execute(_LOCK_COLD_READ_HOT, {"cold": pg_array(cold), "hot": pg_array(hot)}).all()
+    rows = execute_reusable(conn, _LOCK_COLD_READ_HOT,
+                           {"cold": pg_array(cold), "hot": pg_array(hot)}).all()
     return {row.code: _locked(row) for row in rows}
 
 
@@ -701,7 +709,7 @@ class Book:
     #: Rows another owner locked in this transaction (a hold), by (table, key): read again
     #: from here; and that owner's own writes, sent with the flush (`keep`, `defer`).
     kept: dict[tuple[str, str], Any] = field(default_factory=dict)
-    writes: list[Pending] = field(default_factory=list)
+    writes: list[Pending | Deferred] = field(default_factory=list)
     _read_hot: bool = False
 
     def remember(self, locked: Mapping[str, LockedAccount]) -> None:
@@ -772,7 +780,7 @@ class Book:
     def flush_pending(self, conn: Connection) -> list[Pending]:
         """`flush` as statements to send (bulk_sql.execute_together); on SQLite, written now.
         Other owners' deferred writes come first, in the order they were made."""
-        deltas, transfers, writes = self.deltas(), self.transfers, self.writes
+        deltas, transfers, writes = self.deltas(), self.transfers, _built(self.writes)
         self.journal, self.transfers, self.writes = [], [], []
         if conn.dialect.name != "postgresql" or not transfers:
             for write in writes:
@@ -786,12 +794,18 @@ class Book:
         hot = [account_id for account_id in self.hot_ids() if account_id in legs]
         # Each leg's balance after it is computed by _FLUSH itself, from the balances it
         # reads under the locks (a hot account read, not locked, is exact only there).
-        lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)})] if hot else []
+        lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)}, reusable=True)] if hot else []
         return [*writes, *lock_hot, Pending(_FLUSH, {
             "ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
             "commands": pg_array(list(columns[0])), "debits": pg_array(list(columns[1])),
             "credits": pg_array(list(columns[2])), "amounts": pg_array(list(columns[3])),
-            "kinds": pg_array(list(columns[4]))})]
+            "kinds": pg_array(list(columns[4]))}, reusable=True)]
+
+
+def _built(writes: Sequence[Pending | Deferred]) -> list[Pending]:
+    """The deferred writes as they are to be sent, those with nothing to write left out."""
+    built = [write.build() if isinstance(write, Deferred) else write for write in writes]
+    return [write for write in built if write is not None]
 
 
 _LOCK_ONE = text("SELECT balance_minor FROM accounts WHERE id = :id FOR UPDATE")
@@ -863,7 +877,7 @@ def kept(conn: Connection, table: str, key: str) -> Any:
     return None if book is None else book.kept.get((table, key))
 
 
-def defer(conn: Connection, write: Pending) -> bool:
+def defer(conn: Connection, write: Pending | Deferred) -> bool:
     """Send this write with the book's flush (True), or nothing (False: no book is open,
     the caller writes now). For the owner of a row the transaction locked already."""
     book = _book(conn)

@@ -72,6 +72,9 @@ class Settings:
     # Commands a worker applies in one transaction: the one its message names and others
     # waiting `accepted` (or a bulk producer's chunk of keys). 1: no coalescing.
     coalesce_max: int = 100
+    # The statements every command runs are prepared once per PostgreSQL connection
+    # (services.prepared); 0 behind a pooler in transaction mode (pgbouncer).
+    prepared_statements: bool = True
     payout_chunk_items: int = 2_000  # ~0.2 s per chunk holding the funding account's lock
     # Deliveries of one command (counted in its row, across worker deaths) before it is
     # quarantined as poison: `failed` with code `poison`, its message dropped. Default:
@@ -142,6 +145,16 @@ def _number(env: Mapping[str, str], name: str, kind: type) -> int | float | None
     return value
 
 
+def _switch(env: Mapping[str, str], name: str, field: str) -> dict[str, bool]:
+    """A 0/1 setting; unset keeps the default."""
+    raw = env.get(name, "")
+    if raw == "":
+        return {}
+    if raw not in ("0", "1"):
+        raise SettingsError(f"{name}={raw[:20]!r} must be 0 or 1")
+    return {field: raw == "1"}
+
+
 def _fee_rate(env: Mapping[str, str]) -> Decimal | None:
     raw = env.get("WALLETQ_FEE_RATE")
     if not raw:
@@ -193,6 +206,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env["WALLETQ_AMOUNT_MAX"], int(values.get("asset_scale", 2))  # type: ignore[call-overload]
         )
     values.update(_test_switches(env, values))
+    values.update(_switch(env, "WALLETQ_PREPARED_STATEMENTS", "prepared_statements"))
     values.setdefault("delivery_max", _delivery_max_default(values))
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_sums(settings)

@@ -181,3 +181,11 @@ def test_the_delivery_limit_must_exceed_the_retries_each_of_which_is_a_delivery(
                          ).delivery_max == 3
     with pytest.raises(SettingsError, match="WALLETQ_DELIVERY_MAX"):
         load_settings({"WALLETQ_DELIVERY_MAX": "5", "WALLETQ_TASK_RETRIES_MAX": "5"})
+
+
+def test_prepared_statements_are_on_unless_switched_off_with_0() -> None:
+    assert load_settings({}).prepared_statements is True
+    assert load_settings({"WALLETQ_PREPARED_STATEMENTS": "0"}).prepared_statements is False
+    for bad in ("yes", "2", "off"):
+        with pytest.raises(SettingsError, match="WALLETQ_PREPARED_STATEMENTS"):
+            load_settings({"WALLETQ_PREPARED_STATEMENTS": bad})
