@@ -23,11 +23,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.bulk_sql import Pending, insert_ignoring_conflicts
+from services.bulk_sql import Deferred, Pending, insert_ignoring_conflicts, pg_array
 from services.command_fields import Amount, CommandBase, FeeRate, Ident
 from services.errors import (
     EscrowIntegrityError,
@@ -237,12 +237,67 @@ class _HoldState:
     released_minor: int
     refunded_minor: int
     expires_at: datetime | None
+    closed_by: int | None = None
+    closed_at: datetime | None = None
 
 
 def _state(row: Any) -> _HoldState:
     return _HoldState(row.id, row.hold_id, row.payer, row.payee, row.amount_minor, row.status,
                       row.fee_rate, row.fee_minor, row.released_minor, row.refunded_minor,
                       row.expires_at)
+
+
+# The holds a batch changed, in one statement at its flush, each as it ends up; guarded
+# as a single write is, by the totals read under the lock when the batch took it.
+_WRITE_HOLDS = text(
+    "UPDATE holds SET released_minor = v.released, refunded_minor = v.refunded, "
+    "fee_minor = v.fee, status = v.status, closed_by = v.closed_by, closed_at = v.closed_at "
+    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:released AS BIGINT[]), "
+    "CAST(:refunded AS BIGINT[]), CAST(:fees AS BIGINT[]), CAST(:statuses AS TEXT[]), "
+    "CAST(:closed_by AS BIGINT[]), CAST(:closed_at AS TIMESTAMPTZ[]), "
+    "CAST(:were_released AS BIGINT[]), CAST(:were_refunded AS BIGINT[]), "
+    "CAST(:were AS TEXT[])) "
+    "AS v(id, released, refunded, fee, status, closed_by, closed_at, were_released, "
+    "were_refunded, was) "
+    "WHERE holds.id = v.id AND holds.status = v.was "
+    "AND holds.released_minor = v.were_released AND holds.refunded_minor = v.were_refunded")
+_CHANGED = ("holds", "changed by this batch")
+
+
+def _defer_hold_write(conn: Connection, before: _HoldState) -> None:
+    """Remember the hold's totals as the batch locked them (its first change only), and
+    have the flush write every changed hold in one statement. Both live in the book, so
+    a command the batch refuses takes its changes back with the rest of its writes."""
+    changed: dict[str, tuple[int, int]] | None = kept(conn, *_CHANGED)
+    if changed is None:
+        changed = {}
+        defer(conn, Deferred(lambda: _holds_pending(conn)))
+    if before.hold_id not in changed:
+        # Copied, never changed in place: the book's marks keep the dict as it was.
+        changed = {**changed, before.hold_id: (before.released_minor, before.refunded_minor)}
+    keep(conn, *_CHANGED, changed)
+
+
+def _holds_pending(conn: Connection) -> Pending | None:
+    changed: dict[str, tuple[int, int]] | None = kept(conn, *_CHANGED)
+    if not changed:
+        return None
+    holds = [kept(conn, "holds", hold_id) for hold_id in changed]
+    return Pending(_WRITE_HOLDS, {
+        "ids": pg_array([h.id for h in holds]),
+        "released": pg_array([h.released_minor for h in holds]),
+        "refunded": pg_array([h.refunded_minor for h in holds]),
+        "fees": pg_array([h.fee_minor for h in holds]),
+        "statuses": pg_array([h.status for h in holds]),
+        "closed_by": pg_array([h.closed_by for h in holds]),
+        "closed_at": pg_array([None if h.closed_at is None else h.closed_at.isoformat()
+                               for h in holds]),
+        "were_released": pg_array([was[0] for was in changed.values()]),
+        "were_refunded": pg_array([was[1] for was in changed.values()]),
+        # 'held' as a column, not a constant: a constant would let the plan PostgreSQL
+        # keeps for this statement scan the holds by status, once per hold written.
+        "were": pg_array(["held"] * len(holds)),
+    }, reusable=True)
 
 
 def _lock_hold(conn: Connection, hold_id: str) -> _HoldState:
@@ -276,18 +331,25 @@ def _write_hold(conn: Connection, hold: _HoldState, ctx: OperationContext, *,
         values.update(closed_by=ctx.command_id, closed_at=datetime.now(UTC))
     # Under the hold's lock, from the totals read under it: a write that finds other totals
     # is a bug (a second writer), never a race.
-    statement = update(h).where(h.c.id == hold.id, h.c.status == "held",
-                                h.c.released_minor == hold.released_minor,
-                                h.c.refunded_minor == hold.refunded_minor).values(values)
+    def statement() -> Any:
+        return update(h).where(h.c.id == hold.id, h.c.status == "held",
+                               h.c.released_minor == hold.released_minor,
+                               h.c.refunded_minor == hold.refunded_minor).values(values)
+
     if kept(conn, "holds", hold.hold_id) is not None:
-        # Locked by this transaction's batch: written with its flush, and changed for the
-        # rest of the batch now (a second release of it reads the new totals).
-        defer(conn, Pending(statement, {}))
+        # Locked by this transaction's batch: written with its flush (on PostgreSQL with
+        # every other hold it changed, in one statement), and changed for the rest of the
+        # batch now (a second release of it reads the new totals).
+        if conn.dialect.name == "postgresql":
+            _defer_hold_write(conn, hold)
+        else:
+            defer(conn, Pending(statement(), {}))
         keep(conn, "holds", hold.hold_id, _HoldState(
             hold.id, hold.hold_id, hold.payer, hold.payee, hold.amount_minor, status,
-            hold.fee_rate, fee_minor, released_minor, refunded_minor, hold.expires_at))
+            hold.fee_rate, fee_minor, released_minor, refunded_minor, hold.expires_at,
+            values.get("closed_by"), values.get("closed_at")))
         return
-    done = conn.execute(statement)
+    done = conn.execute(statement())
     if done.rowcount != 1:
         raise EscrowIntegrityError(f"hold {hold.hold_id!r} changed under its lock")
 

@@ -13,6 +13,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from services import command_store
 from services.admission import Admitted, admit
+from services.db import for_transactions
 from services.message_policy import Done, execute_keys_message, execute_message
 from services.outbox import record_accepted_many
 from services.settings import Settings
@@ -222,9 +224,12 @@ def statements(engine: Engine) -> Iterator[list[str]]:
     def count(_conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", count)
+    engines = {engine, for_transactions(engine)}  # reads, and the retried transactions
+    for each in engines:
+        event.listen(each, "before_cursor_execute", count)
     yield seen
-    event.remove(engine, "before_cursor_execute", count)
+    for each in engines:
+        event.remove(each, "before_cursor_execute", count)
 
 
 def test_the_message_of_a_command_a_batch_applied_costs_one_indexed_read(
@@ -301,4 +306,45 @@ def test_a_batch_applies_its_commands_oldest_first_whichever_message_came_first(
     assert outcome.record.status == "succeeded"
     assert record(engine, "o-mint").status == "succeeded"
     assert balances(engine)["user:alice:available"] == 5000
+    assert_ledger_sound(engine, settings)
+
+
+def test_a_batch_writes_each_hold_it_changed_once_as_it_ends_up(
+    funded: WalletService, engine: Engine, settings: Settings, statements: list[str]
+) -> None:
+    """Two partial releases and a refund of one hold, an over-release refused between them
+    (its change undone), a release of another hold: one statement writes both holds."""
+    for hold_id, payer in (("bh-1", "alice"), ("bh-2", "bob")):
+        funded.transfer_to_escrow(hold_id, payer, "carol", "10.00",
+                                  idempotency_key=f"open-{hold_id}")
+    batch = [
+        {"type": "release_from_escrow", "idempotency_key": "b-1", "hold_id": "bh-1",
+         "amount": "3.00"},
+        {"type": "release_from_escrow", "idempotency_key": "b-2", "hold_id": "bh-1",
+         "amount": "8.00"},  # more than the 7.00 left: refused, changes nothing
+        {"type": "release_from_escrow", "idempotency_key": "b-3", "hold_id": "bh-1",
+         "amount": "2.00"},
+        {"type": "refund_from_escrow", "idempotency_key": "b-4", "hold_id": "bh-1"},
+        {"type": "release_from_escrow", "idempotency_key": "b-5", "hold_id": "bh-2"},
+    ]
+    accept(engine, settings, *batch)
+    statements.clear()
+    execute_keys_message(([c["idempotency_key"] for c in batch],), {}, engine=engine,
+                         settings=settings, retries_left=True)
+    assert [record(engine, c["idempotency_key"]).status for c in batch] == \
+        ["succeeded", "rejected", "succeeded", "succeeded", "succeeded"]
+    assert record(engine, "b-2").error["code"] == "hold_exceeded"
+    hold_writes = [s for s in statements if "UPDATE holds" in s]
+    assert len(hold_writes) == 1, hold_writes
+    first, second = funded.hold("bh-1"), funded.hold("bh-2")
+    assert (first["status"], first["released"], first["refunded"], first["remaining"]) == \
+        ("refunded", Decimal("5.00"), Decimal("5.00"), Decimal("0.00"))
+    assert (second["status"], second["released"], second["remaining"]) == \
+        ("released", Decimal("10.00"), Decimal("0.00"))
+    assert first["closed_at"] is not None and second["closed_at"] is not None
+    with engine.connect() as conn:
+        closers = dict(conn.execute(text(
+            "SELECT h.hold_id, c.idempotency_key FROM holds h JOIN commands c "
+            "ON c.id = h.closed_by WHERE h.hold_id IN ('bh-1', 'bh-2')")).all())
+    assert closers == {"bh-1": "b-4", "bh-2": "b-5"}
     assert_ledger_sound(engine, settings)
