@@ -117,12 +117,20 @@ class WalletClient:
     # --- submitting ------------------------------------------------------------------
 
     def _admit(self, command: Any) -> tuple[Command, Signed]:
-        """Sign (unless signed) and admit; the refusal is raised, nothing recorded. A command
-        signed here is not verified again: its key must be the producer's, valid, allowed."""
+        """Sign (unless signed) and admit; the refusal is raised, nothing recorded."""
+        return self._admit_signed(*self._sign(command))
+
+    def _sign(self, command: Any) -> tuple[dict[str, Any], SignedHere | None]:
+        """The command object signed (unless it came signed), bounds-checked once before."""
         obj = as_object(command)
         signer = None if "signature" in obj else self.signer
         signed_obj, signed = sign_object(obj, signer)
-        here = None if signer is None else SignedHere(signed, self._public_text(signer))
+        return signed_obj, None if signer is None else SignedHere(signed, self._public_text(signer))
+
+    def _admit_signed(self, signed_obj: dict[str, Any], here: SignedHere | None
+                      ) -> tuple[Command, Signed]:
+        """Admit a signed object; a command signed here is not verified again: its key must
+        be the producer's, valid, allowed."""
         admission = admit(signed_obj, engine=self.engine, settings=self.settings,
                           signed_here=here)
         if isinstance(admission, Refused):
@@ -159,13 +167,14 @@ class WalletClient:
                       ) -> Iterator[CommandRecord | BusinessRuleError]:
         """submit_many for a stream of any length: answers come chunk by chunk, in order.
 
-        While one chunk is recorded and published (on a helper thread: mostly waiting for
-        the database and the broker, and signing releases the GIL), the next is read,
-        signed and admitted; at most two chunks are in hand, so memory does not grow with
-        the stream. A chunk is recorded only after the one before it committed: an error
-        (the database gone) stops the stream with nothing recorded beyond the chunks
-        answered or being answered. Once the broker fails, later chunks are only recorded
-        (left `accepted` for the sweep) instead of each waiting on a broker that is down.
+        While one chunk is admitted, recorded and published on a helper thread (waiting
+        for the database and the broker), the next is read and signed here (Ed25519
+        signing, the largest cost of a command, releases the GIL); at most two chunks are
+        in hand, so memory does not grow with the stream. A chunk is recorded only after
+        the one before it committed: an error (the database gone) stops the stream with
+        nothing recorded beyond the chunks answered or being answered. Once the broker
+        fails, later chunks are only recorded (left `accepted` for the sweep) instead of
+        each waiting on a broker that is down.
         """
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -175,24 +184,36 @@ class WalletClient:
             pending: Future[list[CommandRecord | BusinessRuleError]] | None = None
             while True:
                 chunk = list(itertools.islice(source, chunk_size))
-                admitted = [self._admit_or_refusal(raw) for raw in chunk]
+                signed = [self._sign_or_refusal(raw) for raw in chunk]
                 done = pending.result() if pending is not None else []
-                pending = (pool.submit(self._record_and_publish, admitted, state)
-                           if admitted else None)
+                pending = (pool.submit(self._admit_record_publish, signed, state)
+                           if signed else None)
                 yield from done
                 if pending is None:
                     break
         state.log_skipped()
 
-    def _admit_or_refusal(self, raw: Any) -> tuple[Command, Signed] | BusinessRuleError:
+    def _sign_or_refusal(self, raw: Any
+                         ) -> tuple[dict[str, Any], SignedHere | None] | BusinessRuleError:
         try:
-            return self._admit(raw)
+            return self._sign(raw)
         except BusinessRuleError as exc:
             return exc
 
-    def _record_and_publish(self, admitted: list[tuple[Command, Signed] | BusinessRuleError],
-                            state: _Burst) -> list[CommandRecord | BusinessRuleError]:
-        """One chunk: record what was admitted (one transaction), then publish what is new."""
+    def _admit_record_publish(
+            self, signed: list[tuple[dict[str, Any], SignedHere | None] | BusinessRuleError],
+            state: _Burst) -> list[CommandRecord | BusinessRuleError]:
+        """One chunk: admit each command, record what was admitted (one transaction), then
+        publish what is new."""
+        admitted: list[tuple[Command, Signed] | BusinessRuleError] = []
+        for item in signed:
+            if isinstance(item, BusinessRuleError):
+                admitted.append(item)
+                continue
+            try:
+                admitted.append(self._admit_signed(*item))
+            except BusinessRuleError as exc:
+                admitted.append(exc)
         answers: list[CommandRecord | BusinessRuleError] = []
         parsed = [a for a in admitted if not isinstance(a, BusinessRuleError)]
         outcomes = iter(record_accepted_many(parsed, engine=self.engine, settings=self.settings))
