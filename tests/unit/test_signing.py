@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import rfc8785
-from hypothesis import given
-from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.commands import load_json
 from services.permissions import EVERYTHING, OVERRIDE_FEE, allows, missing
