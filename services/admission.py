@@ -41,7 +41,7 @@ from services.settings import Settings
 from services.signing import PRODUCER_PATTERN, Signed, Signer, SigningError, signed_form
 
 __all__ = ["Evidence", "Admitted", "Refused", "Admission", "SignedHere", "as_object", "admit",
-           "sign_if_unsigned"]
+           "sign_if_unsigned", "sign_object"]
 
 _TYPE_CHARS_MAX = 60
 
@@ -113,7 +113,11 @@ def as_object(raw: Any) -> dict[str, Any]:
 def sign_if_unsigned(raw: Any, signer: Signer | None) -> tuple[dict[str, Any], Signed]:
     """At an edge (client, service, CLI): the command object and its signed form, signed
     by `signer` when it carries no signature; one that does is taken as it is."""
-    obj = as_object(raw)
+    return sign_object(as_object(raw), signer)
+
+
+def sign_object(obj: dict[str, Any], signer: Signer | None) -> tuple[dict[str, Any], Signed]:
+    """sign_if_unsigned of an object as_object gave already (its bounds are not walked again)."""
     if "signature" in obj:
         try:
             return obj, signed_form(obj)

@@ -72,9 +72,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _flat_ascii_jcs(body: Mapping[str, Any]) -> bytes | None:
+    """JCS of a flat object of ASCII text, true, false and null, by the C encoder; None for
+    anything else. For these values RFC 8785 and `json.dumps` agree byte for byte: ASCII
+    keys sort alike by code point and by UTF-16 unit, and both escape exactly the quote,
+    the backslash and C0 controls (lowercase \\u00xx). A command is usually such an object,
+    and the pure-Python canonicaliser is a third of the cost of signing one."""
+    for key, value in body.items():
+        if type(key) is not str or not key.isascii():
+            return None
+        kind = type(value)
+        if not (kind is str and value.isascii()) and kind is not bool and value is not None:
+            return None
+    return json.dumps(body, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("ascii")
+
+
 def signing_input(obj: Mapping[str, Any]) -> bytes:
     """The bytes a producer signs: JCS of the object without its `signature` member."""
     body = {key: value for key, value in obj.items() if key != "signature"}
+    fast = _flat_ascii_jcs(body)
+    if fast is not None:
+        return fast
     try:
         try:
             return rfc8785.dumps(body)

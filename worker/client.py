@@ -42,10 +42,12 @@ committed by walletq in walletq's database, independently of the request's.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -53,7 +55,7 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from services import command_store, refusals
-from services.admission import Refused, SignedHere, admit, as_object, sign_if_unsigned
+from services.admission import Refused, SignedHere, admit, as_object, sign_object
 from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.command_types import SINGLE_TYPES
@@ -61,7 +63,12 @@ from services.commands import Command
 from services.db import get_engine
 from services.errors import BusinessRuleError
 from services.message_policy import KEYS_PER_MESSAGE_MAX
-from services.outbox import Accepted, record_accepted, record_accepted_many
+from services.outbox import (
+    CHUNK_COMMANDS_MAX,
+    Accepted,
+    record_accepted,
+    record_accepted_many,
+)
 from services.refusals import Refusal
 from services.settings import Settings, load_settings
 from services.signing import Signed, Signer, public_key_text
@@ -110,12 +117,20 @@ class WalletClient:
     # --- submitting ------------------------------------------------------------------
 
     def _admit(self, command: Any) -> tuple[Command, Signed]:
-        """Sign (unless signed) and admit; the refusal is raised, nothing recorded. A command
-        signed here is not verified again: its key must be the producer's, valid, allowed."""
+        """Sign (unless signed) and admit; the refusal is raised, nothing recorded."""
+        return self._admit_signed(*self._sign(command))
+
+    def _sign(self, command: Any) -> tuple[dict[str, Any], SignedHere | None]:
+        """The command object signed (unless it came signed), bounds-checked once before."""
         obj = as_object(command)
         signer = None if "signature" in obj else self.signer
-        signed_obj, signed = sign_if_unsigned(obj, signer)
-        here = None if signer is None else SignedHere(signed, self._public_text(signer))
+        signed_obj, signed = sign_object(obj, signer)
+        return signed_obj, None if signer is None else SignedHere(signed, self._public_text(signer))
+
+    def _admit_signed(self, signed_obj: dict[str, Any], here: SignedHere | None
+                      ) -> tuple[Command, Signed]:
+        """Admit a signed object; a command signed here is not verified again: its key must
+        be the producer's, valid, allowed."""
         admission = admit(signed_obj, engine=self.engine, settings=self.settings,
                           signed_here=here)
         if isinstance(admission, Refused):
@@ -146,33 +161,87 @@ class WalletClient:
         applies each such chunk in one transaction. A refused command (invalid,
         unauthenticated, forbidden, or an idempotency conflict) records nothing.
         """
-        answers: list[CommandRecord | BusinessRuleError | None] = []
-        parsed: list[tuple[Command, Signed]] = []
-        slots: list[int] = []
-        for raw in commands:
+        return list(self.submit_stream(commands))
+
+    def submit_stream(self, commands: Iterable[Any], *, chunk_size: int = CHUNK_COMMANDS_MAX
+                      ) -> Iterator[CommandRecord | BusinessRuleError]:
+        """submit_many for a stream of any length: answers come chunk by chunk, in order.
+
+        While one chunk is admitted, recorded and published on a helper thread (waiting
+        for the database and the broker), the next is read and signed here (Ed25519
+        signing, the largest cost of a command, releases the GIL); at most two chunks are
+        in hand, so memory does not grow with the stream. A chunk is recorded only after
+        the one before it committed: an error (the database gone) stops the stream with
+        nothing recorded beyond the chunks answered or being answered. Once the broker
+        fails, later chunks are only recorded (left `accepted` for the sweep) instead of
+        each waiting on a broker that is down.
+        """
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        state = _Burst()
+        source = iter(commands)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="walletq-submit") as pool:
+            pending: Future[list[CommandRecord | BusinessRuleError]] | None = None
+            while True:
+                chunk = list(itertools.islice(source, chunk_size))
+                signed = [self._sign_or_refusal(raw) for raw in chunk]
+                done = pending.result() if pending is not None else []
+                pending = (pool.submit(self._admit_record_publish, signed, state)
+                           if signed else None)
+                yield from done
+                if pending is None:
+                    break
+        state.log_skipped()
+
+    def _sign_or_refusal(self, raw: Any
+                         ) -> tuple[dict[str, Any], SignedHere | None] | BusinessRuleError:
+        try:
+            return self._sign(raw)
+        except BusinessRuleError as exc:
+            return exc
+
+    def _admit_record_publish(
+            self, signed: list[tuple[dict[str, Any], SignedHere | None] | BusinessRuleError],
+            state: _Burst) -> list[CommandRecord | BusinessRuleError]:
+        """One chunk: admit each command, record what was admitted (one transaction), then
+        publish what is new."""
+        admitted: list[tuple[Command, Signed] | BusinessRuleError] = []
+        for item in signed:
+            if isinstance(item, BusinessRuleError):
+                admitted.append(item)
+                continue
             try:
-                parsed.append(self._admit(raw))
-                slots.append(len(answers))
-                answers.append(None)
+                admitted.append(self._admit_signed(*item))
             except BusinessRuleError as exc:
-                answers.append(exc)
-        outcomes = record_accepted_many(parsed, engine=self.engine, settings=self.settings)
+                admitted.append(exc)
+        answers: list[CommandRecord | BusinessRuleError] = []
+        parsed = [a for a in admitted if not isinstance(a, BusinessRuleError)]
+        outcomes = iter(record_accepted_many(parsed, engine=self.engine, settings=self.settings))
         to_publish: list[CommandRecord] = []
         keys: list[str] = []
-        for slot, outcome in zip(slots, outcomes, strict=True):
+        for item in admitted:
+            outcome = item if isinstance(item, BusinessRuleError) else next(outcomes)
             if isinstance(outcome, Accepted):
-                answers[slot] = outcome.record
+                answers.append(outcome.record)
                 if outcome.created and outcome.record.type in SINGLE_TYPES:
                     keys.append(outcome.record.idempotency_key)
                 elif self._needs_publish(outcome):
                     to_publish.append(outcome.record)
             else:
-                answers[slot] = outcome
-        self._publish_keys_logged(keys)
-        self._publish_many_logged(to_publish)
-        return [answer for answer in answers if answer is not None]
+                answers.append(outcome)
+        if state.broker_failed:
+            state.skipped += len(keys) + len(to_publish)
+        elif not self._publish_keys_logged(keys):
+            state.broker_failed = True
+            state.skipped += len(to_publish)
+        elif not self._publish_many_logged(to_publish):
+            state.broker_failed = True
+        return answers
 
-    def _publish_keys_logged(self, keys: list[str]) -> None:
+    def _publish_keys_logged(self, keys: list[str]) -> bool:
+        """Publish the keys, a message per chunk of them; False when the broker failed."""
+        if not keys:
+            return True
         step = min(self.settings.coalesce_max, KEYS_PER_MESSAGE_MAX)
         try:
             with self.publisher.app.producer_or_acquire() as producer:
@@ -181,6 +250,8 @@ class WalletClient:
         except Exception:  # noqa: BLE001 - recorded already: the sweep will deliver them
             log.warning("could not publish %d commands' keys; they stay accepted for the sweep",
                         len(keys), exc_info=True)
+            return False
+        return True
 
     def _needs_publish(self, accepted: Accepted) -> bool:
         return accepted.created or accepted.record.is_stuck(self.settings.sweep_grace_s)
@@ -192,14 +263,16 @@ class WalletClient:
             log.warning("could not publish %s; it stays accepted for the sweep",
                         record.idempotency_key, exc_info=True)
 
-    def _publish_many_logged(self, records: list[CommandRecord]) -> None:
+    def _publish_many_logged(self, records: list[CommandRecord]) -> bool:
+        """Publish each record; False when any could not be (it stays for the sweep)."""
         if not records:
-            return
+            return True
         outcomes = self.publisher.publish_many(records)
         failed = [r.idempotency_key for r, exc in zip(records, outcomes, strict=True) if exc]
         if failed:
             log.warning("could not publish %d commands (first %s); they stay accepted for the "
                         "sweep: %s", len(failed), failed[0], next(e for e in outcomes if e))
+        return not failed
 
     def publish_again(self, record: CommandRecord) -> None:
         """Publish a recorded command (redrive); raises when the broker is unreachable."""
@@ -254,3 +327,17 @@ class WalletClient:
         result = self._service.balance(user)
         return {"available": result.available, "escrow": result.escrow}
 
+
+class _Burst:
+    """What one submit_stream learnt of the broker: once it failed, the rest is left
+    `accepted` for the sweep (counted here, logged once) rather than sent to a broker that
+    is down, a retry policy's wait per chunk."""
+
+    def __init__(self) -> None:
+        self.broker_failed = False
+        self.skipped = 0
+
+    def log_skipped(self) -> None:
+        if self.skipped:
+            log.warning("did not publish %d more commands after the broker failed; they stay "
+                        "accepted for the sweep", self.skipped)

@@ -154,3 +154,62 @@ def test_submit_lines_with_the_broker_down_accepts_every_line_and_exits_0(
         (f"line-{n}", "accepted") for n in range(3)]
     counts, published = sweep_now(service)
     assert counts.republished == 3 and sorted(published) == [f"line-{n}" for n in range(3)]
+
+
+def test_a_stream_over_many_chunks_answers_each_command_in_order_with_its_own_answer(
+        client: WalletClient, broker: FakePublisher) -> None:
+    # Chunks of 4: a duplicate of a command two chunks back, an invalid command and a
+    # conflicting one in the middle, a duplicate within one chunk; each gets its own answer.
+    commands: list[object] = [credit(f"s-{n}", "al", "1.00") for n in range(10)]
+    commands[5] = {"type": "credit_wallet", "idempotency_key": "s-bad", "user": "al",
+                   "amount": "-1"}
+    commands[6] = credit("s-0", "al", "1.00")             # recorded two chunks before
+    commands[7] = credit("s-1", "al", "9.00")             # s-1 with another payload
+    commands.insert(9, credit("s-8", "al", "1.00"))       # s-8 twice in one chunk
+    answers = list(client.submit_stream(commands, chunk_size=4))
+    assert len(answers) == len(commands)
+    kinds = [a.idempotency_key if isinstance(a, CommandRecord) else a.code for a in answers]
+    assert kinds == ["s-0", "s-1", "s-2", "s-3", "s-4", "invalid_command", "s-0",
+                     "idempotency_conflict", "s-8", "s-8", "s-9"]
+    first, again = answers[0], answers[6]
+    assert isinstance(first, CommandRecord) and isinstance(again, CommandRecord)
+    assert again.id == first.id  # the stored record, not a second one
+    assert sorted(broker.published) == sorted(f"s-{n}" for n in (0, 1, 2, 3, 4, 8, 9))
+
+
+def test_a_stream_with_the_broker_down_tries_it_once_and_leaves_every_chunk_for_the_sweep(
+        client: WalletClient, broker: FakePublisher, service: WalletService,
+        caplog: pytest.LogCaptureFixture) -> None:
+    broker.down = True
+    commands = [credit(f"down-{n}", f"u{n}", "1.00") for n in range(7)]
+    with caplog.at_level(logging.WARNING, "walletq.client"):
+        answers = list(client.submit_stream(commands, chunk_size=2))
+    assert [a.status for a in answers] == ["accepted"] * 7  # type: ignore[union-attr]
+    assert broker.calls == 1  # not one wait on a dead broker per chunk
+    assert "did not publish 5 more commands" in caplog.text
+    counts, published = sweep_now(service)
+    assert counts.republished == 7 and sorted(published) == sorted(f"down-{n}" for n in range(7))
+
+
+def test_submit_lines_answers_a_long_stream_line_by_line(
+        walletq_env: dict[str, str], service: WalletService) -> None:
+    # Over two of the client's chunks: blank lines, a bad line in the middle and a
+    # duplicate of the first line near the end keep their own line numbers and answers.
+    lines = [f'{{"type": "credit_wallet", "idempotency_key": "long-{n}", "user": "al",'
+             f' "amount": "1.00"}}' for n in range(1200)]
+    lines[3] = ""
+    lines[700] = "not json"
+    lines[1100] = lines[0]
+    done = walletq("--json", "submit", "-", stdin="\n".join(lines) + "\n",
+                   env={"WALLETQ_BROKER_URL": DEAD_BROKER}, process=True)
+    assert done.exit_code == 1, done
+    answers = done.json_lines()
+    assert len(answers) == 1199
+    assert answers[3]["idempotency_key"] == "long-4"  # line 4 was blank: no answer
+    assert answers[699] == {"line": 701, "error": answers[699]["error"]}
+    assert answers[699]["error"]["code"] == "invalid_command"
+    assert answers[1099]["idempotency_key"] == "long-0"
+    assert answers[-1]["idempotency_key"] == "long-1199"
+    assert {a.get("status") for a in answers} == {"accepted", None}
+    _, published = sweep_now(service)  # every recorded line is left for the sweep
+    assert len(set(published)) == 1200 - 3  # blank, bad and duplicate lines record nothing

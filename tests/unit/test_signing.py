@@ -9,9 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.commands import load_json
 from services.permissions import EVERYTHING, OVERRIDE_FEE, allows, missing
@@ -63,6 +66,30 @@ def test_a_command_loaded_strictly_from_text_signs_as_the_same_object_does() -> 
     text = json.dumps({**VECTOR_COMMAND, "amount": 10.5, "memo": "x"})
     strict = load_json(text)  # numbers kept as text
     assert signing_input(strict) == signing_input(json.loads(text))
+
+
+_FLAT_VALUES = st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=127)),
+                         st.booleans(), st.none(), st.integers(), st.floats(allow_nan=False))
+
+
+@given(st.dictionaries(st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=127))),
+                       _FLAT_VALUES, max_size=8))
+def test_the_flat_object_shortcut_signs_exactly_what_rfc_8785_gives(body: dict[str, object]) -> None:
+    # Flat ASCII objects skip the pure-Python canonicaliser; the bytes must not change.
+    body.pop("signature", None)
+    try:
+        expected = rfc8785.dumps(body)
+    except rfc8785.CanonicalizationError:
+        with pytest.raises(SigningError):
+            signing_input(body)
+        return
+    assert signing_input(body) == expected
+
+
+def test_ascii_control_characters_sign_as_rfc_8785_escapes_them() -> None:
+    text = "".join(chr(c) for c in range(128))
+    assert signing_input({"memo": text, "z": None, "a": False}) == \
+        rfc8785.dumps({"memo": text, "z": None, "a": False})
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 2**60, object()])

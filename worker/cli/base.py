@@ -55,7 +55,16 @@ class Output:
         self.err = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
     def json(self, obj: Any) -> None:
-        click.echo(json.dumps(obj, default=_default, sort_keys=False))
+        click.echo(self.dumps(obj))
+
+    @staticmethod
+    def dumps(obj: Any) -> str:
+        """One JSON line, as `json` prints it."""
+        return json.dumps(obj, default=_default, sort_keys=False)
+
+    def json_lines(self, lines: Sequence[str]) -> None:
+        """Lines from `dumps`, in one write and one flush (not one per line)."""
+        click.echo("\n".join(lines))
 
     def table(self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
               *, right: Sequence[str] = ()) -> None:

@@ -8,6 +8,7 @@ command that is not failed given to redrive, a line of `submit -` refused); 2 ba
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -24,8 +25,11 @@ from services.settings import get_settings
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 
 __all__ = ["submit", "status", "refusals_command", "commands", "sweep_command", "redrive", "demo"]
-#: Lines of `submit -` recorded and published together: one transaction chunk, one connection.
+#: Lines of `submit -` shown per table (people's output).
 SUBMIT_LINES_PER_BATCH = 1000
+#: JSON answers of `submit -` written (and flushed) at once: one write per chunk recorded.
+JSON_LINES_PER_WRITE = 500
+_SUBMIT_COLUMNS = ["line", "key", "status", "error"]
 _COLUMNS = ["key", "type", "status", "error", "attempts", "created", "completed"]
 
 
@@ -82,38 +86,46 @@ def submit(out: Output, command_json: str) -> None:
         client.close()
 
 
-def _batches(stream: TextIO) -> Iterator[list[tuple[int, str]]]:
-    batch: list[tuple[int, str]] = []
+def _numbered(stream: TextIO, numbers: deque[int]) -> Iterator[str]:
+    """The stream's commands, their line numbers queued in `numbers` as each is read."""
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue  # a blank line is no command, and gets no answer
-        batch.append((number, line))
-        if len(batch) >= SUBMIT_LINES_PER_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        numbers.append(number)
+        yield line
 
 
 def _submit_lines(out: Output, client: Any, stream: TextIO) -> bool:
+    """Answer each line in order, as the client records and publishes the stream chunk by
+    chunk; JSON goes out a chunk per write, tables SUBMIT_LINES_PER_BATCH lines each."""
     all_ok = True
-    for batch in _batches(stream):
-        answers = client.submit_many([line for _, line in batch])
-        rows = []
-        for (number, _), answer in zip(batch, answers, strict=True):
-            if isinstance(answer, BusinessRuleError):
-                all_ok = False
-                error = {"code": answer.code, "message": answer.message}
-                if out.as_json:
-                    out.json({"line": number, "error": error})
+    numbers: deque[int] = deque()
+    printed: list[str] = []
+    rows: list[list[Any]] = []
+    for answer in client.submit_stream(_numbered(stream, numbers)):
+        number = numbers.popleft()
+        if isinstance(answer, BusinessRuleError):
+            all_ok = False
+            if out.as_json:
+                printed.append(out.dumps({"line": number, "error": {
+                    "code": answer.code, "message": answer.message}}))
+            else:
                 rows.append([number, answer.ids.get("idempotency_key", ""), "refused",
                              f"{answer.code}: {answer.message}"[:100]])
-            else:
-                if out.as_json:
-                    out.json(answer.to_dict())
-                rows.append([number, answer.idempotency_key, answer.status, ""])
-        if not out.as_json:
-            out.table(None, ["line", "key", "status", "error"], rows, right=["line"])
+        elif out.as_json:
+            printed.append(out.dumps(answer.to_dict()))
+        else:
+            rows.append([number, answer.idempotency_key, answer.status, ""])
+        if len(printed) >= JSON_LINES_PER_WRITE:
+            out.json_lines(printed)
+            printed = []
+        if len(rows) >= SUBMIT_LINES_PER_BATCH:
+            out.table(None, _SUBMIT_COLUMNS, rows, right=["line"])
+            rows = []
+    if printed:
+        out.json_lines(printed)
+    if rows:
+        out.table(None, _SUBMIT_COLUMNS, rows, right=["line"])
     return all_ok
 
 
