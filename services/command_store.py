@@ -48,6 +48,7 @@ __all__ = [
     "refuse",
     "redrive",
     "claim_stale",
+    "stale_cutoff",
     "heartbeat",
     "lock",
     "lock_record",
@@ -522,12 +523,18 @@ def redrive(conn: Connection, record: CommandRecord) -> CommandRecord:
     return CommandRecord.from_row(row)
 
 
-def claim_stale(conn: Connection, *, grace_s: float, limit: int) -> list[CommandRecord]:
-    """The oldest commands stuck past the grace period, their clocks restarted so that no
+def stale_cutoff(grace_s: float) -> datetime:
+    """Commands whose clock stands before this are stuck. A sweep takes it once per run:
+    the clocks it restarts are after it, so one run never takes a command twice (with a
+    grace of 0 a cutoff taken per batch would take the same commands again each batch)."""
+    return _now() - timedelta(seconds=grace_s)
+
+
+def claim_stale(conn: Connection, *, cutoff: datetime, limit: int) -> list[CommandRecord]:
+    """The oldest commands stuck since before `cutoff`, their clocks restarted so that no
     concurrent sweep takes them too. A row another transaction holds (a long apply, another
     sweep) is skipped, never waited for (FOR UPDATE SKIP LOCKED): the sweep goes on with the
     rest, and a later run finds it if it is still stuck."""
-    cutoff = _now() - timedelta(seconds=grace_s)
     stale = [CommandRecord.from_row(row) for row in conn.execute(
         select(_c).where(_c.c.status.in_(sorted(STUCK)), _c.c.updated_at < cutoff)
         .order_by(_c.c.updated_at).limit(limit).with_for_update(skip_locked=True))]

@@ -54,9 +54,10 @@ def run_once(
     batch_max = batch_max or settings.sweep_batch_max
     counts = SweepCounts()
     started = time.perf_counter()
+    cutoff = command_store.stale_cutoff(grace_s)
     for _ in range(batches_max):
         batch = run_transaction(engine, settings, "sweep claim", lambda conn: command_store.claim_stale(
-            conn, grace_s=grace_s, limit=batch_max))
+            conn, cutoff=cutoff, limit=batch_max))
         counts.batches += 1
         counts.found += len(batch)
         for record in batch:

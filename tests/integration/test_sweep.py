@@ -96,6 +96,18 @@ def test_a_run_stops_at_its_first_short_batch(engine: Engine, settings: Settings
     assert (counts.found, counts.batches) == (5, 3)
 
 
+def test_a_run_with_no_grace_takes_each_stuck_command_once(
+        engine: Engine, settings: Settings) -> None:
+    """`walletq sweep --grace 0` by hand: the clocks a batch restarts are not stale for the
+    run's next batch."""
+    keys = stuck(engine, settings, 5)
+    publisher = FakePublisher()
+    counts = sweep.run_once(publisher, engine=engine, settings=settings, grace_s=0,
+                            batch_max=2, batches_max=20)
+    assert (counts.found, counts.republished, counts.batches) == (5, 5, 3)
+    assert publisher.published == keys
+
+
 def test_two_sweeps_at_once_publish_each_command_once(engine: Engine, settings: Settings) -> None:
     """Sweep A claims every stuck command and holds its transaction open; sweep B sees the
     same commands as stuck (A has not committed) but skips the rows A holds (SKIP LOCKED):
