@@ -16,6 +16,7 @@ median of N runs.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -25,7 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cpu import PARTS, CpuMeter  # noqa: E402 - after the path is set
 from bench.harness import (  # noqa: E402 - after the path is set
+    REDIS_URL,
     Scratch,
     commands_ended,
     machine_load,
@@ -41,12 +44,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def steady(client: Any, engine: Any, rate: float, seconds: float, tag: str) -> dict[str, float]:
+def steady(client: Any, engine: Any, rate: float, seconds: float, tag: str,
+           meter: CpuMeter) -> dict[str, float]:
     rng = random.Random(tag)
     users = [f"u{i}" for i in range(USERS)]
     n = int(rate * seconds)
     keys = [f"{tag}-{i}" for i in range(n)]
     late = 0
+    meter.start()
     started = time.perf_counter()
     for i, key in enumerate(keys):
         due = started + i / rate
@@ -59,6 +64,7 @@ def steady(client: Any, engine: Any, rate: float, seconds: float, tag: str) -> d
         client.submit({"type": "transfer_tokens_between_users", "idempotency_key": key,
                        "from_user": payer, "to_user": payee, "amount": "0.01"})
     wait_until(lambda: commands_ended(engine, keys) == n, poll_s=0.05)
+    cpu = meter.per_command(n)
     from sqlalchemy import text
 
     with engine.connect() as conn:
@@ -69,7 +75,8 @@ def steady(client: Any, engine: Any, rate: float, seconds: float, tag: str) -> d
     span = (max(row[2] for row in rows) - min(row[1] for row in rows)).total_seconds()
     return {"offered": rate, "achieved": n / span, "p50": percentile(latencies, 0.50),
             "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
-            "max": max(latencies), "late": late / n}
+            "max": max(latencies), "late": late / n,
+            **{f"cpu {part}": ms for part, ms in cpu.items()}}
 
 
 def plot(path: Path, rows: list[dict[str, float]], title: str) -> None:
@@ -116,6 +123,7 @@ def main() -> None:
         engine = get_engine(get_settings())
         client = WalletClient.from_env()
         with scratch.workers_running(1, args.concurrency):
+            meter = CpuMeter(engine, [proc.pid for proc in scratch.workers], REDIS_URL)
             seed = [{"type": "credit_wallet", "idempotency_key": f"seed-u{i}", "user": f"u{i}",
                      "amount": "100000.00"} for i in range(USERS)]
             client.submit_many(seed)
@@ -125,7 +133,7 @@ def main() -> None:
                 for rate in rates:
                     progress(f"run {run}: {rate:g} commands/s for {args.seconds:g} s")
                     per_rate[rate].append(steady(client, engine, rate, args.seconds,
-                                                 f"r{run}-{rate:g}"))
+                                                 f"r{run}-{rate:g}", meter))
         client.close()
     rows = [{name: statistics.median(r[name] for r in per_rate[rate]) for name in per_rate[rate][0]}
             for rate in rates]
@@ -138,6 +146,15 @@ def main() -> None:
         print(f"{r['offered']:>10.0f} {r['achieved']:>11.0f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
               f"{r['p99']:>8.1f} {r['max']:>8.1f} {r['late']:>6.0%}")
     print("goal at 250/s: p50 <= 5 ms, p99 <= 25 ms")
+    cores = os.cpu_count() or 1
+    print(f"\nCPU per command (ms), by part; the machine's {cores} cores spent at that rate "
+          "allow at most cores x 1000 / total commands per second")
+    print(f"{'offered/s':>10} " + " ".join(f"{part:>12}" for part in PARTS)
+          + f" {'total':>8} {'CPU bound/s':>12}")
+    for r in rows:
+        total = sum(r[f"cpu {part}"] for part in PARTS)
+        print(f"{r['offered']:>10.0f} " + " ".join(f"{r[f'cpu {part}']:>12.2f}" for part in PARTS)
+              + f" {total:>8.2f} {cores * 1000 / total:>12.0f}")
     if args.plot is not None:
         plot(args.plot, rows, title)
         print(f"plot: {args.plot}")
