@@ -39,7 +39,9 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cpu import CpuMeter  # noqa: E402 - after the path is set
 from bench.harness import (  # noqa: E402 - after the path is set
+    REDIS_URL,
     Scratch,
     commands_ended,
     machine_load,
@@ -104,16 +106,26 @@ def burst(client: Any, engine: Any, commands: list[dict[str, Any]]) -> float:
     return len(keys) / (time.perf_counter() - started)
 
 
-def in_process_rate(n: int, users: list[str]) -> float:
+def in_process_rate(n: int, users: list[str]) -> dict[str, float]:
+    """The rate, and where each command's time goes: this process's CPU (Python, the
+    driver), the PostgreSQL backend's CPU, and the rest (waiting: round trips, the commit's
+    flush to disk, scheduling)."""
     from services.wallet_service import WalletService
 
     service = WalletService()
+    meter = CpuMeter(service.engine, [], REDIS_URL)
     rng = random.Random(1)
+    meter.start()
     started = time.perf_counter()
     for i in range(n):
         payer, payee = rng.sample(users, 2)
         service.transfer_tokens_between_users(payer, payee, "0.01", idempotency_key=f"ip-{i}")
-    return n / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    cpu = meter.per_command(n)
+    wall_ms = elapsed * 1e3 / n
+    return {"in_process": n / elapsed, "in_process_py_ms": cpu["producer"],
+            "in_process_pg_ms": cpu["postgres"],
+            "in_process_wait_ms": wall_ms - cpu["producer"] - cpu["postgres"]}
 
 
 def cli_submit_rate(scratch: Scratch, lines: list[dict[str, Any]]) -> float:
@@ -151,7 +163,7 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                          "amount": "100000000.00"})
             burst(client, engine, seed)
             progress(f"run {run}: one command in process")
-            figures["in_process"] = in_process_rate(500, users)
+            figures.update(in_process_rate(500, users))
             progress(f"run {run}: a burst of {args.burst:,} transfers")
             figures["burst"] = burst(client, engine, [transfer(f"b-{i}", rng, users)
                                                       for i in range(args.burst)])
@@ -208,6 +220,10 @@ def report(title: str, f: dict[str, float], args: argparse.Namespace) -> None:
          f"{f['burst'] / f['noop']:.2f} x no-op (goal >= 1.0), {f['burst'] / f['sql']:.2f} x SQL"),
         ("one command in process (WalletService, one connection)",
          f"{f['in_process']:,.0f} cmd/s", "goal >= 500/s"),
+        ("  where each of its milliseconds goes",
+         f"{1e3 / f['in_process']:.2f} ms",
+         f"Python {f['in_process_py_ms']:.2f}, PostgreSQL {f['in_process_pg_ms']:.2f}, "
+         f"waiting (round trips, commit flush) {f['in_process_wait_ms']:.2f}"),
         (f"submit_many of {args.submit:,} (record + publish)", f"{f['submit_many']:,.0f} cmd/s",
          f"{f['submit_many'] / f['publish']:.2f} x apply_async (goal >= 3,000/s)"),
         (f"`walletq submit -` of {args.submit:,} lines (whole process)",
