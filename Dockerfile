@@ -9,6 +9,7 @@ COPY tasks ./tasks
 COPY migrations ./migrations
 RUN pip install --no-cache-dir '.[flower]' \
     && useradd --system --home /var/lib/walletq walletq \
-    && mkdir -p /var/lib/walletq && chown walletq /var/lib/walletq
+    && mkdir -p /var/lib/walletq/producers \
+    && chown walletq /var/lib/walletq /var/lib/walletq/producers
 USER walletq
 CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO"]

@@ -7,6 +7,7 @@ Only hostnames, ports and the secrets' folder are translated; a typo in the file
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import secrets
@@ -161,7 +162,8 @@ def test_the_compose_file_keeps_its_secrets_out_and_binds_flower_to_loopback() -
         assert "postgres@" not in url or name == "roles", f"{name} runs as the superuser"
     users = {name: re.search(r"//([^@:]+)@", spec["environment"]["WALLETQ_DATABASE_URL"])[1]
              for name, spec in SERVICES.items() if "WALLETQ_DATABASE_URL" in (spec.get("environment") or {})}
-    assert users == {"roles": "postgres", "migrate": "walletq_owner", "worker-1": "walletq_worker",
+    assert users == {"roles": "postgres", "migrate": "walletq_owner",
+                     "system-producer": "walletq_owner", "worker-1": "walletq_worker",
                      "worker-2": "walletq_worker"}  # beat and Flower: no database at all
     assert SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
     assert "--requirepass" in " ".join(SERVICES["redis"]["command"])
@@ -244,9 +246,11 @@ def test_the_compose_services_run_as_their_roles_with_passwords_checked(deployme
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=d.redis_port).ping()
     create_database(d)
-    for job in ("roles", "migrate"):
+    # The one-shot jobs, in order; the system producer's job again, as at every start.
+    for job in ("roles", "migrate", "system-producer", "system-producer"):
         done = d.run(job)
         assert done.returncode == 0, (job, done.stdout + done.stderr)
+    assert json.loads(done.stdout)["created"] is False
     worker_log = d.start("worker-1", WALLETQ_WORKER_READY_FILE=str(d.folder / "w.ready"))
     eventually((d.folder / "w.ready").exists, 60, describe=lambda: tail(worker_log))
 
@@ -265,9 +269,19 @@ def test_the_compose_services_run_as_their_roles_with_passwords_checked(deployme
 
     ping = d.healthcheck("worker-1", HOSTNAME=socket.gethostname())
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    beat_log = d.start("beat", WALLETQ_SWEEP_INTERVAL_S="0.5")
+    # A hold that expires in a second: beat's expiry pass, run by the worker, signs its
+    # expire_hold with the key the system-producer job made.
+    for command in ('{"type": "admin_sell_tokens_to_user", "idempotency_key": "sale-1", '
+                    '"user": "ann", "amount": "2.00"}',
+                    '{"type": "transfer_to_escrow", "idempotency_key": "hold-1", "hold_id": '
+                    '"h-1", "payer": "ann", "payee": "bob", "amount": "2.00", '
+                    '"expires_in_s": 1}'):
+        assert client(producer, "submit", command).exit_code == 0
+    beat_log = d.start("beat", WALLETQ_SWEEP_INTERVAL_S="0.5", WALLETQ_EXPIRY_INTERVAL_S="0.5")
     eventually(lambda: "walletq.sweep" in beat_log.read_text(errors="replace"), 60,
                describe=lambda: tail(beat_log))
+    expired = client(producer, "status", "expire:h-1", "--wait", "60")
+    assert expired.json_lines()[0]["status"] == "succeeded", (expired, tail(worker_log))
     assert d.healthcheck("beat").returncode == 0
     check_flower(d)
 

@@ -21,7 +21,13 @@ from services.db import get_engine
 from services.errors import ForbiddenError, UnauthenticatedError
 from services.producer_identity import local_admin_key_file
 from services.settings import Settings, SettingsError, load_settings
-from services.signing import public_key_pem, public_key_text, read_private_key
+from services.signing import (
+    new_private_key,
+    public_key_pem,
+    public_key_text,
+    read_private_key,
+    write_private_key,
+)
 from services.wallet_service import WalletService
 from tests.support.cli import CliResult, walletq
 from tests.support.ledger import assert_ledger_sound
@@ -31,7 +37,7 @@ CREDIT = {"type": "credit_wallet", "idempotency_key": "dep-1", "user": "alice", 
 
 
 def one_json(result: CliResult) -> dict[str, Any]:
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.stdout + result.stderr
     data: dict[str, Any] = json.loads(result.stdout.splitlines()[0])
     return data
 
@@ -97,6 +103,47 @@ def test_create_refuses_a_second_producer_of_a_name_an_unknown_role_or_permissio
     assert clash.exit_code == 1 and "never overwritten" in clash.stdout
     assert (tmp_path / "a.key").read_bytes() == kept
     assert producer_audit(engine) == [("created", "shop")]
+
+
+def test_create_exist_ok_is_a_one_shot_job_that_can_run_at_every_start(
+        walletq_env: dict[str, str], engine: Engine, tmp_path: Path) -> None:
+    """What a deployment's job runs each time it starts: the first run makes the producer
+    and its key, later runs find them; what an operator must settle stops it."""
+    path = tmp_path / "keys" / "walletq-system.key"
+    path.parent.mkdir()
+    job = ("--json", "producer", "create", "walletq-system", "--role", "system",
+           "--key-out", str(path), "--exist-ok")
+    first = one_json(walletq(*job))
+    kept = path.read_bytes()
+    again = one_json(walletq(*job))
+    assert first["created"] is True and again["created"] is False
+    assert path.read_bytes() == kept and again["keys"] == first["keys"]
+    assert producer_audit(engine) == [("created", "walletq-system")]
+    # Another role under the name, or a key file that is not one of its keys: refused.
+    other_role = walletq(*job[:4], "--role", "admin", *job[6:])
+    assert other_role.exit_code == 1 and "not active 'admin'" in other_role.stdout
+    stranger = tmp_path / "keys" / "stranger.key"
+    assert walletq("producer", "create", "stranger", "--role", "web",
+                   "--key-out", str(stranger)).exit_code == 0
+    wrong = walletq(*job[:6], "--key-out", str(stranger), "--exist-ok")
+    assert wrong.exit_code == 1 and "not one of its valid keys" in wrong.stdout
+    missing = walletq(*job[:6], "--key-out", str(tmp_path / "none.key"), "--exist-ok")
+    assert missing.exit_code == 1 and "producer rotate walletq-system" in missing.stdout
+    # A revoked producer is not brought back by the job: the operator decides.
+    with engine.begin() as conn:
+        producers.revoke(conn, "walletq-system")
+    revoked = walletq(*job)
+    assert revoked.exit_code == 1 and "exists as revoked" in revoked.stdout
+
+
+def test_create_exist_ok_registers_a_kept_key_for_a_producer_the_database_lacks(
+        walletq_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "kept.key"
+    write_private_key(path, new_private_key())  # kept from a database since made afresh
+    made = one_json(walletq("--json", "producer", "create", "walletq-system", "--role",
+                            "system", "--key-out", str(path), "--exist-ok"))
+    assert made["created"] is True
+    assert made["keys"][0]["public_key"] == public_key_text(read_private_key(path).public_key())
 
 
 def test_add_registers_a_key_made_elsewhere_and_allow_extends_the_role(

@@ -2,7 +2,7 @@
 producer tables, so they need the database owner's credentials (WALLETQ_DATABASE_URL of the
 owner role), and each change leaves an audit row.
 
-    walletq producer create NAME --role ROLE [--allow T,...] [--key-out FILE]
+    walletq producer create NAME --role ROLE [--allow T,...] [--key-out FILE] [--exist-ok]
     walletq producer add NAME --role ROLE --public-key FILE [--allow T,...]
     walletq producer list
     walletq producer revoke NAME
@@ -12,6 +12,7 @@ owner role), and each change leaves an audit row.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from services.signing import (
     new_private_key,
     public_key_from_pem,
     public_key_text,
+    read_private_key,
     write_private_key,
 )
 from services.unit_of_work import run_transaction
@@ -87,12 +89,31 @@ def producer() -> None:
 @click.option("--key-out", "key_out", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="where to write the private key (0600; default "
               "WALLETQ_HOME/producers/NAME.key); never overwritten")
+@click.option("--exist-ok", "exist_ok", is_flag=True,
+              help="a producer of that name and role whose valid key the key file holds is "
+              "fine as it is (a deployment's one-shot job, run at every start)")
 @json_option
 @pass_output
-def create(out: Output, name: str, role: str, allow: str | None, key_out: Path | None) -> None:
+def create(out: Output, name: str, role: str, allow: str | None, key_out: Path | None,
+           exist_ok: bool) -> None:
     """Create a producer and its first key pair; the private key goes to a file only its owner reads."""
     settings = get_settings()
     path = key_out or _default_key_file(settings, name)
+    if exist_ok:
+        found = _existing(settings, name, role, path)
+        if found is not None:
+            _show(out, found, {"key_file": str(path), "created": False})
+            return
+    if exist_ok and path.exists():
+        # A key kept from before, in a database made afresh: registered as it is.
+        try:
+            public = read_private_key(path).public_key()
+        except SigningError as exc:
+            raise ProducerError(str(exc)) from None
+        found = _change(settings, f"create producer {name}", lambda conn: producers.create(
+            conn, name, role, public, allow=_allowed(allow)))
+        _show(out, found, {"key_file": str(path), "created": True})
+        return
     key = new_private_key()
     _write_key(path, key)
     try:
@@ -101,9 +122,34 @@ def create(out: Output, name: str, role: str, allow: str | None, key_out: Path |
     except BaseException:
         path.unlink(missing_ok=True)  # a key no producer holds is of no use to anyone
         raise
-    _show(out, found, {"key_file": str(path),
+    _show(out, found, {"key_file": str(path), "created": True,
                        "env": {"WALLETQ_PRODUCER": name,
                                "WALLETQ_PRODUCER_KEY_FILE": str(path.resolve())}})
+
+
+def _existing(settings: Settings, name: str, role: str, path: Path) -> Producer | None:
+    """The producer when it exists with this role, active, and the file holds one of its
+    keys valid now; None when there is no such producer. Anything between is an error
+    the operator must settle: another role, a revoked producer, a file that is missing or
+    holds no key of its."""
+    ensure_schema(settings)
+    with get_engine(settings).connect() as conn:
+        found = producers.load(conn, name)
+    if found is None:
+        return None
+    if found.role != role or not found.active:
+        raise ProducerError(f"producer {name!r} exists as {found.status} {found.role!r}, "
+                            f"not active {role!r}")
+    try:
+        public = public_key_text(read_private_key(path).public_key())
+    except SigningError as exc:
+        raise ProducerError(f"producer {name!r} exists but {path} holds no key of it ({exc}): "
+                            f"walletq producer rotate {name} --key-out {path}") from None
+    now = datetime.now(UTC)
+    if not any(k.public_text == public and k.valid_at(now) for k in found.keys):
+        raise ProducerError(f"producer {name!r} exists but the key in {path} is not one of its "
+                            f"valid keys: walletq producer rotate {name} --key-out FILE")
+    return found
 
 
 @producer.command("add")
@@ -187,6 +233,6 @@ def rotate(out: Output, name: str, key_out: Path | None, grace_s: float) -> None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    _show(out, found, {"key_file": str(path),
+    _show(out, found, {"key_file": str(path), "created": True,
                        "env": {"WALLETQ_PRODUCER": name,
                                "WALLETQ_PRODUCER_KEY_FILE": str(path.resolve())}})
