@@ -6,7 +6,8 @@
    command was accepted (now, or when its row was recorded) and is not revoked;
 4. the producer's role (and own permissions) allow the claimed type;
 5. full validation of the command;
-6. what its fields ask beyond its type: a fee override, a payout from another account.
+6. what its fields ask beyond its type: a fee override, a payout from another account, a
+   key under `expire:` (the expiry pass's: role `system` only).
 
 The answer is `Admitted` or `Refused`, never an exception of the command's making: 1-3
 refuse as `invalid_command` (not an object) or `unauthenticated`, 4 and 6 as `forbidden`,
@@ -28,7 +29,7 @@ from sqlalchemy.engine import Engine
 from services import command_store, command_types
 from services.authentication import DIRECTORY, Principal, ProducerDirectory, authenticate
 from services.boundary import check_object
-from services.command_fields import ID_PATTERN, CommandBase, CommandLimits
+from services.command_fields import EXPIRY_KEY_PREFIX, ID_PATTERN, CommandBase, CommandLimits
 from services.commands import Command, json_kind, load_json, parse_command
 from services.errors import (
     BusinessRuleError,
@@ -36,7 +37,7 @@ from services.errors import (
     InvalidCommandError,
     UnauthenticatedError,
 )
-from services.permissions import allows, missing
+from services.permissions import SYSTEM, allows, missing
 from services.settings import Settings
 from services.signing import PRODUCER_PATTERN, Signed, Signer, SigningError, signed_form
 
@@ -210,5 +211,13 @@ def admit(raw: Any, *, engine: Engine, settings: Settings, accepted_at: datetime
         return Refused(ForbiddenError(
             f"producer {signed.producer!r} (role {principal.producer.role}) lacks "
             f"{', '.join(lacking)} for this {command.type}", idempotency_key=evidence.key),
+            evidence, authenticated=True)
+    if command.idempotency_key.startswith(EXPIRY_KEY_PREFIX) and principal.producer.role != SYSTEM:
+        # The pass submits `expire:<hold>` once the hold expired; anybody else's command
+        # under it, refused before expiry, would end under the key the pass needs.
+        return Refused(ForbiddenError(
+            f"producer {signed.producer!r} (role {principal.producer.role}) may not use keys "
+            f"under {EXPIRY_KEY_PREFIX!r}: they are the expiry pass's (role {SYSTEM}); an "
+            "early expire_hold takes another key", idempotency_key=evidence.key),
             evidence, authenticated=True)
     return Admitted(command, signed, principal)

@@ -28,6 +28,7 @@ from services.settings import Settings
 
 __all__ = [
     "AMOUNT_SCHEMA_MARK",
+    "EXPIRY_KEY_PREFIX",
     "ID_PATTERN",
     "NAME_PATTERN",
     "NAME_RULE",
@@ -144,8 +145,10 @@ FeeRate = Annotated[
 ]
 
 
+#: The expiry pass's keys: `expire:<hold_id>` (services.operations.escrow.expiry_key).
+EXPIRY_KEY_PREFIX = "expire:"
 #: Key prefixes walletq derives keys under, and the only type that may use each.
-RESERVED_KEY_PREFIXES: dict[str, str] = {"expire:": "expire_hold"}
+RESERVED_KEY_PREFIXES: dict[str, str] = {EXPIRY_KEY_PREFIX: "expire_hold"}
 
 
 class CommandBase(BaseModel):

@@ -219,6 +219,53 @@ def test_no_other_command_may_take_a_holds_expiry_key_so_nobody_can_stop_its_exp
     assert_ledger_sound(engine, settings)
 
 
+def test_only_the_system_role_may_use_an_expiry_key_so_an_early_expire_hold_cannot_burn_it(
+    funded: WalletService, engine: Engine, settings: Settings, system: Signer
+) -> None:
+    # An admin expiring a hold early under the pass's key would end `rejected`
+    # (hold_not_expired) under `expire:o-1`, and the pass would find the key taken forever.
+    funded.transfer_to_escrow("o-1", "alice", "bob", "5.00", idempotency_key="h-1",
+                              expires_in_s=3600)
+    message = refused(ForbiddenError, lambda: funded.execute(
+        {"type": "expire_hold", "idempotency_key": "expire:o-1", "hold_id": "o-1"}), engine)
+    assert "expiry pass's" in message
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
+                                 "'expire:o-1'")).scalar_one() == 0
+    # Under a key of its own, an admin's early expiry is refused as it always was.
+    refused(HoldNotExpiredError, lambda: raise_for_outcome(funded.execute(
+        {"type": "expire_hold", "idempotency_key": "manual-1", "hold_id": "o-1"})), engine)
+    expire_now(engine, "o-1")
+    counts = expiry.run_once(engine, settings, system)
+    assert (counts.found, counts.expired, counts.already) == (1, 1, 0)
+    assert funded.hold("o-1")["status"] == "expired"
+    assert_ledger_sound(engine, settings)
+
+
+def test_the_pass_leaves_a_hold_whose_payer_takes_no_credit_until_the_wallet_thaws(
+    funded: WalletService, engine: Engine, settings: Settings, system: Signer
+) -> None:
+    funded.transfer_to_escrow("o-1", "alice", "bob", "5.00", idempotency_key="h-1",
+                              expires_in_s=3600)
+    expire_now(engine, "o-1")
+    raise_for_outcome(funded.execute({"type": "freeze_account", "idempotency_key": "f-1",
+                                      "user": "alice", "reason": "review",
+                                      "direction": "both"}))
+    for _ in range(2):  # every run finds it, none spends its key on a sure refusal
+        counts = expiry.run_once(engine, settings, system)
+        assert (counts.found, counts.waiting, counts.expired, counts.refused) == (1, 1, 0, {})
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
+                                 "'expire:o-1'")).scalar_one() == 0
+    assert funded.hold("o-1")["status"] == "held"
+    raise_for_outcome(funded.execute({"type": "unfreeze_account", "idempotency_key": "u-1",
+                                      "user": "alice", "reason": "cleared"}))
+    counts = expiry.run_once(engine, settings, system)
+    assert (counts.found, counts.waiting, counts.expired) == (1, 0, 1)
+    assert funded.hold("o-1")["status"] == "expired"
+    assert_ledger_sound(engine, settings)
+
+
 def test_a_hold_opened_to_expire_in_a_second_is_expired_by_a_pass_once_its_time_came(
     funded: WalletService, engine: Engine, settings: Settings, system: Signer
 ) -> None:
