@@ -49,7 +49,7 @@ from services.errors import (
     TransactionIntegrityError,
 )
 from services.operations import escrow
-from services.operations.base import Footprint, OperationContext
+from services.operations.base import ApplyAfterBatch, Footprint, OperationContext
 from services.settings import Settings
 
 __all__ = ["Item", "Applied", "RejectLater", "apply", "integrity_failure", "rejection"]
@@ -135,7 +135,7 @@ def _footprints(conn: Connection, items: Sequence[Item]) -> dict[int, Footprint]
 
 
 def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
-         settings: Settings, alone: bool, outcomes: _Outcomes) -> None:
+         settings: Settings, alone: bool, outcomes: _Outcomes, batch: frozenset[int]) -> None:
     """One command's handler; its outcome (or its being left) added to `outcomes`."""
     assert isinstance(item.admission, Admitted)
     command = item.admission.command
@@ -143,7 +143,8 @@ def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
     assert entry.handler is not None, f"{command.type} has no handler"
     writes_first = entry.savepoint or any(code not in book.locked for code in footprint.opens)
     in_savepoint = writes_first and not alone
-    ctx = OperationContext(item.record.id, settings.asset_scale, settings.fee_rate)
+    ctx = OperationContext(item.record.id, settings.asset_scale, settings.fee_rate,
+                           batch - {item.record.id})
     mark = book.mark()
     try:
         if in_savepoint:
@@ -153,6 +154,11 @@ def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
             effect = entry.handler(conn, command, ctx)
     except ledger.HotAccountShort:
         raise  # what the batch posted before overdraws a hot account: the whole batch again
+    except ApplyAfterBatch as exc:
+        book.rollback_to(mark)
+        log.info("%s left out of its batch: %s", item.record.idempotency_key, exc)
+        outcomes.left.append(item)
+        return
     except BusinessRuleError as exc:
         if writes_first and alone:
             raise RejectLater(item, exc) from exc
@@ -182,6 +188,7 @@ def apply(conn: Connection, items: Sequence[Item], settings: Settings, *, alone:
     book = ledger.current_book(conn)
     outcomes = _Outcomes()
     prints = _footprints(conn, items)
+    batch = frozenset(item.record.id for item in items) if not alone else frozenset()
     for item in items:
         if isinstance(item.admission, Refused):
             error = item.admission.error
@@ -191,7 +198,7 @@ def apply(conn: Connection, items: Sequence[Item], settings: Settings, *, alone:
             continue
         if settings.test_fault:
             _test_fault(settings.test_fault, item.record.idempotency_key)
-        _run(conn, item, prints[item.record.id], book, settings, alone, outcomes)
+        _run(conn, item, prints[item.record.id], book, settings, alone, outcomes, batch)
     if settings.test_delay_s:
         time.sleep(settings.test_delay_s)  # fault tests: a window inside the transaction
     return Applied(_write(conn, book, outcomes), outcomes.left)

@@ -28,12 +28,21 @@ class OperationContext:
     command_id: int
     scale: int
     fee_rate: Decimal
+    #: The other commands applied in this transaction (a coalesced batch): their outcomes
+    #: are not written yet, so a handler that reads one of their rows must wait for them.
+    batch: frozenset[int] = frozenset()
 
     def minor(self, amount: Decimal) -> int:
         return to_minor(amount, self.scale)
 
     def fmt(self, minor: int) -> str:
         return format_minor(minor, self.scale)
+
+
+class ApplyAfterBatch(Exception):  # noqa: N818 - a signal to the batch, not an error
+    """This command depends on another command of its batch, whose outcome is written only
+    when the batch ends: the batch leaves it untouched and it runs alone once the batch has
+    committed (services.applying)."""
 
 
 @dataclass

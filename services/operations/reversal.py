@@ -41,7 +41,13 @@ from services.ledger import (
     user_available,
 )
 from services.operations.accounts import Reason
-from services.operations.base import Effect, Footprint, OperationContext, TransferFacts
+from services.operations.base import (
+    ApplyAfterBatch,
+    Effect,
+    Footprint,
+    OperationContext,
+    TransferFacts,
+)
 
 __all__ = ["ReverseCommand", "REVERSIBLE", "reverse_command", "reversal_footprint",
            "reversal_transfers", "reversal_target"]
@@ -72,12 +78,16 @@ def reversal_target(original_type: str, code: str) -> str:
     return code
 
 
-def _lock_original(conn: Connection, key: str) -> Any:
+def _lock_original(conn: Connection, key: str, ctx: OperationContext) -> Any:
     c = schema.commands
     row = conn.execute(select(c.c.id, c.c.type, c.c.status).where(c.c.idempotency_key == key)
                        .with_for_update()).one_or_none()
     if row is None:
         raise NotReversibleError(f"no command {key!r}", original_key=key)
+    if row.id in ctx.batch:
+        # Submitted together and coalesced: the original's outcome and transfers are
+        # written with the batch. Run once they are, instead of refusing what will succeed.
+        raise ApplyAfterBatch(f"{key!r} is applied in the same batch")
     if row.status != "succeeded":
         raise NotReversibleError(f"command {key!r} is {row.status}: only a succeeded command "
                                  "is reversed", original_key=key)
@@ -111,7 +121,7 @@ def _spec(code: str) -> AccountSpec:
 
 
 def reverse_command(conn: Connection, cmd: ReverseCommand, ctx: OperationContext) -> Effect:
-    original = _lock_original(conn, cmd.original_key)
+    original = _lock_original(conn, cmd.original_key, ctx)
     moves = [(credit, reversal_target(original.type, debit), amount)
              for debit, credit, amount in reversed(_legs(conn, original.id))]
     locked = lock_accounts(conn, [_spec(code) for move in moves for code in move[:2]])

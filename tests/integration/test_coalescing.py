@@ -348,3 +348,28 @@ def test_a_batch_writes_each_hold_it_changed_once_as_it_ends_up(
             "ON c.id = h.closed_by WHERE h.hold_id IN ('bh-1', 'bh-2')")).all())
     assert closers == {"bh-1": "b-4", "bh-2": "b-5"}
     assert_ledger_sound(engine, settings)
+
+
+def test_a_reversal_submitted_with_its_original_runs_once_the_original_succeeded(
+    funded: WalletService, engine: Engine, settings: Settings
+) -> None:
+    """Coalesced together, the original's outcome is written only at the batch's end: the
+    reversal is left out of the batch and runs alone after it, instead of being refused
+    `not_reversible` for a command that was about to succeed."""
+    batch = [transfer("o-1", "alice", "bob", "4.00"),
+             {"type": "reverse_command", "idempotency_key": "rev-1", "original_key": "o-1",
+              "reason": "charged twice"},
+             transfer("o-2", "bob", "carol", "1.00")]
+    before = balances(engine)
+    accept(engine, settings, *batch)
+    execute_keys_message((["o-1", "rev-1", "o-2"],), {}, engine=engine, settings=settings,
+                         retries_left=True)
+    assert [record(engine, key).status for key in ("o-1", "rev-1", "o-2")] == \
+        ["succeeded"] * 3
+    assert transfers(engine, "rev-1") == [("user:bob:available", "user:alice:available", 400,
+                                           "reversal")]
+    after = balances(engine)
+    assert after["user:alice:available"] == before["user:alice:available"]
+    assert after["user:bob:available"] == before["user:bob:available"] - 100
+    assert [len(final_audits(engine, key)) for key in ("o-1", "rev-1", "o-2")] == [1, 1, 1]
+    assert_ledger_sound(engine, settings)
