@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import Scratch, machine_load, median_of, progress  # noqa: E402
+from bench.harness import Scratch, machine_load, median_of, print_table, progress  # noqa: E402
 from bench.throughput import USERS, cli_submit_rate, transfer  # noqa: E402
 
 
@@ -65,17 +65,12 @@ def one_run(n: int, run: int) -> dict[str, float]:
 
 
 def report(title: str, f: dict[str, float], n: int) -> None:
-    rows = [("one producer publishing (apply_async)", f["publish"], "(ceiling)"),
-            (f"submit_many of {n:,} (sign, admit, record, publish)", f["submit_many"],
-             f"{f['submit_many'] / f['publish']:.2f} x apply_async (goal >= 3,000/s)"),
-            (f"`walletq submit -` of {n:,} lines (whole process)", f["submit_cli"],
-             f"{f['submit_cli'] / f['publish']:.2f} x apply_async (goal >= 3,000/s)")]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{title}")
-    print(f"{'what':<{width}}  {'figure':>14}  ratio")
-    print("-" * (width + 24))
-    for what, figure, ratio in rows:
-        print(f"{what:<{width}}  {figure:>10,.0f} /s  {ratio}")
+    print_table(title, [
+        ("one producer publishing (apply_async)", f"{f['publish']:,.0f} /s", "(ceiling)"),
+        (f"submit_many of {n:,} (sign, admit, record, publish)", f"{f['submit_many']:,.0f} /s",
+         f"{f['submit_many'] / f['publish']:.2f} x apply_async (goal >= 3,000/s)"),
+        (f"`walletq submit -` of {n:,} lines (whole process)", f"{f['submit_cli']:,.0f} /s",
+         f"{f['submit_cli'] / f['publish']:.2f} x apply_async (goal >= 3,000/s)")])
 
 
 def main() -> None:

@@ -58,6 +58,12 @@ def moved(engine: Engine) -> dict[str, int]:
     return {k: v for k, v in balances(engine).items() if v}
 
 
+def key_taken(engine: Engine, key: str) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
+                                      ":key"), {"key": key}).scalar_one())
+
+
 def refused(error: type[Exception], call: Any, engine: Engine) -> str:
     """The call is refused with this error and moves nothing."""
     before = balances(engine)
@@ -209,9 +215,7 @@ def test_no_other_command_may_take_a_holds_expiry_key_so_nobody_can_stop_its_exp
     for squat in squats:
         message = refused(InvalidCommandError, lambda s=squat: funded.execute(dict(s)), engine)
         assert "expire" in message, message
-    with engine.connect() as conn:  # no squat took the key
-        assert conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
-                                 "'expire:o-1'")).scalar_one() == 0
+    assert not key_taken(engine, "expire:o-1")  # no squat took the key
     expire_now(engine, "o-1")
     counts = expiry.run_once(engine, settings, system)
     assert (counts.found, counts.expired, counts.already) == (1, 1, 0)
@@ -229,9 +233,7 @@ def test_only_the_system_role_may_use_an_expiry_key_so_an_early_expire_hold_cann
     message = refused(ForbiddenError, lambda: funded.execute(
         {"type": "expire_hold", "idempotency_key": "expire:o-1", "hold_id": "o-1"}), engine)
     assert "expiry pass's" in message
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
-                                 "'expire:o-1'")).scalar_one() == 0
+    assert not key_taken(engine, "expire:o-1")
     # Under a key of its own, an admin's early expiry is refused as it always was.
     refused(HoldNotExpiredError, lambda: raise_for_outcome(funded.execute(
         {"type": "expire_hold", "idempotency_key": "manual-1", "hold_id": "o-1"})), engine)
@@ -254,9 +256,7 @@ def test_the_pass_leaves_a_hold_whose_payer_takes_no_credit_until_the_wallet_tha
     for _ in range(2):  # every run finds it, none spends its key on a sure refusal
         counts = expiry.run_once(engine, settings, system)
         assert (counts.found, counts.waiting, counts.expired, counts.refused) == (1, 1, 0, {})
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM commands WHERE idempotency_key = "
-                                 "'expire:o-1'")).scalar_one() == 0
+    assert not key_taken(engine, "expire:o-1")
     assert funded.hold("o-1")["status"] == "held"
     raise_for_outcome(funded.execute({"type": "unfreeze_account", "idempotency_key": "u-1",
                                       "user": "alice", "reason": "cleared"}))
