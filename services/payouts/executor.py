@@ -139,7 +139,7 @@ def _result(conn: Connection, batch: Batch, scale: int) -> dict[str, Any]:
         "duplicate": batch.items_duplicate,
         "amount_paid": format_minor(batch.amount_paid_minor, scale),
         "amount_total": format_minor(batch.amount_total_minor, scale),
-        "rejected_by_code": store.rejected_by_code(conn, batch.command_id),
+        "rejected_by_code": store.rejected_by_code(conn, batch.command_id, batch.items_rejected),
         "chunks": batch.chunks_done,
     }
 
