@@ -584,10 +584,16 @@ def pay_users(conn: Connection, command_id: int, debit: LockedAccount,
             and debit.code == user_available(debit.user_id).code:
         raise TransactionIntegrityError(f"Bug! a transfer from {debit.code} to itself")
     users = sorted(per_user)
-    rows = conn.execute(_CREDIT_WALLETS, {
-        "codes": pg_array([_available_code(user) for user in users]),
-        "users": pg_array(users), "amounts": pg_array([per_user[user] for user in users]),
-        "kind": "user_available"}).all()
+    params = {"codes": pg_array([_available_code(user) for user in users]),
+              "users": pg_array(users), "amounts": pg_array([per_user[user] for user in users]),
+              "kind": "user_available"}
+    try:  # a plain INSERT: ON CONFLICT's speculative insertion costs ~40% more per row
+        with conn.begin_nested():
+            rows = conn.execute(_CREDIT_WALLETS, params).all()
+    except IntegrityError as exc:  # a wallet opened meanwhile by another transaction
+        if getattr(exc.orig, "pgcode", None) != "23505":
+            raise
+        rows = conn.execute(_CREDIT_WALLETS_RACING, params).all()
     ids: dict[str, int] = {}
     after: dict[int, int] = {}
     for account_id, user, opened_at in rows:
@@ -611,16 +617,20 @@ def pay_users(conn: Connection, command_id: int, debit: LockedAccount,
 
 # Like _OPEN_WALLETS, each missing wallet opened at what it is paid (its balance after its
 # legs): returns (id, user, that balance) for those opened, (id, user, NULL) for the others.
-_CREDIT_WALLETS = text(
+# Racing: a wallet another transaction opens meanwhile is skipped, then found and credited.
+_CREDIT_WALLETS_SQL = (
     "WITH wanted AS (SELECT * FROM unnest(CAST(:codes AS TEXT[]), CAST(:users AS TEXT[]), "
     "CAST(:amounts AS BIGINT[])) AS w(code, user_id, amount)), "
     "found AS (SELECT a.id, w.code, w.user_id FROM wanted w, "
     "LATERAL (SELECT id FROM accounts WHERE code = w.code LIMIT 1) AS a), "
     "opened AS (INSERT INTO accounts (code, kind, user_id, may_go_negative, balance_minor) "
     "SELECT w.code, :kind, w.user_id, false, w.amount FROM wanted w "
-    "WHERE w.code NOT IN (SELECT code FROM found) ORDER BY w.code "
-    "ON CONFLICT (code) DO NOTHING RETURNING id, user_id, balance_minor) "
+    "WHERE w.code NOT IN (SELECT code FROM found) ORDER BY w.code{conflict} "
+    "RETURNING id, user_id, balance_minor) "
     "SELECT id, user_id, NULL::BIGINT FROM found UNION ALL SELECT * FROM opened")
+_CREDIT_WALLETS = text(_CREDIT_WALLETS_SQL.format(conflict=""))
+_CREDIT_WALLETS_RACING = text(_CREDIT_WALLETS_SQL.format(
+    conflict=" ON CONFLICT (code) DO NOTHING"))
 
 
 def utc_day_start(moment: datetime | None = None) -> datetime:
