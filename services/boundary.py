@@ -122,9 +122,7 @@ def check_object(value: Any, *, bytes_max: int = PAYLOAD_BYTES_MAX,
         if isinstance(item, dict):
             if depth > depth_max:
                 raise _too_deep()
-            size += 1 + sum(len(key if type(key) is str else str(key)) + 4  # "key": and a comma
-                            for key in item)
-            size += _leaves(item.values(), depth + 1, stack)
+            size += 1 + _members(item, depth + 1, stack)
         elif isinstance(item, list | tuple):
             if depth > depth_max:
                 raise _too_deep()
@@ -135,6 +133,20 @@ def check_object(value: Any, *, bytes_max: int = PAYLOAD_BYTES_MAX,
             size += 1
         if size > bytes_max:
             raise InvalidCommandError(f"command is over {bytes_max} bytes")
+
+
+def _members(item: dict[Any, Any], depth: int, stack: list[tuple[Any, int]]) -> int:
+    """`_leaves` of an object: its members' sizes, each key with its quotes, colon and comma."""
+    size = 0
+    for key, child in item.items():
+        size += len(key if type(key) is str else str(key)) + 4
+        if type(child) is str:
+            size += len(child) + 2
+        elif isinstance(child, dict | list | tuple):
+            stack.append((child, depth))
+        else:
+            size += len(child) + 2 if isinstance(child, str) else 1
+    return size
 
 
 def _leaves(children: Iterable[Any], depth: int, stack: list[tuple[Any, int]]) -> int:
