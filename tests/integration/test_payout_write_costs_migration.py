@@ -1,6 +1,7 @@
 """Migration 0008: a transfer's command and accounts are checked once per statement, not
-by three foreign keys per row; the rows they name are never removed nor renumbered; and
-the migration comes down to the foreign keys again."""
+by three foreign keys per row; the rows they name are never removed nor renumbered; a
+command's length checks admit what they did without reading its payload; and the migration
+comes down again."""
 
 from __future__ import annotations
 
@@ -71,17 +72,27 @@ def test_the_rows_transfers_name_are_never_removed_nor_renumbered(pg: Engine, st
     assert caught.value.orig.pgcode == "23001"  # type: ignore[union-attr]  # restrict_violation
 
 
+def _length_checks(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(text(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
+            "'commands'::regclass AND conname LIKE '%payload_length'")).scalars())
+
+
 def test_0008_comes_down_to_the_foreign_keys_and_goes_up_again(pg: Engine,
                                                                settings: Settings) -> None:
     from alembic import command
 
     assert _foreign_keys(pg) == []
+    assert all("octet_length" in check for check in _length_checks(pg))
     dispose_engines()
     command.downgrade(alembic_config(settings.database_url), "0007")
     engine = get_engine(settings)
     assert _foreign_keys(engine) == ["fk_transfers_command_id_commands",
                                      "fk_transfers_credit_account_id_accounts",
                                      "fk_transfers_debit_account_id_accounts"]
+    assert len(_length_checks(engine)) == 2
+    assert not any("octet_length" in check for check in _length_checks(engine))
     with engine.begin() as conn:  # no trigger left behind: an account no transfer names goes
         conn.execute(text("INSERT INTO accounts (code, kind, user_id, may_go_negative, "
                           "balance_minor) VALUES ('user:tmp:available', 'user_available', "
@@ -94,3 +105,19 @@ def test_0008_comes_down_to_the_foreign_keys_and_goes_up_again(pg: Engine,
     assert _foreign_keys(engine) == []
     WalletService(engine, settings).execute(payout("pay-2", [item("cy", "1.00", "r-3")]))
     assert_ledger_sound(engine, settings)
+
+
+@pytest.mark.parametrize("column", ["payload", "signed_payload"])
+def test_a_commands_texts_are_bounded_in_characters_as_before(pg: Engine, column: str) -> None:
+    """Four million two-byte characters fit (eight million bytes); one more does not, on
+    insert or on update."""
+    fits, over = "é" * 4_194_304, "é" * 4_194_305
+    insert = text("INSERT INTO commands (idempotency_key, type, payload, payload_hash, status) "
+                  "VALUES (:key, 'credit_wallet', '{}', :hash, 'accepted')")
+    with pg.begin() as conn:
+        conn.execute(insert, {"key": "long", "hash": "0" * 64})
+        conn.execute(text(f"UPDATE commands SET {column} = :v WHERE idempotency_key = 'long'"),
+                     {"v": fits})
+    with pytest.raises(IntegrityError, match=f"{column}_length"), pg.begin() as conn:
+        conn.execute(text(f"UPDATE commands SET {column} = :v WHERE idempotency_key = 'long'"),
+                     {"v": over})
