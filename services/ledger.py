@@ -3,9 +3,10 @@
 The ledger owns every write to `accounts` and `transfers`. Money moves only through
 `make_transfer` (both legs from one constructor) and `post_transfers` (the balance check
 under the row lock, then both balance updates and the transfer row), or, for one account
-paying many (a payout chunk), `post_fan_out`. `apply_balance_deltas` is the one function
-that writes a balance, so a hot account can later be spread over several rows without
-touching the operations.
+paying many (a payout chunk), `post_fan_out` and `pay_users`. `apply_balance_deltas` is the
+one function that changes a balance, so a hot account can later be spread over several
+rows without touching the operations (`pay_users` opens a new user wallet at what it is
+paid: a user account, never a hot one).
 
 Inside `deferred(conn)` (the executor's lean path) the same calls write nothing at once: a
 `Book` remembers the rows locked in this transaction (a second lock of the same account
