@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from services.command_fields import JsonNumber
@@ -121,16 +122,42 @@ def check_object(value: Any, *, bytes_max: int = PAYLOAD_BYTES_MAX,
         if isinstance(item, dict):
             if depth > depth_max:
                 raise _too_deep()
-            size += 1 + sum(len(str(key)) + 4 for key in item)  # "key": and a comma each
-            stack.extend((child, depth + 1) for child in item.values())
+            size += 1 + _members(item, depth + 1, stack)
         elif isinstance(item, list | tuple):
             if depth > depth_max:
                 raise _too_deep()
-            size += 1 + len(item)  # brackets and commas
-            stack.extend((child, depth + 1) for child in item)
+            size += 1 + len(item) + _leaves(item, depth + 1, stack)  # brackets and commas
         elif isinstance(item, str):
             size += len(item) + 2
         else:
             size += 1
         if size > bytes_max:
             raise InvalidCommandError(f"command is over {bytes_max} bytes")
+
+
+def _members(item: dict[Any, Any], depth: int, stack: list[tuple[Any, int]]) -> int:
+    """`_leaves` of an object: its members' sizes, each key with its quotes, colon and comma."""
+    size = 0
+    for key, child in item.items():
+        size += len(key if type(key) is str else str(key)) + 4
+        if type(child) is str:
+            size += len(child) + 2
+        elif isinstance(child, dict | list | tuple):
+            stack.append((child, depth))
+        else:
+            size += len(child) + 2 if isinstance(child, str) else 1
+    return size
+
+
+def _leaves(children: Iterable[Any], depth: int, stack: list[tuple[Any, int]]) -> int:
+    """The size of a container's scalar children; its containers pushed for the walk (a
+    payout's 10,000 items are 30,000 strings: counted here, not pushed, ~3x faster)."""
+    size = 0
+    for child in children:
+        if type(child) is str:
+            size += len(child) + 2
+        elif isinstance(child, dict | list | tuple):
+            stack.append((child, depth))
+        else:
+            size += len(child) + 2 if isinstance(child, str) else 1
+    return size

@@ -72,26 +72,56 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _flat_ascii_jcs(body: Mapping[str, Any]) -> bytes | None:
-    """JCS of a flat object of ASCII text, true, false and null, by the C encoder; None for
-    anything else. For these values RFC 8785 and `json.dumps` agree byte for byte: ASCII
-    keys sort alike by code point and by UTF-16 unit, and both escape exactly the quote,
-    the backslash and C0 controls (lowercase \\u00xx). A command is usually such an object,
-    and the pure-Python canonicaliser is a third of the cost of signing one."""
-    for key, value in body.items():
-        if type(key) is not str or not key.isascii():
-            return None
-        kind = type(value)
-        if not (kind is str and value.isascii()) and kind is not bool and value is not None:
-            return None
-    return json.dumps(body, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("ascii")
+_JCS_INT_MAX = 2**53 - 1  # RFC 8785 writes integers as IEEE doubles: beyond, no canonical form
+
+
+def _json_agrees_with_jcs(value: Any) -> bool:
+    """Whether the json module's sorted compact text of `value` is its RFC 8785 form, as
+    far as types go: only dicts with str keys, lists, str, bool, None and safe integers
+    (floats are spelled differently, other keys are coerced by json). The text must also be
+    ASCII (keys then sort alike by code point and by UTF-16 unit; no lone surrogate).
+    Walked once, without recursion; the payload's depth was bounded before it came here."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            for key, child in item.items():
+                if type(key) is not str:
+                    return False
+                child_kind = type(child)
+                if child_kind is str or child is None or child_kind is bool:
+                    continue
+                if child_kind is int:
+                    if -_JCS_INT_MAX <= child <= _JCS_INT_MAX:
+                        continue
+                    return False
+                stack.append(child)
+        elif kind is list:
+            stack.extend(item)
+        elif kind is int:
+            if not -_JCS_INT_MAX <= item <= _JCS_INT_MAX:
+                return False
+        elif not (kind is str or item is None or kind is bool):
+            return False
+    return True
+
+
+def _fast_jcs(body: dict[str, Any]) -> bytes | None:
+    """RFC 8785 through the json module's C encoder (escapes, separators and key order are
+    the same for the values `_json_agrees_with_jcs` admits); None where they might differ.
+    rfc8785 walks in Python: ~40 ms per 1,000 payout items, paid by signer and verifier."""
+    if not _json_agrees_with_jcs(body):
+        return None
+    text = json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)
+    return text.encode("ascii") if text.isascii() else None
 
 
 def signing_input(obj: Mapping[str, Any]) -> bytes:
     """The bytes a producer signs: JCS of the object without its `signature` member."""
     body = {key: value for key, value in obj.items() if key != "signature"}
-    fast = _flat_ascii_jcs(body)
+    fast = _fast_jcs(body)
     if fast is not None:
         return fast
     try:

@@ -6,8 +6,8 @@ paying from it run side by side, and debited last; a chunk that meets another (t
 no longer covers it, a reference paid meanwhile, a refusal to decide) runs again with the
 account locked (`ChunkRace`) — (recipients are only credited: the UPDATE that credits them
 takes their row locks, by ascending id), reads which of its references that account paid
-before, decides every item in plain Python (services.payouts.decision), opens the wallets
-of new recipients, then pays with set-based SQL through the ledger (`post_fan_out`),
+before, decides every item in plain Python (services.payouts.decision), then pays with set-based
+SQL through the ledger (`pay_users`: new recipients' wallets opened at what they are paid),
 writes the items' outcomes and the batch's progress, and one audit row. Progress commits
 with the chunk, so a re-run (a redelivered or swept message) resumes at the first item not
 yet decided. The command stays `processing` until the last chunk writes `succeeded`.
@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services import command_store
 from services.audit import log_financial_operation
-from services.command_status import CommandStatus
+from services.command_status import ENDED, CommandStatus
 from services.command_store import CommandRecord
 from services.errors import (
     AccountClosedError,
@@ -39,8 +39,7 @@ from services.ledger import (
     check_usable,
     is_hot,
     lock_accounts,
-    open_user_wallets,
-    post_fan_out,
+    pay_users,
     read_account,
 )
 from services.money import format_minor
@@ -110,16 +109,14 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
         raise ChunkRace("a refusal is decided on the locked account, never on a reading")
     if batch.atomic and any(d.outcome == "rejected" for d in decisions):
         raise atomic_refusal(decisions, funding.code, funding.balance_minor)
-    paid = [d.item for d in decisions if d.outcome == "paid"]
-    amount_paid = sum(item.amount_minor for item in paid)
+    paid = [(d.item.user, d.item.amount_minor) for d in decisions if d.outcome == "paid"]
+    amount_paid = sum(amount_minor for _, amount_minor in paid)
     if amount_paid > funding.balance_minor:  # checked before any write of the chunk
         raise TransactionIntegrityError("Bug! a chunk overdraws its funding account")
-    wallets = open_user_wallets(conn, list({item.user for item in paid}))
     started = TIMINGS.add("decide", started)
     try:
         store.insert_decisions(conn, batch.command_id, funding.id, decisions)
-        post_fan_out(conn, batch.command_id, funding,
-                     [(wallets[item.user], item.amount_minor) for item in paid], TRANSFER_KIND)
+        pay_users(conn, batch.command_id, funding, paid, TRANSFER_KIND)
     except IntegrityError as exc:
         if funding.exact:
             raise
@@ -139,7 +136,7 @@ def _result(conn: Connection, batch: Batch, scale: int) -> dict[str, Any]:
         "duplicate": batch.items_duplicate,
         "amount_paid": format_minor(batch.amount_paid_minor, scale),
         "amount_total": format_minor(batch.amount_total_minor, scale),
-        "rejected_by_code": store.rejected_by_code(conn, batch.command_id),
+        "rejected_by_code": store.rejected_by_code(conn, batch.command_id, batch.items_rejected),
         "chunks": batch.chunks_done,
     }
 
@@ -169,21 +166,22 @@ def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
           settings: Settings, exact: bool = True) -> tuple[bool, int]:
     """One transaction: the next chunk of the batch. Returns (finished, chunks_done)."""
     key = command.idempotency_key
-    record = command_store.lock(conn, key)
-    if record is None:
+    locked = store.lock_command(conn, key)
+    if locked is None:
         raise TransactionIntegrityError(f"Bug! payout {key} was claimed but has no command row")
-    if record.ended:
+    command_id, status = locked
+    if status in ENDED:
         return True, 0
-    batch = store.load_batch(conn, record.id)
+    batch = store.load_batch(conn, command_id)
     if batch is None:
-        batch = store.start_batch(conn, record.id, command, items, settings.payout_chunk_items)
+        batch = store.start_batch(conn, command_id, command, items, settings.payout_chunk_items)
         funding = _lock_funding(conn, command.from_account, exact=exact)
         if isinstance(funding, BusinessRuleError):
             _reject(conn, key, batch, funding)
             return True, 0
     if batch.status != "running":
         raise TransactionIntegrityError(f"Bug! payout {key} is {batch.status}, "
-                                        f"its command {record.status}")
+                                        f"its command {status}")
     chunk = items[batch.next_index:batch.next_index + batch.chunk_items]
     try:
         done = _apply_chunk(conn, batch, chunk, exact)
@@ -198,7 +196,7 @@ def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
     finished = fresh.status == "succeeded"
     if finished:
         result = _result(conn, fresh, settings.asset_scale)
-        command_store.finish(conn, record.id, CommandStatus.SUCCEEDED, result=result)
+        command_store.finish(conn, command_id, CommandStatus.SUCCEEDED, result=result)
         _audit(conn, key, fresh, "succeeded", detail=result)
     TIMINGS.add("progress", started)
     if settings.test_delay_s:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.engine import Connection
 
 from services import command_store, schema
@@ -22,7 +22,7 @@ from services.payouts.command import PayoutBatch
 from services.payouts.decision import Decision, Item
 
 __all__ = ["Batch", "ChunkOutcome", "load_batch", "start_batch", "record_progress",
-           "mark_rejected", "rejected_by_code", "paid_before", "insert_decisions",
+           "mark_rejected", "rejected_by_code", "lock_command", "paid_before", "insert_decisions",
            "payout_progress", "payout_item_rows", "payout_totals", "check_batch_transfers"]
 
 _b = schema.payout_batches
@@ -81,6 +81,18 @@ def start_batch(conn: Connection, command_id: int, command: PayoutBatch, items: 
     return batch
 
 
+#: A batch's command, locked: its id and status only (the full record carries the payload,
+#: megabytes to read, and to decode, at every chunk).
+_LOCK_COMMAND = (select(schema.commands.c.id, schema.commands.c.status)
+                 .where(schema.commands.c.idempotency_key == bindparam("key")).with_for_update())
+
+
+def lock_command(conn: Connection, key: str) -> tuple[int, str] | None:
+    """The batch's command row locked FOR UPDATE: (id, status), or None if there is none."""
+    row = conn.execute(_LOCK_COMMAND, {"key": key}).one_or_none()
+    return None if row is None else (row.id, row.status)
+
+
 def record_progress(conn: Connection, batch: Batch, done: ChunkOutcome) -> Batch:
     """Count one chunk done, in the chunk's transaction; the last one completes the batch."""
     now = datetime.now(UTC)
@@ -111,7 +123,11 @@ def mark_rejected(conn: Connection, batch: Batch) -> None:
                  .values(status="rejected", updated_at=datetime.now(UTC)))
 
 
-def rejected_by_code(conn: Connection, command_id: int) -> dict[str, int]:
+def rejected_by_code(conn: Connection, command_id: int, rejected: int | None = None
+                     ) -> dict[str, int]:
+    """Rejected items by reason; `rejected`, the batch's count, spares the scan when 0."""
+    if rejected == 0:
+        return {}
     rows = conn.execute(select(_i.c.error_code, func.count()).where(
         _i.c.command_id == command_id, _i.c.outcome == "rejected").group_by(_i.c.error_code))
     return {code: count for code, count in rows}
@@ -143,6 +159,21 @@ def insert_decisions(conn: Connection, command_id: int, funding_id: int,
                      decisions: Sequence[Decision]) -> None:
     """Every decided item's outcome, in one statement; the unique index on paid items'
     (funding account, reference) refuses a second payment of a reference outright."""
+    if not decisions:
+        return
+    if conn.dialect.name == "postgresql":  # the batch's two ids sent once, not per item
+        items = [d.item for d in decisions]
+        rejected = [d for d in decisions if d.error_code is not None]
+        conn.execute(_INSERT_ITEMS, {
+            "command_id": command_id, "funding_id": funding_id,
+            "indexes": pg_array([item.index for item in items]),
+            "users": pg_array([item.user for item in items]),
+            "amounts": pg_array([item.amount_minor for item in items]),
+            "refs": pg_array([item.reference for item in items]),
+            "outcomes": pg_array([d.outcome for d in decisions]),
+            "error_at": pg_array([d.item.index for d in rejected]),
+            "errors": pg_array([d.error_code for d in rejected])})
+        return
     insert_rows(conn, _i, {
         "command_id": [command_id] * len(decisions),
         "item_index": [d.item.index for d in decisions],
@@ -154,22 +185,47 @@ def insert_decisions(conn: Connection, command_id: int, funding_id: int,
         "funding_account_id": [funding_id] * len(decisions)})
 
 
+# Error codes travel apart, by item index: most items have none (one NULL each would send
+# the whole column down pg_array's slow path).
+_INSERT_ITEMS = text(
+    "INSERT INTO payout_items (command_id, item_index, user_id, amount_minor, reference, "
+    "outcome, error_code, funding_account_id) "
+    "SELECT :command_id, i.idx, i.user_id, i.amount, i.ref, i.outcome, e.code, :funding_id "
+    "FROM unnest(CAST(:indexes AS INTEGER[]), CAST(:users AS TEXT[]), "
+    "CAST(:amounts AS BIGINT[]), CAST(:refs AS TEXT[]), CAST(:outcomes AS TEXT[])) "
+    "AS i(idx, user_id, amount, ref, outcome) "
+    "LEFT JOIN unnest(CAST(:error_at AS INTEGER[]), CAST(:errors AS TEXT[])) AS e(idx, code) "
+    "ON e.idx = i.idx")
+
+
 # --- reads ------------------------------------------------------------------------------
+
+
+_c = schema.commands
+#: What progress shows of a command: not its payload (a batch's is megabytes, and
+#: `walletq payout` polls every batch's progress five times a second).
+_PROGRESS_COLUMNS = (_c.c.id, _c.c.type, _c.c.status, _c.c.error_code, _c.c.error_message,
+                     _c.c.created_at, _c.c.completed_at)
 
 
 def payout_progress(conn: Connection, key: str, scale: int) -> dict[str, Any] | None:
     """A payout's command status and batch progress, or None if no such command."""
-    record = command_store.get_record(conn, key)
+    record = conn.execute(select(*_PROGRESS_COLUMNS).where(_c.c.idempotency_key == key)
+                          ).one_or_none()
     if record is None:
         return None
     batch = load_batch(conn, record.id)
+    error = None if record.error_code is None else {"code": record.error_code,
+                                                    "message": record.error_message or ""}
     out: dict[str, Any] = {"idempotency_key": key, "type": record.type, "status": record.status,
-                           "error": record.error, "created_at": command_store.iso(record.created_at),
+                           "error": error, "created_at": command_store.iso(record.created_at),
                            "completed_at": command_store.iso(record.completed_at)}
     if record.type != "payout_batch":
         return out
     if batch is None:  # accepted, not started: its size comes from the payload
-        payload = record.payload_dict()
+        full = command_store.get_record(conn, key)
+        assert full is not None
+        payload = full.payload_dict()
         out.update({"from_account": payload.get("from_account", "platform:treasury"),
                     "items": len(payload["items"]), "done": 0, "paid": 0, "rejected": 0,
                     "duplicate": 0, "amount_paid": format_minor(0, scale), "chunks_done": 0,
@@ -182,7 +238,8 @@ def payout_progress(conn: Connection, key: str, scale: int) -> dict[str, Any] | 
                 "amount_paid": format_minor(batch.amount_paid_minor, scale),
                 "amount_total": format_minor(batch.amount_total_minor, scale),
                 "chunks_done": batch.chunks_done, "chunks_total": batch.chunks_total,
-                "rejected_by_code": rejected_by_code(conn, batch.command_id)})
+                "rejected_by_code": rejected_by_code(conn, batch.command_id,
+                                                     batch.items_rejected)})
     return out
 
 

@@ -79,3 +79,32 @@ def test_two_batches_the_treasury_cannot_both_cover_never_overdraw_it(
         <= {0, 1000, 2000, 3000}
     assert record(engine, "a").status == "succeeded"
     assert_ledger_sound(engine, settings)
+
+
+def test_a_wallet_opened_by_another_transaction_meanwhile_is_credited_not_duplicated(
+    service: WalletService, engine: Engine, settings: Settings
+) -> None:
+    """The wallets a chunk opens go in a plain INSERT; one another transaction opens at the
+    same time (its unique entry first) makes that INSERT fail, and the chunk opens the rest
+    skipping it, then credits it like any existing wallet."""
+    service.admin_create_tokens("100.00", idempotency_key="mint")
+    other = engine.connect()
+    other.begin()
+    other.execute(text("INSERT INTO accounts (code, kind, user_id, may_go_negative, "
+                       "balance_minor) VALUES ('user:zed:available', 'user_available', 'zed', "
+                       "false, 0)"))
+    outcome: list[Any] = []
+    paying = threading.Thread(target=lambda: outcome.append(service.execute(
+        {"type": "payout_batch", "idempotency_key": "race",
+         "items": [{"user": "amy", "amount": "1.00", "reference": "r-amy"},
+                   {"user": "zed", "amount": "2.50", "reference": "r-zed"}]})))
+    paying.start()
+    paying.join(1.0)
+    assert paying.is_alive()  # waiting on zed's uncommitted unique entry
+    other.commit()
+    other.close()
+    paying.join(60)
+    assert outcome and outcome[0].status == "succeeded" and outcome[0].result["paid"] == 2
+    assert balances(engine)["user:zed:available"] == 250
+    assert balances(engine)["user:amy:available"] == 100
+    assert_ledger_sound(engine, settings)

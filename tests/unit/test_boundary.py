@@ -8,7 +8,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from services.boundary import check_object
+from services.errors import InvalidCommandError
 from services.message_policy import KEYS_TASK_NAME, TASK_NAME
 from services.settings import load_settings
 from worker.guarded_request import BODY_BYTES_MAX, inspect_message
@@ -86,3 +90,36 @@ def test_depth_is_read_from_the_text_without_being_fooled_by_strings_or_encoding
     hidden = ("[" * 20 + "]" * 20).encode("utf-16")  # json.loads would take UTF-16 bytes
     with pytest.raises(InvalidCommandError, match="malformed JSON"):
         decode_strict(hidden)
+
+
+_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                       lambda inner: st.lists(inner, max_size=5)
+                       | st.dictionaries(st.text(max_size=6), inner, max_size=5), max_leaves=30)
+
+
+def _compact_size(value: Any) -> int:
+    """The compact JSON text's length, escapes not counted: what check_object bounds."""
+    if isinstance(value, dict):
+        return 1 + sum(len(k) + 4 + _compact_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 1 + len(value) + sum(_compact_size(v) for v in value)
+    return len(value) + 2 if isinstance(value, str) else 1
+
+
+def _depth(value: Any) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) \
+        else None
+    return 0 if children is None else 1 + max((_depth(c) for c in children), default=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES, st.integers(1, 200), st.integers(1, 6))
+def test_a_decoded_object_is_refused_exactly_when_too_big_or_too_deep(
+        value: Any, bytes_max: int, depth_max: int) -> None:
+    over = _compact_size(value) > bytes_max or _depth(value) > depth_max
+    try:
+        check_object(value, bytes_max=bytes_max, depth_max=depth_max)
+    except InvalidCommandError:
+        assert over
+    else:
+        assert not over

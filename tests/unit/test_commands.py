@@ -434,3 +434,25 @@ def test_a_payout_whose_canonical_form_exceeds_the_stored_limit_is_invalid() -> 
     items = [{"user": long_id, "amount": "1.00", "reference": f"{i:0>200}"} for i in range(10_000)]
     error = refused({**example_of("payout_batch"), "items": items})
     assert "canonical form" in error.message and "at most 4194304" in error.message
+
+
+def test_a_large_commands_canonical_text_is_written_once_per_instance() -> None:
+    """Kept by instance while it lives: a copy with another key writes its own text."""
+    import gc
+
+    from services import canonical
+
+    raw = {"type": "payout_batch", "idempotency_key": "big", "producer": "p",
+           "signature": "A" * 86,
+           "items": [{"user": f"u{n}", "amount": "1.5", "reference": f"r{n}"} for n in range(3000)]}
+    command = parse_command(raw, LIMITS)
+    text = canonical.canonical_payload(command)
+    assert canonical.canonical_payload(command) is text and '"amount":"1.50"' in text
+    other = command.model_copy(update={"idempotency_key": "big-2"})
+    assert '"idempotency_key":"big-2"' in canonical.canonical_payload(other)
+    assert command == parse_command(raw, LIMITS)  # nothing kept on the instance itself
+    ids = {id(command), id(other)}
+    assert ids <= set(canonical._KEPT)
+    del command, other
+    gc.collect()
+    assert not ids & set(canonical._KEPT)

@@ -171,3 +171,13 @@ def test_payee_plus_fee_is_the_amount_for_every_amount_and_rate(
     assert 0 <= fee_minor <= amount_minor
     # The fee is the exact product rounded once: never more than half a minor unit away.
     assert abs(Decimal(fee_minor) - Decimal(amount_minor) * rate) <= Decimal("0.5")
+
+
+@given(st.from_regex(r"\A(0|[1-9][0-9]{0,17})(\.[0-9]{1,18})?\Z"), st.integers(0, 18))
+def test_minor_units_are_counted_in_integers_exactly_as_decimal_counts_them(
+        value: str, scale: int) -> None:
+    try:
+        minor = parse_amount(value, scale=scale, max_minor=2**63 - 1)
+    except AmountError:
+        return
+    assert minor == to_minor(Decimal(value), scale)

@@ -13,7 +13,7 @@ import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.commands import load_json
@@ -22,6 +22,7 @@ from services.producers import ProducerKey
 from services.signing import (
     Signer,
     SigningError,
+    _fast_jcs,
     decode_signature,
     encode_signature,
     key_id,
@@ -204,3 +205,33 @@ def test_a_key_is_valid_from_its_start_until_its_end_or_its_revocation() -> None
     assert not key(until=start + hour).valid_at(start + hour)
     assert key(revoked=start + hour).valid_at(start + hour / 2)  # accepted before it
     assert not key(until=start + 2 * hour, revoked=start + hour).valid_at(start + hour)
+
+
+_JSON_LEAVES = (st.none() | st.booleans() | st.integers(-(2**60), 2**60)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
+                | st.sampled_from(["\x00", "\x1f", "\u2028", "\ue000", "\U0001f600", '"\\',
+                                   "\b\f\n\r\t", "\x7f"]))
+_JSON_VALUES = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=4) | st.sampled_from(["\ue000", "\U0001f600", "a"]), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5))
+def test_the_fast_canonical_form_is_rfc8785_byte_for_byte(body: dict[str, object]) -> None:
+    """The json-module path is taken only where it writes what rfc8785 writes."""
+    try:
+        expected: bytes | None = rfc8785.dumps(body)
+    except (rfc8785.CanonicalizationError, UnicodeError):
+        expected = None
+    fast = _fast_jcs(body)
+    assert fast is None or fast == expected
+
+
+def test_a_payout_batch_takes_the_fast_canonical_form() -> None:
+    body = {"type": "payout_batch", "idempotency_key": "p-1", "producer": "web-1",
+            "atomic": False, "items": [{"user": f"u{i}", "amount": "1.50", "reference": f"r{i}"}
+                                       for i in range(100)]}
+    assert _fast_jcs(body) == rfc8785.dumps(body)
+    assert _fast_jcs({**body, "memo": "é"}) is None and _fast_jcs({**body, "n": 2**60}) is None
+    assert _fast_jcs({**body, "x": 1.5}) is None and _fast_jcs({1: "a"}) is None  # type: ignore[dict-item]

@@ -81,7 +81,8 @@ class SyncRunner:
 
 
 def _submit(out: Output, commands: list[dict[str, Any]]) -> None:
-    """Every batch admitted (validated, once) before any is recorded: a refusal submits none."""
+    """Every batch signed and admitted (validated, once) before any is recorded: a refusal
+    submits none. Unsigned here: a batch the client signs is not verified again."""
     from worker.client import WalletClient
 
     client = WalletClient.from_env()
@@ -198,14 +199,15 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
     except PayoutFileError as exc:
         out.fail(f"{file}: nothing submitted:\n{exc}", 2)
     ensure_schema(settings)
-    signer = WalletService(settings=settings).signer  # this process's producer
-    try:
-        commands = [sign_if_unsigned(command, signer)[0] for command in unsigned]
-        if sync:  # the worker path admits each batch before submitting any (_submit)
+    commands = unsigned  # the worker path: the client signs and admits each, once (_submit)
+    if sync:
+        signer = WalletService(settings=settings).signer  # this process's producer
+        try:
+            commands = [sign_if_unsigned(command, signer)[0] for command in unsigned]
             for command in commands:
                 parse_command(command, limits)
-    except InvalidCommandError as exc:
-        out.fail(f"nothing submitted: {exc.message}", 2)
+        except InvalidCommandError as exc:
+            out.fail(f"nothing submitted: {exc.message}", 2)
     keys = [command["idempotency_key"] for command in commands]
     runner = None
     if sync:
