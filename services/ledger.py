@@ -68,6 +68,7 @@ __all__ = [
     "user_escrow",
     "account_spec",
     "lock_accounts",
+    "lock_recipients",
     "make_transfer",
     "post_transfers",
     "post_fan_out",
@@ -309,6 +310,30 @@ def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, 
     rows = execute_reusable(conn, _LOCK_COLD_READ_HOT,
                            {"cold": pg_array(cold), "hot": pg_array(hot)}).all()
     return {row.code: _locked(row) for row in rows}
+
+
+def lock_recipients(conn: Connection, users: Iterable[str]) -> dict[str, str]:
+    """Lock the users' available accounts that exist (in id order) and name those that take
+    no credit now, {user: error code}: closed (`account_closed`) or frozen for credits too
+    (`account_frozen`). A wallet not opened yet takes anything. A payout decides on this,
+    under the locks its credits are written under."""
+    codes = sorted({user_available(user).code for user in users})
+    if not codes:
+        return {}
+    if conn.dialect.name == "postgresql":
+        rows = execute_reusable(conn, _LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
+    else:
+        rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
+    blocked: dict[str, str] = {}
+    for row in rows:
+        account = _locked(row, True)
+        if account.user_id is None:
+            continue
+        if account.closed:
+            blocked[account.user_id] = AccountClosedError.code
+        elif account.credits_frozen:
+            blocked[account.user_id] = AccountFrozenError.code
+    return blocked
 
 
 def lock_footprint(conn: Connection, specs: Iterable[AccountSpec]) -> dict[str, LockedAccount]:

@@ -1,18 +1,26 @@
 """What a payout chunk does with each item: pure rules, no database.
 
 Each item on its own, in order: a reference the funding account paid before is a
-duplicate and pays nothing; an item paying the funding account's own user is forbidden;
+duplicate and pays nothing; an item paying a wallet that takes no credit (closed, or frozen
+for credits too) is rejected with that state's code; an item paying the funding account's
+own user is forbidden;
 what the remaining balance covers is paid; the rest is rejected `insufficient_balance`
 (a later, smaller item may still be paid). In atomic mode one rejection refuses the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from services.errors import BusinessRuleError, ForbiddenError, InsufficientBalanceError
+from services.errors import (
+    AccountClosedError,
+    AccountFrozenError,
+    BusinessRuleError,
+    ForbiddenError,
+    InsufficientBalanceError,
+)
 from services.ledger import account_spec
 from services.money import to_minor
 from services.payouts.command import PayoutBatch
@@ -43,16 +51,21 @@ def items_of(command: PayoutBatch, scale: int) -> list[Item]:
 
 
 def decide(
-    items: Sequence[Item], paid_before: Iterable[str], balance_minor: int, funding_code: str
+    items: Sequence[Item], paid_before: Iterable[str], balance_minor: int, funding_code: str,
+    blocked: Mapping[str, str] | None = None,
 ) -> list[Decision]:
-    """Each item on its own, in order (see the module's docstring)."""
+    """Each item on its own, in order (see the module's docstring). `blocked`: recipients
+    whose wallet takes no credit now, and the code that says why."""
     seen = set(paid_before)
+    blocked = blocked or {}
     spec = account_spec(funding_code)
     funding_user = spec.user_id if spec is not None and spec.kind == "user_available" else None
     decisions = []
     for item in items:
         if item.reference in seen:
             decisions.append(Decision(item, "duplicate"))
+        elif item.user in blocked:
+            decisions.append(Decision(item, "rejected", blocked[item.user]))
         elif item.user == funding_user:
             decisions.append(Decision(item, "rejected", ForbiddenError.code))
         elif item.amount_minor > balance_minor:
@@ -72,6 +85,12 @@ def atomic_refusal(decisions: Sequence[Decision], funding_code: str,
     if first.error_code == ForbiddenError.code:
         return ForbiddenError(f"item {item.index} ({item.reference}) pays {funding_code} itself; "
                               "atomic batch refused whole", item=item.index)
+    if first.error_code in (AccountFrozenError.code, AccountClosedError.code):
+        state = "closed" if first.error_code == AccountClosedError.code else "frozen"
+        error = AccountClosedError if first.error_code == AccountClosedError.code \
+            else AccountFrozenError
+        return error(f"item {item.index} ({item.reference}) pays {item.user}, whose wallet is "
+                     f"{state}; atomic batch refused whole", item=item.index)
     needed = sum(d.item.amount_minor for d in decisions if d.outcome != "duplicate")
     return InsufficientBalanceError(
         f"{funding_code} holds {balance_minor} minor units; the batch needs {needed} "

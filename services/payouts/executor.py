@@ -39,6 +39,7 @@ from services.ledger import (
     check_usable,
     is_hot,
     lock_accounts,
+    lock_recipients,
     pay_users,
     read_account,
 )
@@ -103,8 +104,9 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
         raise TransactionIntegrityError(f"Bug! funding account {batch.from_account}: {funding}")
     references = [item.reference for item in chunk]
     paid_before = store.paid_before(conn, funding.id, references)
+    blocked = lock_recipients(conn, [item.user for item in chunk])
     started = TIMINGS.add("lock", started)
-    decisions = decide(chunk, paid_before, funding.balance_minor, funding.code)
+    decisions = decide(chunk, paid_before, funding.balance_minor, funding.code, blocked)
     if not funding.exact and any(d.outcome == "rejected" for d in decisions):
         raise ChunkRace("a refusal is decided on the locked account, never on a reading")
     if batch.atomic and any(d.outcome == "rejected" for d in decisions):

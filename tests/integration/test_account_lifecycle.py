@@ -386,3 +386,29 @@ def test_a_payout_from_a_frozen_account_is_refused_and_pays_nothing(
     assert record_.error["code"] == "account_frozen"
     assert (balances(engine), transfers(engine)) == before
     assert_ledger_sound(engine, settings)
+
+
+def test_a_payout_rejects_the_items_of_wallets_that_take_no_credit_and_pays_the_rest(
+        funded: WalletService, engine: Engine, settings: Settings) -> None:
+    funded.transfer_tokens_between_users("bob", "alice", "10.00")
+    run(funded, "close_account", user="bob", reason="leaving")
+    funded.credit_wallet("carol", "1.00")
+    run(funded, "freeze_account", user="carol", reason="court order", direction="both")
+    funded.credit_wallet("dave", "1.00")
+    run(funded, "freeze_account", user="dave", reason="debits only")  # credits still come in
+    items = [{"user": user, "amount": "2.00", "reference": f"r-{user}"}
+             for user in ("bob", "carol", "dave", "erin")]
+    done = funded.execute({"type": "payout_batch", "idempotency_key": "pay-1",
+                           "from_account": "platform:treasury", "items": items})
+    assert done.status == "succeeded" and done.result is not None
+    assert (done.result["paid"], done.result["rejected"]) == (2, 2)
+    assert done.result["rejected_by_code"] == {"account_closed": 1, "account_frozen": 1}
+    after = balances(engine)
+    assert (after["user:bob:available"], after["user:carol:available"]) == (0, 100)
+    assert (after["user:dave:available"], after["user:erin:available"]) == (300, 200)
+    # Atomic: one wallet that takes no credit refuses the whole batch, naming it.
+    refused(funded, AccountFrozenError, "account_frozen", "payout_batch",
+            from_account="platform:treasury", atomic=True,
+            items=[{"user": "erin", "amount": "1.00", "reference": "r-2"},
+                   {"user": "carol", "amount": "1.00", "reference": "r-3"}])
+    assert_ledger_sound(engine, settings)

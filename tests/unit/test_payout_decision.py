@@ -26,3 +26,13 @@ def test_an_item_exactly_the_balance_left_is_paid_and_nothing_after_it() -> None
     got = decide([Item(0, "a", 7, "r0"), Item(1, "b", 3, "r1"), Item(2, "c", 1, "r2")],
                  set(), 10, "platform:treasury")
     assert [d.outcome for d in got] == ["paid", "paid", "rejected"]
+
+
+def test_a_wallet_that_takes_no_credit_is_rejected_with_its_state_and_the_rest_is_paid() -> None:
+    items = [Item(0, "a", 5, "r0"), Item(1, "frozen", 5, "r1"), Item(2, "closed", 5, "r2"),
+             Item(3, "frozen", 5, "r3"), Item(4, "b", 5, "r4")]
+    blocked = {"frozen": "account_frozen", "closed": "account_closed"}
+    got = decide(items, {"r3"}, 10, "platform:treasury", blocked)
+    assert [(d.outcome, d.error_code) for d in got] == [
+        ("paid", None), ("rejected", "account_frozen"), ("rejected", "account_closed"),
+        ("duplicate", None), ("paid", None)]  # a reference paid before stays a duplicate
