@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Text, and_, any_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -68,7 +69,7 @@ __all__ = [
     "user_escrow",
     "account_spec",
     "lock_accounts",
-    "lock_recipients",
+    "recipients_blocked",
     "make_transfer",
     "post_transfers",
     "post_fan_out",
@@ -312,28 +313,27 @@ def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, 
     return {row.code: _locked(row) for row in rows}
 
 
-def lock_recipients(conn: Connection, users: Iterable[str]) -> dict[str, str]:
-    """Lock the users' available accounts that exist (in id order) and name those that take
-    no credit now, {user: error code}: closed (`account_closed`) or frozen for credits too
-    (`account_frozen`). A wallet not opened yet takes anything. A payout decides on this,
-    under the locks its credits are written under."""
+_BLOCKED_WHERE = or_(_a.c.closed_at.is_not(None), and_(_a.c.frozen == "both", _in_force))
+_BLOCKED = select(_a.c.user_id, _a.c.closed_at.is_not(None).label("closed")).where(
+    _a.c.code == any_(func.cast(bindparam("codes"), postgresql.ARRAY(Text))), _BLOCKED_WHERE)
+_BLOCKED_PORTABLE = select(_a.c.user_id, _a.c.closed_at.is_not(None).label("closed")).where(
+    _a.c.code.in_(bindparam("codes", expanding=True)), _BLOCKED_WHERE)
+
+
+def recipients_blocked(conn: Connection, users: Iterable[str]) -> dict[str, str]:
+    """The users whose available account takes no credit now, {user: error code}: closed
+    (`account_closed`) or frozen for credits too (`account_frozen`); a wallet not opened
+    yet takes anything. A read, no lock: a payout decides on it, and reads again once the
+    UPDATE that credits them holds their rows (a freeze that came between is seen then)."""
     codes = sorted({user_available(user).code for user in users})
     if not codes:
         return {}
     if conn.dialect.name == "postgresql":
-        rows = execute_reusable(conn, _LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
+        rows = execute_reusable(conn, _BLOCKED, {"codes": pg_array(codes)}).all()
     else:
-        rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
-    blocked: dict[str, str] = {}
-    for row in rows:
-        account = _locked(row, True)
-        if account.user_id is None:
-            continue
-        if account.closed:
-            blocked[account.user_id] = AccountClosedError.code
-        elif account.credits_frozen:
-            blocked[account.user_id] = AccountFrozenError.code
-    return blocked
+        rows = conn.execute(_BLOCKED_PORTABLE, {"codes": codes}).all()
+    return {row.user_id: AccountClosedError.code if row.closed else AccountFrozenError.code
+            for row in rows if row.user_id is not None}
 
 
 def lock_footprint(conn: Connection, specs: Iterable[AccountSpec]) -> dict[str, LockedAccount]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
@@ -31,6 +32,7 @@ from services.errors import (
     AccountClosedError,
     AccountFrozenError,
     BusinessRuleError,
+    ConcurrentOperationError,
     ForbiddenError,
     TransactionIntegrityError,
 )
@@ -39,9 +41,9 @@ from services.ledger import (
     check_usable,
     is_hot,
     lock_accounts,
-    lock_recipients,
     pay_users,
     read_account,
+    recipients_blocked,
 )
 from services.money import format_minor
 from services.payouts import store
@@ -104,7 +106,7 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
         raise TransactionIntegrityError(f"Bug! funding account {batch.from_account}: {funding}")
     references = [item.reference for item in chunk]
     paid_before = store.paid_before(conn, funding.id, references)
-    blocked = lock_recipients(conn, [item.user for item in chunk])
+    blocked = recipients_blocked(conn, [item.user for item in chunk])
     started = TIMINGS.add("lock", started)
     decisions = decide(chunk, paid_before, funding.balance_minor, funding.code, blocked)
     if not funding.exact and any(d.outcome == "rejected" for d in decisions):
@@ -123,6 +125,11 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
         if funding.exact:
             raise
         raise ChunkRace(str(exc.orig).splitlines()[0]) from exc
+    # Read again now that the credits hold the recipients' rows: a wallet frozen or
+    # closed between the decision and its credit is seen here, and the chunk runs again.
+    changed = recipients_blocked(conn, [user for user, _ in paid])
+    if changed:
+        raise ChunkRace(f"{len(changed)} recipients' wallets were frozen or closed meanwhile")
     TIMINGS.add("pay", started)
     return ChunkOutcome(len(paid), sum(d.outcome == "rejected" for d in decisions),
                         sum(d.outcome == "duplicate" for d in decisions), amount_paid)
@@ -206,21 +213,34 @@ def _step(conn: Connection, command: PayoutBatch, items: Sequence[Item],
     return finished, fresh.chunks_done
 
 
+#: A chunk that meets a race runs again, its funding account locked; this many times.
+CHUNK_RACES_MAX = 3
+
+
+def _chunk(engine: Engine, command: PayoutBatch, items: Sequence[Item], settings: Settings
+           ) -> tuple[bool, int]:
+    """One chunk in a transaction of its own: first reading a hot funding account, then,
+    after a race, with it locked (a recipient's wallet frozen meanwhile can race it too)."""
+    key, exact = command.idempotency_key, False
+    for _ in range(CHUNK_RACES_MAX):
+        try:
+            return run_transaction(engine, settings, f"payout {key}",
+                                   partial(_step, command=command, items=items,
+                                           settings=settings, exact=exact))
+        except ChunkRace as race:
+            log.info("payout %s: %s; the chunk again, its funding account locked", key, race)
+            exact = True
+    raise ConcurrentOperationError(f"payout {key}: a chunk met {CHUNK_RACES_MAX} races in a row",
+                                   idempotency_key=key)
+
+
 def execute_payout_batch(engine: Engine, command: PayoutBatch, settings: Settings) -> CommandRecord:
     """Run the batch's remaining chunks, one transaction each (a batch executor)."""
     items = items_of(command, settings.asset_scale)
     key = command.idempotency_key
     while True:
         started = time.perf_counter()
-        try:
-            finished, chunks_done = run_transaction(
-                engine, settings, f"payout {key}",
-                lambda conn: _step(conn, command, items, settings, exact=False))
-        except ChunkRace as race:
-            log.info("payout %s: %s; the chunk again, its funding account locked", key, race)
-            finished, chunks_done = run_transaction(
-                engine, settings, f"payout {key}",
-                lambda conn: _step(conn, command, items, settings, exact=True))
+        finished, chunks_done = _chunk(engine, command, items, settings)
         TIMINGS.chunks += 1
         TIMINGS.seconds["transaction"] = (TIMINGS.seconds.get("transaction", 0.0)
                                           + time.perf_counter() - started)

@@ -412,3 +412,33 @@ def test_a_payout_rejects_the_items_of_wallets_that_take_no_credit_and_pays_the_
             items=[{"user": "erin", "amount": "1.00", "reference": "r-2"},
                    {"user": "carol", "amount": "1.00", "reference": "r-3"}])
     assert_ledger_sound(engine, settings)
+
+
+def test_a_wallet_frozen_between_a_chunks_decision_and_its_credit_makes_the_chunk_run_again(
+        funded: WalletService, engine: Engine, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision reads the wallets' state without a lock; the credit's UPDATE holds the
+    rows, and the read after it sees a freeze that came between: nothing of that chunk
+    stays, and it runs again, deciding on the freeze."""
+    from services.payouts import executor
+
+    funded.credit_wallet("carol", "1.00")
+    run(funded, "freeze_account", user="carol", reason="court order", direction="both")
+    real = executor.recipients_blocked
+    calls: list[int] = []
+
+    def missed_the_freeze_once(conn: Any, users: Any) -> dict[str, str]:
+        calls.append(1)
+        return {} if len(calls) == 1 else real(conn, users)
+
+    monkeypatch.setattr(executor, "recipients_blocked", missed_the_freeze_once)
+    done = funded.execute({"type": "payout_batch", "idempotency_key": "pay-1",
+                           "from_account": "platform:treasury",
+                           "items": [{"user": user, "amount": "2.00", "reference": f"r-{user}"}
+                                     for user in ("carol", "erin")]})
+    assert done.status == "succeeded" and done.result is not None
+    assert done.result["rejected_by_code"] == {"account_frozen": 1}
+    assert len(calls) == 4  # decide, check (the race), decide again, check
+    after = balances(engine)
+    assert (after["user:carol:available"], after["user:erin:available"]) == (100, 200)
+    assert_ledger_sound(engine, settings)
