@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    or_,
 )
 
 from services import command_status
@@ -120,6 +121,11 @@ commands = Table(
     ),
     CheckConstraint("length(signed_payload) <= 4194304", name="signed_payload_length"),
 )
+# Migration 0009: the few accounts closed or frozen, found by code without probing the
+# unique index once per code (a payout's recipients: services.ledger.recipients_blocked).
+_BLOCKED_ACCOUNT = or_(accounts.c.closed_at.is_not(None), accounts.c.frozen.is_not(None))
+Index("ix_accounts_blocked_code", accounts.c.code, postgresql_where=_BLOCKED_ACCOUNT,
+      sqlite_where=_BLOCKED_ACCOUNT)
 Index("ix_commands_status_updated", commands.c.status, commands.c.updated_at)
 
 transfers = Table(
