@@ -23,6 +23,10 @@ the flush, which locks them last (after every user account, in id order) and so 
 their lock only through the commit. A debit that the locked row can no longer cover by
 then fails the CHECK constraint: `HotAccountShort`, and the caller applies the command
 again with its hot accounts locked first (docs/ARCHITECTURE.md, "Hot accounts").
+
+This module locks and posts; the rest of the ledger lives beside it, every name re-exported
+here, so that a caller names one module:
+- `services.ledger_accounts`: account specs and codes, `LockedAccount`, the checks on it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -50,10 +54,28 @@ from services.bulk_sql import (
 from services.errors import (
     AccountClosedError,
     AccountFrozenError,
-    InsufficientBalanceError,
     LimitExceededError,
     TransactionIntegrityError,
     UnknownUserError,
+)
+from services.ledger_accounts import (
+    EXTERNAL,
+    FEES,
+    ISSUANCE,
+    STATE_COLUMNS,
+    STATE_SQL,
+    TREASURY,
+    AccountSpec,
+    LockedAccount,
+    account_spec,
+    available_code,
+    check_usable,
+    is_hot,
+    locked_account,
+    read_account,
+    user_available,
+    user_escrow,
+    validate_balance_integrity,
 )
 
 __all__ = [
@@ -96,116 +118,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class AccountSpec:
-    code: str
-    kind: str
-    user_id: str | None
-    may_go_negative: bool
-
-    def row(self) -> dict[str, Any]:
-        return {"code": self.code, "kind": self.kind, "user_id": self.user_id,
-                "may_go_negative": self.may_go_negative, "balance_minor": 0}
-
-
-TREASURY = AccountSpec("platform:treasury", "treasury", None, False)
-FEES = AccountSpec("platform:fees", "fees", None, False)
-ISSUANCE = AccountSpec("system:issuance", "issuance", None, True)
-EXTERNAL = AccountSpec("system:external", "external", None, True)
-_FIXED = {spec.code: spec for spec in (TREASURY, FEES, ISSUANCE, EXTERNAL)}
-
-
-def is_hot(code: str) -> bool:
-    """The platform's and the system's accounts: every command of some type touches one."""
-    return not code.startswith("user:")
-
-
-def user_available(user: str) -> AccountSpec:
-    return AccountSpec(_available_code(user), "user_available", user, False)
-
-
-def _available_code(user: str) -> str:
-    """A user's available account's code, without its spec (a payout names 2,000 at once)."""
-    return f"user:{user}:available"
-
-
-def user_escrow(user: str) -> AccountSpec:
-    return AccountSpec(f"user:{user}:escrow", "user_escrow", user, False)
-
-
-def account_spec(code: str) -> AccountSpec | None:
-    """The spec an account code names, or None if it names no walletq account."""
-    if code in _FIXED:
-        return _FIXED[code]
-    parts = code.split(":")
-    if len(parts) == 3 and parts[0] == "user" and parts[1]:
-        if parts[2] == "available":
-            return user_available(parts[1])
-        if parts[2] == "escrow":
-            return user_escrow(parts[1])
-    return None
-
-
-def validate_balance_integrity(
-    *, account_code: str, balance_minor: int, debit_minor: int, may_go_negative: bool,
-    overdraft_limit_minor: int = 0,
-) -> None:
-    """Refuse a debit the locked balance (down to -overdraft_limit_minor) cannot cover; call
-    it under the row lock. Beyond a limit the code is `limit_exceeded`, else
-    `insufficient_balance`."""
-    if debit_minor <= 0:
-        raise TransactionIntegrityError(f"debit of {debit_minor} minor units is not positive")
-    if not may_go_negative and overdraft_limit_minor and \
-            balance_minor + overdraft_limit_minor < debit_minor:
-        raise LimitExceededError(
-            f"{account_code} holds {balance_minor} minor units with an overdraft limit of "
-            f"{overdraft_limit_minor}, {debit_minor} needed",
-            account=account_code, balance_minor=balance_minor, debit_minor=debit_minor,
-            limit_minor=overdraft_limit_minor)
-    if not may_go_negative and balance_minor < debit_minor - overdraft_limit_minor:
-        raise InsufficientBalanceError(
-            f"{account_code} holds {balance_minor} minor units, {debit_minor} needed",
-            account=account_code,
-            balance_minor=balance_minor,
-            debit_minor=debit_minor,
-        )
-
-
-@dataclass
-class LockedAccount:
-    """An account row locked FOR UPDATE in this transaction; its balance tracks our writes.
-
-    Inside `deferred`, a hot account is read, not locked (`exact` False) until a debit its
-    reading cannot cover locks it, or the flush does."""
-
-    id: int
-    code: str
-    user_id: str | None
-    balance_minor: int
-    may_go_negative: bool
-    exact: bool = True
-    #: Its state when locked (docs/ARCHITECTURE.md, "Accounts"): the overdraft limit, a
-    #: freeze in force now (of its debits; of its credits too), closed.
-    limit_minor: int = 0
-    debits_frozen: bool = False
-    credits_frozen: bool = False
-    closed: bool = False
-    #: The most its debits may take in one UTC day (None: no velocity limit).
-    daily_limit_minor: int | None = None
-
-
-def check_usable(debit: LockedAccount, credit: LockedAccount) -> None:
-    """Refuse a movement out of a closed or debit-frozen account, or into a closed or
-    fully frozen one: before any balance check, so the refusal names the state."""
-    for account in (debit, credit):
-        if account.closed:
-            raise AccountClosedError(f"{account.code} is closed", account=account.code)
-    if debit.debits_frozen:
-        raise AccountFrozenError(f"{debit.code} is frozen: no debit", account=debit.code)
-    if credit.credits_frozen:
-        raise AccountFrozenError(f"{credit.code} is frozen: no credit", account=credit.code)
-
-
 def lock_accounts(
     conn: Connection, specs: Iterable[AccountSpec], *, open_missing: Collection[str] = ()
 ) -> dict[str, LockedAccount]:
@@ -237,19 +149,9 @@ def lock_accounts(
 
 
 _a = schema.accounts
-# A freeze is in force until its end; read with the database's clock (transaction start
-# here: a debit allowed after `frozen_until` is written later still, as verify expects).
-_in_force = or_(_a.c.frozen_until.is_(None), _a.c.frozen_until > func.now())
-_STATE_COLUMNS = (
-    _a.c.overdraft_limit_minor,
-    and_(_a.c.frozen.is_not(None), _in_force).label("debits_frozen"),
-    and_(_a.c.frozen == "both", _in_force).label("credits_frozen"),
-    _a.c.closed_at.is_not(None).label("closed"),
-    _a.c.daily_debit_limit_minor,
-)
 _LOCK_ACCOUNTS = (
     select(_a.c.id, _a.c.code, _a.c.user_id, _a.c.balance_minor, _a.c.may_go_negative,
-           *_STATE_COLUMNS)
+           *STATE_COLUMNS)
     .where(_a.c.code.in_(bindparam("codes", expanding=True)))
     .order_by(_a.c.id)
     .with_for_update()
@@ -260,41 +162,22 @@ _INSERT_TRANSFER = insert(schema.transfers).values(
     kind=bindparam("kind"), debit_balance_after_minor=bindparam("debit_after"),
     credit_balance_after_minor=bindparam("credit_after"),
 )
-# The same state in PostgreSQL's text statements (clock_timestamp: the moment of the lock).
-_STATE_SQL = (
-    "overdraft_limit_minor, "
-    "COALESCE(frozen IS NOT NULL AND (frozen_until IS NULL OR frozen_until > clock_timestamp()),"
-    " false) AS debits_frozen, "
-    "COALESCE(frozen = 'both' AND (frozen_until IS NULL OR frozen_until > clock_timestamp()),"
-    " false) AS credits_frozen, "
-    "closed_at IS NOT NULL AS closed, daily_debit_limit_minor")
-
-
-def _locked(row: Any, exact: bool | None = None) -> LockedAccount:
-    m = row._mapping
-    return LockedAccount(m["id"], m["code"], m["user_id"], m["balance_minor"],
-                         m["may_go_negative"], bool(m["exact"]) if exact is None else exact,
-                         m["overdraft_limit_minor"], bool(m["debits_frozen"]),
-                         bool(m["credits_frozen"]), bool(m["closed"]),
-                         m["daily_debit_limit_minor"])
-
-
 # Users' accounts locked in id order, hot ones read (the book locks them at its flush).
 _LOCK_COLD_READ_HOT = text(
-    f"WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative, {_STATE_SQL} "
+    f"WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative, {STATE_SQL} "
     "FROM accounts WHERE code = ANY(CAST(:cold AS TEXT[])) ORDER BY id FOR UPDATE) "
     "SELECT *, true AS exact FROM cold "
-    f"UNION ALL SELECT id, code, user_id, balance_minor, may_go_negative, {_STATE_SQL}, "
+    f"UNION ALL SELECT id, code, user_id, balance_minor, may_go_negative, {STATE_SQL}, "
     "false AS exact FROM accounts WHERE code = ANY(CAST(:hot AS TEXT[]))")
 # Every account locked: users' in id order, then hot ones in id order.
 _LOCK_COLD_THEN_HOT = text(
-    f"SELECT id, code, user_id, balance_minor, may_go_negative, {_STATE_SQL} FROM accounts "
+    f"SELECT id, code, user_id, balance_minor, may_go_negative, {STATE_SQL} FROM accounts "
     "WHERE code = ANY(CAST(:codes AS TEXT[])) ORDER BY code NOT LIKE 'user:%', id FOR UPDATE")
 
 
 def _select_for_update(conn: Connection, codes: list[str]) -> dict[str, LockedAccount]:
     rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
-    return {row.code: _locked(row, True) for row in rows}
+    return {row.code: locked_account(row, True) for row in rows}
 
 
 def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, LockedAccount]:
@@ -304,12 +187,12 @@ def _select(conn: Connection, codes: list[str], book: Book | None) -> dict[str, 
         return _select_for_update(conn, codes) if codes else {}
     if book.hot_first:
         rows = execute_reusable(conn, _LOCK_COLD_THEN_HOT, {"codes": pg_array(codes)}).all()
-        return {row.code: _locked(row, True) for row in rows}
+        return {row.code: locked_account(row, True) for row in rows}
     hot = [code for code in codes if is_hot(code)]
     cold = [code for code in codes if not is_hot(code)]
     rows = execute_reusable(conn, _LOCK_COLD_READ_HOT,
                            {"cold": pg_array(cold), "hot": pg_array(hot)}).all()
-    return {row.code: _locked(row) for row in rows}
+    return {row.code: locked_account(row) for row in rows}
 
 
 def lock_recipients(conn: Connection, users: Iterable[str]) -> dict[str, str]:
@@ -326,7 +209,7 @@ def lock_recipients(conn: Connection, users: Iterable[str]) -> dict[str, str]:
         rows = conn.execute(_LOCK_ACCOUNTS, {"codes": codes}).all()
     blocked: dict[str, str] = {}
     for row in rows:
-        account = _locked(row, True)
+        account = locked_account(row, True)
         if account.user_id is None:
             continue
         if account.closed:
@@ -500,16 +383,6 @@ def _write_deltas_returning(conn: Connection, deltas: Mapping[int, int]) -> dict
     return {account_id: balance for account_id, balance in rows}
 
 
-def read_account(conn: Connection, spec: AccountSpec) -> LockedAccount | None:
-    """A hot account read, not locked (`exact` False): post_fan_out debits it last, and the
-    CHECK constraint refuses the debit if the row no longer covers it by then."""
-    a = schema.accounts
-    row = conn.execute(select(a.c.id, a.c.code, a.c.user_id, a.c.balance_minor,
-                              a.c.may_go_negative, *_STATE_COLUMNS)
-                       .where(a.c.code == spec.code)).one_or_none()
-    return None if row is None else _locked(row, False)
-
-
 def _check_fan_out(conn: Connection, debit: LockedAccount, amounts: Iterable[int]) -> int:
     """The total one account pays many, checked once under its lock (see post_fan_out)."""
     if _book(conn) is not None:
@@ -618,7 +491,7 @@ def pay_users(conn: Connection, command_id: int, debit: LockedAccount,
             and debit.code == user_available(debit.user_id).code:
         raise TransactionIntegrityError(f"Bug! a transfer from {debit.code} to itself")
     users = sorted(per_user)
-    params = {"codes": pg_array([_available_code(user) for user in users]),
+    params = {"codes": pg_array([available_code(user) for user in users]),
               "users": pg_array(users), "amounts": pg_array([per_user[user] for user in users]),
               "kind": "user_available"}
     try:  # a plain INSERT: ON CONFLICT's speculative insertion costs ~40% more per row
@@ -638,7 +511,7 @@ def pay_users(conn: Connection, command_id: int, debit: LockedAccount,
     if found:  # opened by another transaction after this statement began
         a = schema.accounts
         for account_id, user in conn.execute(select(a.c.id, a.c.user_id).where(
-                a.c.code.in_([_available_code(user) for user in found]))):
+                a.c.code.in_([available_code(user) for user in found]))):
             ids[user] = account_id
     if len(ids) != len(users):
         raise TransactionIntegrityError(f"Bug! {len(users) - len(ids)} wallets were not opened")
