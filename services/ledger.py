@@ -26,7 +26,8 @@ again with its hot accounts locked first (docs/ARCHITECTURE.md, "Hot accounts").
 
 This module locks and posts; the rest of the ledger lives beside it, every name re-exported
 here, so that a caller names one module:
-- `services.ledger_accounts`: account specs and codes, `LockedAccount`, the checks on it.
+- `services.ledger_accounts`: account specs and codes, `LockedAccount`, the checks on it;
+- `services.ledger_writes`: `Transfer` and the statements that write balances and transfers.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -76,6 +77,15 @@ from services.ledger_accounts import (
     user_available,
     user_escrow,
     validate_balance_integrity,
+)
+from services.ledger_writes import (
+    INSERT_TRANSFER,
+    Transfer,
+    leg_time,
+    leg_times,
+    make_transfer,
+    write_deltas,
+    write_deltas_returning,
 )
 
 __all__ = [
@@ -156,12 +166,6 @@ _LOCK_ACCOUNTS = (
     .order_by(_a.c.id)
     .with_for_update()
 )
-_INSERT_TRANSFER = insert(schema.transfers).values(
-    command_id=bindparam("command_id"), debit_account_id=bindparam("debit_id"),
-    credit_account_id=bindparam("credit_id"), amount_minor=bindparam("amount_minor"),
-    kind=bindparam("kind"), debit_balance_after_minor=bindparam("debit_after"),
-    credit_balance_after_minor=bindparam("credit_after"),
-)
 # Users' accounts locked in id order, hot ones read (the book locks them at its flush).
 _LOCK_COLD_READ_HOT = text(
     f"WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative, {STATE_SQL} "
@@ -231,32 +235,6 @@ def lock_footprint(conn: Connection, specs: Iterable[AccountSpec]) -> dict[str, 
     return locked
 
 
-@dataclass(frozen=True)
-class Transfer:
-    debit: LockedAccount
-    credit: LockedAccount
-    amount_minor: int
-    kind: str
-
-    def describe(self) -> dict[str, Any]:
-        return {"debit": self.debit.code, "credit": self.credit.code,
-                "amount_minor": self.amount_minor, "kind": self.kind}
-
-
-def make_transfer(
-    debit: LockedAccount, credit: LockedAccount, amount_minor: int, kind: str
-) -> Transfer:
-    """Both legs of one movement: the debit's loss is exactly the credit's gain."""
-    if type(amount_minor) is not int or amount_minor <= 0:
-        raise TransactionIntegrityError(f"transfer amount {amount_minor!r} is not a positive int")
-    if debit.id == credit.id:
-        raise TransactionIntegrityError(f"transfer from {debit.code} to itself")
-    transfer = Transfer(debit, credit, amount_minor, kind)
-    legs = (-transfer.amount_minor, +transfer.amount_minor)
-    assert sum(legs) == 0, "legs of a transfer must balance"
-    return transfer
-
-
 def post_transfers(conn: Connection, command_id: int, transfers: Sequence[Transfer]) -> None:
     """Check each debit under its lock, then move the money; all in the caller's transaction."""
     for transfer in transfers:
@@ -289,24 +267,11 @@ def _post_one(conn: Connection, command_id: int, transfer: Transfer) -> None:
     row = {"command_id": command_id, "debit_id": debit.id, "credit_id": credit.id,
            "amount_minor": transfer.amount_minor, "kind": transfer.kind,
            "debit_after": debit.balance_minor, "credit_after": credit.balance_minor}
-    at = _leg_time(conn)
+    at = leg_time(conn)
     if at is None:
-        conn.execute(_INSERT_TRANSFER, row)
+        conn.execute(INSERT_TRANSFER, row)
     else:
-        conn.execute(_INSERT_TRANSFER.values(created_at=bindparam("at")), {**row, "at": at})
-
-
-def _leg_time(conn: Connection) -> datetime | None:
-    """A leg's time on SQLite: now, to the microsecond (CURRENT_TIMESTAMP has whole seconds,
-    too coarse for `balance --at`); the database's own default elsewhere."""
-    return datetime.now(UTC) if conn.dialect.name == "sqlite" else None
-
-
-_UPDATE_FROM_ARRAYS = text(
-    "UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
-    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
-    "WHERE accounts.id = v.id"
-)
+        conn.execute(INSERT_TRANSFER.values(created_at=bindparam("at")), {**row, "at": at})
 
 
 def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
@@ -316,71 +281,7 @@ def apply_balance_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
     if book is not None:
         book.add_deltas(deltas)
         return
-    _write_deltas(conn, deltas)
-
-
-#: A balance is a signed 64-bit integer (PostgreSQL's BIGINT refuses more; SQLite would
-#: silently store a REAL instead, so its new balances are checked here first).
-BALANCE_MIN, BALANCE_MAX = -(2**63), 2**63 - 1
-
-
-def _check_sqlite_range(conn: Connection, items: Sequence[tuple[int, int]]) -> None:
-    a = schema.accounts
-    found = dict(conn.execute(select(a.c.id, a.c.balance_minor)
-                              .where(a.c.id.in_([i for i, _ in items]))).all())
-    for account_id, delta in items:
-        balance = found.get(account_id)
-        if balance is None:
-            continue
-        if not isinstance(balance, int) or not BALANCE_MIN <= balance + delta <= BALANCE_MAX:
-            raise TransactionIntegrityError(
-                f"account {account_id}: balance {balance!r} + {delta} leaves the signed 64-bit "
-                "range; nothing written", account_id=account_id)
-
-
-def _write_deltas(conn: Connection, deltas: Mapping[int, int]) -> None:
-    items = sorted((account_id, delta) for account_id, delta in deltas.items() if delta)
-    if not items:
-        return
-    a = schema.accounts
-    if conn.dialect.name == "sqlite":
-        _check_sqlite_range(conn, items)
-    if conn.dialect.name == "postgresql" and len(items) > 1:
-        # One statement (one round trip) for both legs of a transfer or a payout chunk's
-        # many accounts, its text the same whatever their number: two arrays unnested.
-        # (A VALUES list of 500 rows costs SQLAlchemy ~0.1 s to compile, every time.)
-        conn.execute(_UPDATE_FROM_ARRAYS, {"ids": [i for i, _ in items],
-                                           "deltas": [d for _, d in items]})
-        return
-    conn.execute(
-        update(a)
-        .where(a.c.id == bindparam("b_id"))
-        .values(balance_minor=a.c.balance_minor + bindparam("b_delta")),
-        [{"b_id": account_id, "b_delta": delta} for account_id, delta in items],
-    )
-
-
-_UPDATE_RETURNING = text(
-    "UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
-    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
-    "WHERE accounts.id = v.id RETURNING accounts.id, accounts.balance_minor"
-)
-
-
-def _write_deltas_returning(conn: Connection, deltas: Mapping[int, int]) -> dict[int, int]:
-    """`_write_deltas` (outside a book), returning each account's new balance."""
-    items = sorted((account_id, delta) for account_id, delta in deltas.items() if delta)
-    if not items:
-        return {}
-    if conn.dialect.name == "postgresql":
-        rows = conn.execute(_UPDATE_RETURNING, {"ids": pg_array([i for i, _ in items]),
-                                                "deltas": pg_array([d for _, d in items])})
-        return {account_id: balance for account_id, balance in rows}
-    _write_deltas(conn, deltas)
-    a = schema.accounts
-    rows = conn.execute(select(a.c.id, a.c.balance_minor).where(
-        a.c.id.in_([i for i, _ in items])))
-    return {account_id: balance for account_id, balance in rows}
+    write_deltas(conn, deltas)
 
 
 def _check_fan_out(conn: Connection, debit: LockedAccount, amounts: Iterable[int]) -> int:
@@ -424,7 +325,7 @@ def post_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
     # Balances first (the credited rows locked by their UPDATE, the debited one last), so
     # that each leg's balance after it is known from the balances written: the legs of one
     # account, in order, end at its new balance.
-    after = _write_deltas_returning(conn, deltas)
+    after = write_deltas_returning(conn, deltas)
     _insert_fan_out(conn, command_id, debit, credits, after, total, kind)
 
 
@@ -433,7 +334,7 @@ def _insert_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
                     kind: str) -> None:
     """Debit the payer last (alone, its lock held only through the commit), then every
     transfer in one statement, each leg with its account's balance after it."""
-    after.update(_write_deltas_returning(conn, {debit.id: -total}))
+    after.update(write_deltas_returning(conn, {debit.id: -total}))
     debit.balance_minor -= total
     credit_after, debit_after = [0] * len(credits), [0] * len(credits)
     running = dict(after)
@@ -458,7 +359,7 @@ def _insert_fan_out(conn: Connection, command_id: int, debit: LockedAccount,
         "kind": [kind] * len(credits),
         "debit_balance_after_minor": debit_after,
         "credit_balance_after_minor": credit_after,
-        **_leg_times(conn, len(credits))})
+        **leg_times(conn, len(credits))})
 
 
 _INSERT_FAN_OUT = text(
@@ -515,7 +416,7 @@ def pay_users(conn: Connection, command_id: int, debit: LockedAccount,
             ids[user] = account_id
     if len(ids) != len(users):
         raise TransactionIntegrityError(f"Bug! {len(users) - len(ids)} wallets were not opened")
-    after.update(_write_deltas_returning(conn, {ids[user]: per_user[user] for user in users
+    after.update(write_deltas_returning(conn, {ids[user]: per_user[user] for user in users
                                                 if ids[user] not in after}))
     _insert_fan_out(conn, command_id, debit, [(ids[user], amount_minor)
                                               for user, amount_minor in payments],
@@ -847,7 +748,7 @@ _FLUSH = text(
 def _write_now(conn: Connection, deltas: Mapping[int, int], transfers: Sequence[_Posted]
                ) -> None:
     """SQLite (every account locked and exact there), or nothing to write on PostgreSQL."""
-    _write_deltas(conn, deltas)
+    write_deltas(conn, deltas)
     if transfers:
         columns = list(zip(*transfers, strict=True))
         if None in columns[5] or None in columns[6]:
@@ -856,12 +757,7 @@ def _write_now(conn: Connection, deltas: Mapping[int, int], transfers: Sequence[
             "command_id": list(columns[0]), "debit_account_id": list(columns[1]),
             "credit_account_id": list(columns[2]), "amount_minor": list(columns[3]),
             "kind": list(columns[4]), "debit_balance_after_minor": list(columns[5]),
-            "credit_balance_after_minor": list(columns[6]), **_leg_times(conn, len(transfers))})
-
-
-def _leg_times(conn: Connection, count: int) -> dict[str, list[datetime]]:
-    at = _leg_time(conn)
-    return {} if at is None else {"created_at": [at] * count}
+            "credit_balance_after_minor": list(columns[6]), **leg_times(conn, len(transfers))})
 
 
 def _book(conn: Connection) -> Book | None:
