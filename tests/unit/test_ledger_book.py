@@ -1,4 +1,4 @@
-"""The ledger's book (services.ledger.Book): what a transaction posts is tracked in Python,
+"""The ledger's book (services.ledger_book.Book): what a transaction posts is tracked in Python,
 forgotten exactly when a refused command is rolled back, and summed per account for the
 one write at the end."""
 
