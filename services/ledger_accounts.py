@@ -159,10 +159,13 @@ _a = schema.accounts
 # A freeze is in force until its end; read with the database's clock (transaction start
 # here: a debit allowed after `frozen_until` is written later still, as verify expects).
 FREEZE_IN_FORCE = or_(_a.c.frozen_until.is_(None), _a.c.frozen_until > func.now())
+CREDITS_FROZEN = and_(_a.c.frozen == "both", FREEZE_IN_FORCE)
+#: An account no credit may reach now: closed, or frozen for credits too.
+TAKES_NO_CREDIT = or_(_a.c.closed_at.is_not(None), CREDITS_FROZEN)
 STATE_COLUMNS = (
     _a.c.overdraft_limit_minor,
     and_(_a.c.frozen.is_not(None), FREEZE_IN_FORCE).label("debits_frozen"),
-    and_(_a.c.frozen == "both", FREEZE_IN_FORCE).label("credits_frozen"),
+    CREDITS_FROZEN.label("credits_frozen"),
     _a.c.closed_at.is_not(None).label("closed"),
     _a.c.daily_debit_limit_minor,
 )

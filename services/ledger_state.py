@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Text, and_, any_, bindparam, func, or_, select, update
+from sqlalchemy import Text, any_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from services import schema
 from services.bulk_sql import execute_reusable, pg_array
 from services.errors import AccountClosedError, AccountFrozenError, LimitExceededError
-from services.ledger_accounts import FREEZE_IN_FORCE, LockedAccount, user_available
+from services.ledger_accounts import TAKES_NO_CREDIT, LockedAccount, user_available
 from services.ledger_book import HotAccountShort, book_of
 
 __all__ = [
@@ -129,11 +129,10 @@ def last_transfer_id(conn: Connection, account_id: int) -> int | None:
 
 
 
-_BLOCKED_WHERE = or_(_a.c.closed_at.is_not(None), and_(_a.c.frozen == "both", FREEZE_IN_FORCE))
 _BLOCKED = select(_a.c.user_id, _a.c.closed_at.is_not(None).label("closed")).where(
-    _a.c.code == any_(func.cast(bindparam("codes"), postgresql.ARRAY(Text))), _BLOCKED_WHERE)
+    _a.c.code == any_(func.cast(bindparam("codes"), postgresql.ARRAY(Text))), TAKES_NO_CREDIT)
 _BLOCKED_PORTABLE = select(_a.c.user_id, _a.c.closed_at.is_not(None).label("closed")).where(
-    _a.c.code.in_(bindparam("codes", expanding=True)), _BLOCKED_WHERE)
+    _a.c.code.in_(bindparam("codes", expanding=True)), TAKES_NO_CREDIT)
 
 
 def recipients_blocked(conn: Connection, users: Iterable[str]) -> dict[str, str]:
