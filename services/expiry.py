@@ -21,19 +21,20 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, not_, select
 from sqlalchemy.engine import Connection, Engine
 
 from services import schema
 from services.command_status import CommandStatus
 from services.errors import BusinessRuleError
+from services.ledger_accounts import TAKES_NO_CREDIT
 from services.operations.escrow import expiry_key
 from services.settings import Settings
 from services.signing import Signer
 from services.unit_of_work import run_transaction
 from services.wallet_service import WalletService
 
-__all__ = ["ExpiryCounts", "ExpiredHold", "run_once", "expired_holds", "BATCHES_MAX"]
+__all__ = ["ExpiryCounts", "run_once", "expired_holds", "waiting_holds", "BATCHES_MAX"]
 
 log = logging.getLogger("walletq.expiry")
 
@@ -58,33 +59,34 @@ class ExpiryCounts:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ExpiredHold:
-    id: int
-    hold_id: str
-    #: Its payer's wallet takes no credit now (frozen for everything, or closed): the
-    #: expiry would be refused, and its key, once taken, would never be tried again. The
-    #: pass leaves the hold for a run after the payer's wallet is thawed.
-    payer_blocked: bool
-
-
-def expired_holds(conn: Connection, now: datetime, after_id: int, limit: int) -> list[ExpiredHold]:
-    """Open holds expired at `now`, past `after_id`, in id order; those another
-    transaction holds are skipped."""
+def _expired(now: datetime) -> Any:
+    """Open holds expired at `now`, joined to their payer's wallet: one that takes no credit
+    now (frozen for everything, or closed) would refuse the expiry, and its key, once
+    taken, would never be tried again."""
     h, a = schema.holds, schema.accounts
-    wallet = a.alias("payer_wallet")
-    blocked = or_(wallet.c.closed_at.is_not(None),
-                  and_(wallet.c.frozen == "both",
-                       or_(wallet.c.frozen_until.is_(None), wallet.c.frozen_until > now)))
+    return (select(h.c.id, h.c.hold_id)
+            .select_from(h.outerjoin(a, a.c.code == "user:" + h.c.payer + ":available"))
+            .where(h.c.status == "held", h.c.expires_at.is_not(None), h.c.expires_at <= now))
+
+
+def expired_holds(conn: Connection, now: datetime, after_id: int, limit: int) -> list[tuple[int, str]]:
+    """(id, hold_id) of open holds expired at `now` whose payer's wallet takes credit, past
+    `after_id`, in id order; those another transaction holds are skipped. Holds left waiting
+    for a wallet to thaw are not among them: however many, they never fill a batch."""
     rows = conn.execute(
-        select(h.c.id, h.c.hold_id, func.coalesce(blocked, False).label("blocked"))
-        .select_from(h.outerjoin(wallet, wallet.c.code == "user:" + h.c.payer + ":available"))
-        .where(h.c.status == "held", h.c.expires_at.is_not(None), h.c.expires_at <= now,
-               h.c.id > after_id)
-        .order_by(h.c.id).limit(limit)
-        .with_for_update(skip_locked=True, of=h)
+        _expired(now).where(schema.holds.c.id > after_id,
+                            not_(func.coalesce(TAKES_NO_CREDIT, False)))
+        .order_by(schema.holds.c.id).limit(limit)
+        .with_for_update(skip_locked=True, of=schema.holds)
     ).all()
-    return [ExpiredHold(row.id, row.hold_id, bool(row.blocked)) for row in rows]
+    return [(row.id, row.hold_id) for row in rows]
+
+
+def waiting_holds(conn: Connection, now: datetime) -> int:
+    """Expired open holds the pass leaves until their payer's wallet takes credit again."""
+    counted = select(func.count()).select_from(
+        _expired(now).where(func.coalesce(TAKES_NO_CREDIT, False)).subquery())
+    return int(conn.execute(counted).scalar_one())
 
 
 def _keys_taken(conn: Connection, keys: list[str]) -> set[str]:
@@ -109,28 +111,26 @@ def run_once(engine: Engine, settings: Settings, signer: Signer | None, *,
     service = WalletService(engine, settings, signer=signer)
     started, after_id = time.perf_counter(), 0
     for _ in range(batches_max):
-        def claim(conn: Connection, after: int = after_id) -> tuple[list[ExpiredHold], set[str]]:
+        def claim(conn: Connection, after: int = after_id) -> tuple[list[tuple[int, str]], set[str]]:
             batch = expired_holds(conn, now, after, batch_max)
-            return batch, (_keys_taken(conn, [expiry_key(h.hold_id) for h in batch])
-                           if batch else set())
+            return batch, _keys_taken(conn, [expiry_key(h) for _, h in batch]) if batch else set()
 
         batch, taken = run_transaction(engine, settings, "expiry claim", claim)
         counts.batches += 1
         counts.found += len(batch)
-        for hold in batch:
-            after_id = hold.id
-            key = expiry_key(hold.hold_id)
+        for row_id, hold_id in batch:
+            after_id = row_id
+            key = expiry_key(hold_id)
             if key in taken:
                 counts.already += 1
                 continue
-            if hold.payer_blocked:
-                counts.waiting += 1
-                continue
-            _expire_one(service, counts, hold.hold_id, key)
+            _expire_one(service, counts, hold_id, key)
         if len(batch) < batch_max:
             break
+    with engine.connect() as conn:
+        counts.waiting = waiting_holds(conn, now)
     counts.elapsed_s = round(time.perf_counter() - started, 3)
-    if counts.found:
+    if counts.found or counts.waiting:
         log.info("expiry: %s", counts.to_dict())
     return counts
 

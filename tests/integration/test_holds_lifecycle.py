@@ -253,9 +253,9 @@ def test_the_pass_leaves_a_hold_whose_payer_takes_no_credit_until_the_wallet_tha
     raise_for_outcome(funded.execute({"type": "freeze_account", "idempotency_key": "f-1",
                                       "user": "alice", "reason": "review",
                                       "direction": "both"}))
-    for _ in range(2):  # every run finds it, none spends its key on a sure refusal
+    for _ in range(2):  # every run counts it waiting, none spends its key on a sure refusal
         counts = expiry.run_once(engine, settings, system)
-        assert (counts.found, counts.waiting, counts.expired, counts.refused) == (1, 1, 0, {})
+        assert (counts.found, counts.waiting, counts.expired, counts.refused) == (0, 1, 0, {})
     assert not key_taken(engine, "expire:o-1")
     assert funded.hold("o-1")["status"] == "held"
     raise_for_outcome(funded.execute({"type": "unfreeze_account", "idempotency_key": "u-1",
@@ -263,6 +263,30 @@ def test_the_pass_leaves_a_hold_whose_payer_takes_no_credit_until_the_wallet_tha
     counts = expiry.run_once(engine, settings, system)
     assert (counts.found, counts.waiting, counts.expired) == (1, 0, 1)
     assert funded.hold("o-1")["status"] == "expired"
+    assert_ledger_sound(engine, settings)
+
+
+def test_holds_waiting_for_a_frozen_payer_never_fill_the_pass_ahead_of_other_holds(
+    funded: WalletService, engine: Engine, settings: Settings, system: Signer
+) -> None:
+    # A web tier opening many small expiring holds for a payer who is then frozen for
+    # everything: left waiting, they must not take every batch of every pass, or nobody
+    # else's hold would expire.
+    for n in range(5):
+        funded.transfer_to_escrow(f"w-{n}", "alice", "bob", "0.01", idempotency_key=f"hw-{n}",
+                                  expires_in_s=3600)
+        expire_now(engine, f"w-{n}")
+    funded.credit_wallet("bob", "1.00", idempotency_key="dep-bob")
+    funded.transfer_to_escrow("later", "bob", "alice", "1.00", idempotency_key="h-later",
+                              expires_in_s=3600)
+    expire_now(engine, "later")
+    raise_for_outcome(funded.execute({"type": "freeze_account", "idempotency_key": "f-1",
+                                      "user": "alice", "reason": "review",
+                                      "direction": "both"}))
+    counts = expiry.run_once(engine, settings, system, batch_max=2, batches_max=1)
+    assert (counts.found, counts.expired, counts.waiting) == (1, 1, 5)
+    assert funded.hold("later")["status"] == "expired"
+    assert [funded.hold(f"w-{n}")["status"] for n in range(5)] == ["held"] * 5
     assert_ledger_sound(engine, settings)
 
 
