@@ -24,6 +24,7 @@ from services.command_records import (
     CommandRecord,
     conflict,
     get_record,
+    insert_new_row,
     insert_row,
     row_params,
     utc_now,
@@ -80,17 +81,11 @@ def claim(conn: Connection, command: CommandBase, signed: Signed) -> CommandReco
     return record
 
 
-@functools.cache
-def _insert_processing_statement(dialect_name: str) -> Any:
-    return (insert_row(dialect_name, CommandStatus.PROCESSING, 1)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
-
-
 def insert_processing(conn: Connection, command: CommandBase, signed: Signed
                       ) -> CommandRecord | None:
     """Record a command met for the first time as `processing` (one attempt), its row
     locked until the transaction ends; None when the key is taken (the caller claims)."""
-    row = execute_reusable(conn, _insert_processing_statement(conn.dialect.name),
+    row = execute_reusable(conn, insert_new_row(conn.dialect.name, CommandStatus.PROCESSING, 1),
                            row_params(command, signed)).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
 

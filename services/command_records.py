@@ -10,6 +10,7 @@ signature out, so a retry signed afresh is the same command.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "utc_now",
     "NOW",
     "insert_row",
+    "insert_new_row",
     "row_params",
     "conflict",
     "get_record",
@@ -157,6 +159,15 @@ def utc_now() -> datetime:
 
 
 NOW = bindparam("now", type_=DateTime(timezone=True))
+
+
+@functools.cache
+def insert_new_row(dialect_name: str, status: str, attempts: int) -> Any:
+    """`insert_row` that takes no key taken already, returning the row it made (nothing
+    when the key was taken). Built once per dialect and status: construction costs more
+    than its round trip."""
+    return (insert_row(dialect_name, status, attempts)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
 
 
 def insert_row(dialect_name: str, status: str, attempts: int) -> Any:

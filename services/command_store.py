@@ -14,7 +14,6 @@ table; every name of theirs is re-exported here, so that a caller names one modu
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from services.command_records import (
     count_by_status,
     get_record,
     get_records,
-    insert_row,
+    insert_new_row,
     iso,
     keys_by_id,
     list_records,
@@ -94,12 +93,6 @@ __all__ = [
 _c = schema.commands
 
 
-@functools.cache
-def _accept_statement(dialect_name: str) -> Any:
-    return (insert_row(dialect_name, CommandStatus.ACCEPTED, 0)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_c.c))
-
-
 def accept(conn: Connection, command: CommandBase, signed: Signed
            ) -> tuple[CommandRecord, bool]:
     """Record the command as `accepted` (the outbox), or find it: (record, newly recorded).
@@ -111,7 +104,8 @@ def accept(conn: Connection, command: CommandBase, signed: Signed
     committed (ON CONFLICT waits for a concurrent inserter to end).
     """
     params = row_params(command, signed)
-    row = execute_reusable(conn, _accept_statement(conn.dialect.name), params).one_or_none()
+    row = execute_reusable(conn, insert_new_row(conn.dialect.name, CommandStatus.ACCEPTED, 0),
+                           params).one_or_none()
     if row is not None:
         return CommandRecord.from_row(row), True
     record = get_record(conn, command.idempotency_key)
