@@ -143,8 +143,7 @@ def _run(conn: Connection, item: Item, footprint: Footprint, book: ledger.Book,
     assert entry.handler is not None, f"{command.type} has no handler"
     writes_first = entry.savepoint or any(code not in book.locked for code in footprint.opens)
     in_savepoint = writes_first and not alone
-    ctx = OperationContext(item.record.id, settings.asset_scale, settings.fee_rate,
-                           batch - {item.record.id})
+    ctx = OperationContext(item.record.id, settings.asset_scale, settings.fee_rate, batch)
     mark = book.mark()
     try:
         if in_savepoint:

@@ -28,8 +28,9 @@ class OperationContext:
     command_id: int
     scale: int
     fee_rate: Decimal
-    #: The other commands applied in this transaction (a coalesced batch): their outcomes
-    #: are not written yet, so a handler that reads one of their rows must wait for them.
+    #: The commands applied in this transaction when it is a coalesced batch (this one
+    #: included): their outcomes are not written yet, so a handler that reads another's
+    #: row must wait for it.
     batch: frozenset[int] = frozenset()
 
     def minor(self, amount: Decimal) -> int:

@@ -84,7 +84,7 @@ def _lock_original(conn: Connection, key: str, ctx: OperationContext) -> Any:
                        .with_for_update()).one_or_none()
     if row is None:
         raise NotReversibleError(f"no command {key!r}", original_key=key)
-    if row.id in ctx.batch:
+    if row.id in ctx.batch and row.id != ctx.command_id:
         # Submitted together and coalesced: the original's outcome and transfers are
         # written with the batch. Run once they are, instead of refusing what will succeed.
         raise ApplyAfterBatch(f"{key!r} is applied in the same batch")
