@@ -136,17 +136,11 @@ def check_object(value: Any, *, bytes_max: int = PAYLOAD_BYTES_MAX,
 
 
 def _members(item: dict[Any, Any], depth: int, stack: list[tuple[Any, int]]) -> int:
-    """`_leaves` of an object: its members' sizes, each key with its quotes, colon and comma."""
-    size = 0
-    for key, child in item.items():
-        size += len(key if type(key) is str else str(key)) + 4
-        if type(child) is str:
-            size += len(child) + 2
-        elif isinstance(child, dict | list | tuple):
-            stack.append((child, depth))
-        else:
-            size += len(child) + 2 if isinstance(child, str) else 1
-    return size
+    """`_leaves` of an object's values, and its keys, each with its quotes, colon and comma."""
+    size = 4 * len(item)
+    for key in item:
+        size += len(key if type(key) is str else str(key))
+    return size + _leaves(item.values(), depth, stack)
 
 
 def _leaves(children: Iterable[Any], depth: int, stack: list[tuple[Any, int]]) -> int:
