@@ -194,6 +194,9 @@ _LOCK_HOT = text("SELECT id FROM accounts WHERE id = ANY(CAST(:ids AS BIGINT[]))
 # legs, and each leg's balance after it is that plus the running sum of the account's legs
 # in posting order (docs/ARCHITECTURE.md, "Balance after each leg"). The transfers' time is
 # the moment they are written, under the locks, so an account's legs follow its id order.
+# A leg's two balances are gathered by grouping its two rows, never by joining `run` to
+# itself: the planner, which cannot see into the arrays, nests such a join (each leg
+# scanning every leg: 5 ms of a 100-release batch's 7).
 _FLUSH = text(
     "WITH moved AS (UPDATE accounts SET balance_minor = accounts.balance_minor + v.delta "
     "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:deltas AS BIGINT[])) AS v(id, delta) "
@@ -203,16 +206,17 @@ _FLUSH = text(
     "t AS (SELECT * FROM unnest(CAST(:commands AS BIGINT[]), CAST(:debits AS BIGINT[]), "
     "CAST(:credits AS BIGINT[]), CAST(:amounts AS BIGINT[]), CAST(:kinds AS TEXT[])) "
     "WITH ORDINALITY AS t(command_id, debit, credit, amount, kind, n)), "
-    "legs AS (SELECT n, 0 AS side, debit AS account_id, -amount AS delta FROM t "
-    "UNION ALL SELECT n, 1, credit, amount FROM t), "
-    "run AS (SELECT n, side, b.balance_minor + SUM(delta) OVER (PARTITION BY account_id "
+    "legs AS (SELECT n, 0 AS side, debit AS account_id, -amount AS delta, command_id, debit, "
+    "credit, amount, kind FROM t "
+    "UNION ALL SELECT n, 1, credit, amount, command_id, debit, credit, amount, kind FROM t), "
+    "run AS (SELECT legs.*, b.balance_minor + SUM(delta) OVER (PARTITION BY account_id "
     "ORDER BY n, side ROWS UNBOUNDED PRECEDING) AS after FROM legs "
     "JOIN before b ON b.id = legs.account_id) "
     "INSERT INTO transfers (command_id, debit_account_id, credit_account_id, amount_minor, kind, "
     "debit_balance_after_minor, credit_balance_after_minor, created_at) "
-    "SELECT t.command_id, t.debit, t.credit, t.amount, t.kind, d.after, c.after, "
-    "clock_timestamp() FROM t JOIN run d ON d.n = t.n AND d.side = 0 "
-    "JOIN run c ON c.n = t.n AND c.side = 1 ORDER BY t.n")
+    "SELECT command_id, debit, credit, amount, kind, MAX(after) FILTER (WHERE side = 0), "
+    "MAX(after) FILTER (WHERE side = 1), clock_timestamp() FROM run "
+    "GROUP BY n, command_id, debit, credit, amount, kind ORDER BY n")
 
 
 def _write_now(conn: Connection, deltas: Mapping[int, int], transfers: Sequence[_Posted]

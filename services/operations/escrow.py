@@ -27,7 +27,13 @@ from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.bulk_sql import Deferred, Pending, insert_ignoring_conflicts, pg_array
+from services.bulk_sql import (
+    Deferred,
+    Pending,
+    execute_reusable,
+    insert_ignoring_conflicts,
+    pg_array,
+)
 from services.command_fields import Amount, CommandBase, FeeRate, Ident
 from services.errors import (
     EscrowIntegrityError,
@@ -183,13 +189,24 @@ def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationCo
     return Effect(result, [t])
 
 
+# One constant statement (prepared once per connection) whatever the number of holds; an
+# IN list of bound values would be compiled and planned afresh for every batch size.
+_LOCK_HOLDS = text(
+    "SELECT id, hold_id, payer, payee, amount_minor, status, fee_minor, fee_rate, opened_by, "
+    "closed_by, created_at, closed_at, released_minor, refunded_minor, expires_at FROM holds "
+    "WHERE hold_id = ANY(CAST(:ids AS TEXT[])) ORDER BY id FOR UPDATE")
+
+
 def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, Any]:
     """Lock these holds (those that exist), in id order: a batch takes them before any
     account, as a single command does. The transaction's book keeps them (a release reads
     its hold from there)."""
-    h = schema.holds
-    rows = conn.execute(select(h).where(h.c.hold_id.in_(hold_ids)).order_by(h.c.id)
-                        .with_for_update()).all()
+    if conn.dialect.name == "postgresql":
+        rows = execute_reusable(conn, _LOCK_HOLDS, {"ids": pg_array(hold_ids)}).all()
+    else:
+        h = schema.holds
+        rows = conn.execute(select(h).where(h.c.hold_id.in_(hold_ids)).order_by(h.c.id)
+                            .with_for_update()).all()
     for row in rows:
         keep(conn, "holds", row.hold_id, row)
     return {row.hold_id: row for row in rows}
