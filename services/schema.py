@@ -166,8 +166,10 @@ holds = Table(
     Column("status", String(10), nullable=False),
     Column("fee_minor", BigInteger),
     Column("fee_rate", String(20)),
-    Column("opened_by", BigId, ForeignKey("commands.id"), nullable=False),
-    Column("closed_by", BigId, ForeignKey("commands.id")),
+    # The commands that opened and closed it: checked once per statement on PostgreSQL
+    # (migration 0010), foreign keys on SQLite.
+    Column("opened_by", BigId, nullable=False),
+    Column("closed_by", BigId),
     _now(),
     Column("closed_at", DateTime(timezone=True)),
     # Migration 0006: partial capture and expiry (services.hold_rules). What remains held is
@@ -193,7 +195,8 @@ audit_events = Table(
     "audit_events",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("command_id", BigId, ForeignKey("commands.id"), index=True),
+    # Checked once per statement on PostgreSQL (migration 0010), a foreign key on SQLite.
+    Column("command_id", BigId, index=True),
     Column("idempotency_key", String(ID_LENGTH_MAX)),
     Column("command_type", String(60), nullable=False),
     Column("outcome", String(20), nullable=False),
