@@ -192,12 +192,12 @@ def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationCo
 # One constant statement (prepared once per connection) whatever the number of holds; an
 # IN list of bound values would be compiled and planned afresh for every batch size.
 _LOCK_HOLDS = text(
-    "SELECT id, hold_id, payer, payee, amount_minor, status, fee_minor, fee_rate, opened_by, "
-    "closed_by, created_at, closed_at, released_minor, refunded_minor, expires_at FROM holds "
+    "SELECT id, hold_id, payer, payee, amount_minor, status, fee_rate, fee_minor, "
+    "released_minor, refunded_minor, expires_at FROM holds "
     "WHERE hold_id = ANY(CAST(:ids AS TEXT[])) ORDER BY id FOR UPDATE")
 
 
-def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, Any]:
+def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, _HoldState]:
     """Lock these holds (those that exist), in id order: a batch takes them before any
     account, as a single command does. The transaction's book keeps them (a release reads
     its hold from there)."""
@@ -207,9 +207,10 @@ def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, Any]:
         h = schema.holds
         rows = conn.execute(select(h).where(h.c.hold_id.in_(hold_ids)).order_by(h.c.id)
                             .with_for_update()).all()
-    for row in rows:
-        keep(conn, "holds", row.hold_id, row)
-    return {row.hold_id: row for row in rows}
+    holds = {row.hold_id: _state(row) for row in rows}
+    for hold_id, hold in holds.items():
+        keep(conn, "holds", hold_id, hold)
+    return holds
 
 
 def hold_footprint(cmd: TransferToEscrow) -> Footprint:
@@ -325,7 +326,7 @@ def _lock_hold(conn: Connection, hold_id: str) -> _HoldState:
                             ).one_or_none()
     if hold is None:
         raise UnknownHoldError(f"no hold {hold_id!r}", hold_id=hold_id)
-    return _state(hold)
+    return hold if isinstance(hold, _HoldState) else _state(hold)
 
 
 def _lock_open_hold(conn: Connection, hold_id: str) -> _HoldState:
