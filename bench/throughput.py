@@ -7,7 +7,9 @@ Each run, on a database and queues of its own (bench/harness.py):
 
   ceilings   the Celery no-op task through the same workers (walletq's Celery settings);
              one producer publishing (apply_async); a transfer in raw SQL (psycopg2, no
-             walletq: two balance updates, an insert, a commit) by --sql-clients clients
+             walletq: two balance updates, an insert, a commit) by --sql-clients clients;
+             pgbench's built-in transaction by one client (five statements, one durable
+             commit: the ceiling of one command in process; skipped without pgbench)
   walletq    one command in process (WalletService, one connection); a burst of single
              transfers submitted at once (submit_many), first submit -> all terminal;
              submit_many and `walletq submit -` of --submit commands (record + publish);
@@ -25,9 +27,12 @@ ratios of one run, never one day's figure with another's.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -53,6 +59,28 @@ from bench.harness import (  # noqa: E402 - after the path is set
 )
 
 USERS = 200
+
+
+def single_client_rate(url: str, seconds: int = 5) -> float:
+    """pgbench's TPC-B-like transaction (three updates, a select, an insert, one commit) by
+    one client, on the run's database: what one connection's round trips and durable
+    commits allow. NaN when pgbench is not installed."""
+    found = shutil.which("pgbench") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"), reverse=True)), None)
+    if found is None:
+        return float("nan")
+    u = make_url(url)
+    env = {**os.environ, "PGHOST": u.host or "127.0.0.1", "PGPORT": str(u.port or 5432),
+           "PGUSER": u.username or "postgres", "PGDATABASE": u.database or "",
+           "PGPASSWORD": u.password or ""}
+    subprocess.run([found, "-i", "-q", "-s", "1"], env=env, check=True, capture_output=True)
+    try:
+        done = subprocess.run([found, "-c", "1", "-T", str(seconds), "-n"], env=env,
+                              check=True, capture_output=True, text=True)
+    finally:  # its four tables dropped again: the run's database is walletq's
+        subprocess.run([found, "-i", "-I", "d"], env=env, check=True, capture_output=True)
+    match = re.search(r"tps = ([0-9.]+)", done.stdout)
+    return float(match.group(1)) if match else float("nan")
 
 
 def raw_sql_rate(url: str, transfers: int, clients: int) -> float:
@@ -152,6 +180,8 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, float]:
                                                         args.concurrency)
         progress(f"run {run}: raw SQL transfers, {args.sql_clients} clients")
         figures["sql"] = raw_sql_rate(scratch.url, args.burst, args.sql_clients)
+        progress(f"run {run}: pgbench, one client")
+        figures["pgbench"] = single_client_rate(scratch.url)
         client = WalletClient.from_env()
         users = [f"u{i}" for i in range(USERS)]
         rng = random.Random(run)
@@ -218,8 +248,12 @@ def report(title: str, f: dict[str, float], args: argparse.Namespace) -> None:
         (f"burst of {args.burst:,} transfers, submit -> all terminal",
          f"{f['burst']:,.0f} cmd/s",
          f"{f['burst'] / f['noop']:.2f} x no-op (goal >= 1.0), {f['burst'] / f['sql']:.2f} x SQL"),
+        ("pgbench's transaction, one client (5 statements, 1 commit)",
+         f"{f['pgbench']:,.0f} tx/s", "(ceiling)"),
         ("one command in process (WalletService, one connection)",
-         f"{f['in_process']:,.0f} cmd/s", "goal >= 500/s"),
+         f"{f['in_process']:,.0f} cmd/s",
+         f"{f['in_process'] / f['pgbench']:.2f} x pgbench (goal >= 500/s; the issue's day: "
+         "500 of pgbench's 700 = 0.71 x)"),
         ("  where each of its milliseconds goes",
          f"{1e3 / f['in_process']:.2f} ms",
          f"Python {f['in_process_py_ms']:.2f}, PostgreSQL {f['in_process_pg_ms']:.2f}, "
@@ -262,7 +296,8 @@ def main() -> None:
     if args.runs > 1:
         medians = median_of(runs)
         ratios = {f"{name}/{base}": median_of([{"r": r[name] / r[base]} for r in runs])["r"]
-                  for name, base in (("burst", "noop"), ("submit_many", "publish"),
+                  for name, base in (("burst", "noop"), ("in_process", "pgbench"),
+                                     ("submit_many", "publish"),
                                      ("releases", "transfers"), ("releases_no_fee", "transfers"),
                                      ("releases", "releases_no_fee"), ("sales", "transfers"))}
         report(f"median of {args.runs} runs", medians, args)
