@@ -167,9 +167,12 @@ _LOCK_ACCOUNTS = (
 )
 
 # Users' accounts locked in id order, hot ones read (the book locks them at its flush).
+# `IN (SELECT unnest(...))`, not `= ANY(...)`: in the plan PostgreSQL keeps for a prepared
+# statement, a scan filtered by `= ANY($1)` walks the whole array for every row (0.5 ms
+# for 160 codes in a table of 360 accounts); the set is joined instead.
 _LOCK_COLD_READ_HOT = text(
     f"WITH cold AS (SELECT id, code, user_id, balance_minor, may_go_negative, {STATE_SQL} "
-    "FROM accounts WHERE code = ANY(CAST(:cold AS TEXT[])) ORDER BY id FOR UPDATE) "
+    "FROM accounts WHERE code IN (SELECT unnest(CAST(:cold AS TEXT[]))) ORDER BY id FOR UPDATE) "
     "SELECT *, true AS exact FROM cold "
     f"UNION ALL SELECT id, code, user_id, balance_minor, may_go_negative, {STATE_SQL}, "
     "false AS exact FROM accounts WHERE code = ANY(CAST(:hot AS TEXT[]))")

@@ -194,7 +194,7 @@ def transfer_to_escrow(conn: Connection, cmd: TransferToEscrow, ctx: OperationCo
 _LOCK_HOLDS = text(
     "SELECT id, hold_id, payer, payee, amount_minor, status, fee_rate, fee_minor, "
     "released_minor, refunded_minor, expires_at FROM holds "
-    "WHERE hold_id = ANY(CAST(:ids AS TEXT[])) ORDER BY id FOR UPDATE")
+    "WHERE hold_id IN (SELECT unnest(CAST(:ids AS TEXT[]))) ORDER BY id FOR UPDATE")
 
 
 def lock_holds(conn: Connection, hold_ids: list[str]) -> dict[str, _HoldState]:
