@@ -188,8 +188,12 @@ holds = Table(
                     name="fee_range"),
     CheckConstraint("(status = 'held') = (closed_by IS NULL)", name="closed_iff_not_held"),
 )
-Index("ix_holds_payer_status", holds.c.payer, holds.c.status)
-Index("ix_holds_status_expires_at", holds.c.status, holds.c.expires_at)  # the expiry pass
+# Open holds only (migration 0011): a payer's open holds, the expiry pass's holds due; a
+# hold that closes leaves both.
+_OPEN_HOLD = holds.c.status == "held"
+Index("ix_holds_open_payer", holds.c.payer, postgresql_where=_OPEN_HOLD, sqlite_where=_OPEN_HOLD)
+Index("ix_holds_open_expires_at", holds.c.expires_at, postgresql_where=_OPEN_HOLD,
+      sqlite_where=_OPEN_HOLD)
 
 audit_events = Table(
     "audit_events",
