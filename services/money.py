@@ -65,7 +65,13 @@ def to_decimal(minor: int, scale: int) -> Decimal:
 
 
 def format_minor(minor: int, scale: int) -> str:
-    return str(to_decimal(minor, scale))
+    """An amount's text, always fixed-point ('12.50', '-0.05', '0.00000001'): str() of a
+    Decimal switches to an exponent below 1E-6 ('1E-8' at scale 8), which no amount field
+    accepts."""
+    if scale == 0:
+        return str(minor)
+    whole, fraction = divmod(-minor if minor < 0 else minor, 10 ** scale)
+    return f"{'-' if minor < 0 else ''}{whole}.{fraction:0{scale}d}"
 
 
 def split_fee(amount_minor: int, fee_rate: Decimal) -> tuple[int, int]:

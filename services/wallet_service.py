@@ -50,7 +50,8 @@ class Balance:
     escrow: Decimal
 
     def to_dict(self) -> dict[str, str]:
-        return {"user": self.user, "available": str(self.available), "escrow": str(self.escrow)}
+        return {"user": self.user, "available": format(self.available, "f"),
+                "escrow": format(self.escrow, "f")}
 
 
 class WalletService:

@@ -228,3 +228,23 @@ def test_a_setting_that_makes_no_sense_exits_2_naming_the_variable(
     assert error["code"] == "invalid_settings" and "WALLETQ_ASSET_SCALE='two'" in error["message"]
     human = walletq("verify", env={"WALLETQ_FEE_RATE": "1.5"}, process=process)
     assert human.exit_code == 2 and "WALLETQ_FEE_RATE" in human.stderr
+
+
+def test_the_smallest_amounts_of_scale_8_print_as_digits_never_an_exponent(
+        sqlite_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """str() of a Decimal at scale 8 writes '6E-8': an amount walletq prints must be one a
+    command accepts (tables, --json, results alike)."""
+    monkeypatch.setenv("WALLETQ_ASSET_SCALE", "8")
+    settings_module.reset_settings()
+    service = WalletService(get_engine(get_settings()), get_settings())
+    service.credit_wallet("ann", "0.00000001", idempotency_key="k1")
+    service.credit_wallet("bob", "1", idempotency_key="k2")
+    assert service.transfer_tokens_between_users(
+        "bob", "ann", "0.00000005", idempotency_key="k3")["amount"] == "0.00000005"
+    assert both_orders("balance", "ann") == [
+        {"user": "ann", "available": "0.00000006", "escrow": "0.00000000"}]
+    for args in (("balance", "ann"), ("balances",), ("history", "user:ann:available")):
+        result = walletq(*args)
+        assert result.exit_code == 0, result.output
+        assert "E-" not in result.stdout, result.stdout
+    assert "0.00000006" in walletq("balance", "ann").stdout

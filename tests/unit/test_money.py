@@ -127,6 +127,23 @@ def test_formatting_then_parsing_gives_back_the_same_minor_units(minor: int) -> 
     assert parse(format_minor(minor, SCALE)) == minor
 
 
+@given(st.integers(min_value=0, max_value=8), st.integers(min_value=1, max_value=MAX_MINOR))
+def test_every_scale_formats_fixed_point_and_parses_back(scale: int, minor: int) -> None:
+    """At scales 7 and 8 str() of a Decimal writes an exponent ('1E-8'), which no amount
+    field accepts: an amount walletq prints must be one it takes."""
+    text = format_minor(minor, scale)
+    assert "E" not in text and "e" not in text
+    assert text == format(to_decimal(minor, scale), "f")
+    assert format_minor(-minor, scale) == "-" + text
+    assert parse(text, scale, MAX_MINOR) == minor
+
+
+def test_the_smallest_amounts_of_the_largest_scale_print_as_digits() -> None:
+    assert format_minor(1, 8) == "0.00000001"
+    assert format_minor(0, 8) == "0.00000000"
+    assert format_minor(-6, 8) == "-0.00000006"
+
+
 # --- the fee split ----------------------------------------------------------------------
 
 

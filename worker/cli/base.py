@@ -73,7 +73,7 @@ class Output:
             table.add_column(Text(name), justify="right" if name in right else "left")
         for row in rows:
             # Text, not markup: a cell may hold stored text a producer (or an attacker) wrote.
-            table.add_row(*[Text(visible("" if v is None else str(v))) for v in row])
+            table.add_row(*[Text(visible(_cell(v))) for v in row])
         self.console.print(table)
 
     def say(self, text: str, style: str | None = None) -> None:
@@ -90,9 +90,17 @@ class Output:
         raise SystemExit(code)
 
 
+def _cell(value: Any) -> str:
+    """A table cell's text; an amount always fixed-point (str() of a Decimal at scale 8
+    writes '6E-8')."""
+    if value is None:
+        return ""
+    return format(value, "f") if isinstance(value, Decimal) else str(value)
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")  # never an exponent ('1E-8' at scale 8)
     if hasattr(value, "isoformat"):
         return value.isoformat()
     raise TypeError(f"cannot serialise {type(value).__name__}")
