@@ -14,9 +14,11 @@ ledger writes are deferred (services.ledger.deferred):
    In a batch, any other failure of one command leaves it untouched (`Applied.left`): the
    caller runs it again on its own once the batch has committed, where the usual policy
    (retry, or `failed`) applies to it alone;
-3. the ledger's writes (balances and transfers), every outcome and every audit row, in
-   three statements whatever the number of commands, sent in one round trip. Hot accounts
-   are locked there, last (services.ledger); when their legs overdraw them by then,
+3. every audit row and every outcome, then the ledger's writes (balances and transfers),
+   in a few statements whatever the number of commands, sent in one round trip. Hot
+   accounts are locked there, last (services.ledger), after the audit rows and outcomes
+   are written, so that their lock is held only through the legs and the commit; when
+   their legs overdraw them by then,
    `ledger.HotAccountShort` is raised and the caller applies the commands again with
    their hot accounts locked first.
 
@@ -99,7 +101,8 @@ class _Outcomes:
             result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
             ids: dict[str, Any] | None = None) -> None:
         record = item.record
-        self.finishes.append(Finish(record.id, status, result, error, item.attempts_added))
+        self.finishes.append(Finish(record.id, status, result, error, item.attempts_added,
+                                    record))
         self.audits.append(audit.command_audit_row(
             record, status, transfers, error=error, ids=ids,
             attempt=record.attempts + item.attempts_added))
@@ -222,15 +225,18 @@ def _write(conn: Connection, book: ledger.Book, outcomes: _Outcomes) -> list[Com
         audit.insert_audit_rows(conn, outcomes.audits)
         return command_store.finish_many(conn, outcomes.finishes)
     hot = book.read_hot
-    pending = [*book.flush_pending(conn), audit.audit_rows_pending(outcomes.audits),
-               command_store.finish_many_pending(outcomes.finishes)]
+    # The audit rows and the outcomes before the hot accounts' locks: a hot row is held
+    # from its lock through the commit, and a batch beside this one waits for it.
+    finishing = command_store.finishing(outcomes.finishes)
+    pending = [*book.flush_pending(conn, before_hot=[
+        audit.audit_rows_pending(outcomes.audits), finishing.update]), finishing.count]
     try:
         result = execute_together(conn, pending)
     except IntegrityError as exc:
         if hot and "balance_nonnegative" in str(exc.orig):
             raise ledger.HotAccountShort(str(exc.orig)) from exc
         raise
-    return command_store.finished_records(result, outcomes.finishes)
+    return finishing.records(result)
 
 
 def integrity_failure(exc: IntegrityError, key: str) -> FinancialIntegrityError:

@@ -14,16 +14,24 @@ table; every name of theirs is re-exported here, so that a caller names one modu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import DateTime, bindparam, text, update
 from sqlalchemy.engine import Connection
 
 from services import schema
-from services.bulk_sql import Pending, execute_reusable, insert_ignoring_conflicts, pg_array
+from services.bulk_sql import (
+    Pending,
+    execute_reusable,
+    execute_together,
+    insert_ignoring_conflicts,
+    pg_array,
+)
 from services.canonical import payload_hash
 from services.command_claims import (
     claim,
@@ -69,8 +77,8 @@ __all__ = [
     "finish",
     "Finish",
     "finish_many",
-    "finish_many_pending",
-    "finished_records",
+    "Finishing",
+    "finishing",
     "accept_many",
     "conflict",
     "refuse",
@@ -154,15 +162,31 @@ def finish(
 @dataclass(frozen=True)
 class Finish:
     """One command's outcome, for finish_many; `attempts_added` is 1 when this delivery was
-    not counted by a claim before (the lean path)."""
+    not counted by a claim before (the lean path). `record`: the row as this transaction
+    locked it, which the finished record is made from."""
 
     command_id: int
     status: str
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts_added: int = 0
+    record: CommandRecord | None = None
+
+    def finished(self, now: datetime) -> CommandRecord:
+        """The record as _FINISH_MANY leaves it (every column it writes is known here)."""
+        if self.record is None:
+            raise AssertionError(f"Bug! command {self.command_id} finished without its record")
+        error = self.error
+        return dataclasses.replace(
+            self.record, status=self.status, result=self.result,
+            error_code=None if error is None else error["code"],
+            error_message=None if error is None else _message(error),
+            attempts=self.record.attempts + self.attempts_added, updated_at=now,
+            completed_at=now)
 
 
+# No RETURNING: the finished records are known without reading the rows back (nor their
+# payloads, a kilobyte or more each); _ENDED_HERE says how many this statement ended.
 _FINISH_MANY = text(
     "UPDATE commands SET status = v.status, result = CAST(v.result AS JSON), "
     "error_code = v.code, error_message = v.message, attempts = commands.attempts + v.added, "
@@ -170,27 +194,35 @@ _FINISH_MANY = text(
     "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:statuses AS TEXT[]), CAST(:results AS TEXT[]), "
     "CAST(:codes AS TEXT[]), CAST(:messages AS TEXT[]), CAST(:added AS INTEGER[])) "
     "AS v(id, status, result, code, message, added) "
-    "WHERE commands.id = v.id AND commands.status IN ('accepted', 'processing') "
-    "RETURNING commands.*")
+    "WHERE commands.id = v.id AND commands.status IN ('accepted', 'processing')")
+_ENDED_HERE = text("SELECT count(*) FROM commands WHERE id = ANY(CAST(:ids AS BIGINT[])) "
+                   "AND updated_at = :now")
 
 
-def finish_many(conn: Connection, outcomes: Sequence[Finish]) -> list[CommandRecord]:
-    """Write the outcomes of many locked commands (terminal ones), in one statement on
-    PostgreSQL; in the order given."""
-    if not outcomes:
-        return []
-    if conn.dialect.name != "postgresql":
-        return [_finish_one(conn, outcome) for outcome in outcomes]
-    pending = finish_many_pending(outcomes)
-    return finished_records(conn.execute(pending.statement, pending.params), outcomes)
+@dataclass(frozen=True)
+class Finishing:
+    """finish_many's statements on PostgreSQL, to send with others in one round trip
+    (bulk_sql.execute_together): `update` where it fits, `count` last (its answer is the
+    round trip's); `records` checks the count and gives the finished records."""
+
+    update: Pending
+    count: Pending
+    outcomes: Sequence[Finish]
+    now: datetime
+
+    def records(self, result: Any) -> list[CommandRecord]:
+        ended = result.scalar_one()
+        if ended != len(self.outcomes):
+            raise AssertionError(f"Bug! {len(self.outcomes) - ended} commands finished twice")
+        return [outcome.finished(self.now) for outcome in self.outcomes]
 
 
-def finish_many_pending(outcomes: Sequence[Finish]) -> Pending:
-    """finish_many's PostgreSQL statement, to send with others (bulk_sql.execute_together);
-    `finished_records` reads what it returns."""
-    return Pending(_FINISH_MANY, {
-        "now": utc_now(),
-        "ids": pg_array([o.command_id for o in outcomes]),
+def finishing(outcomes: Sequence[Finish]) -> Finishing:
+    now = utc_now()
+    ids = pg_array([o.command_id for o in outcomes])
+    return Finishing(Pending(_FINISH_MANY, {
+        "now": now,
+        "ids": ids,
         "statuses": pg_array([o.status for o in outcomes]),
         "results": pg_array([None if o.result is None else json.dumps(o.result)
                              for o in outcomes]),
@@ -198,15 +230,19 @@ def finish_many_pending(outcomes: Sequence[Finish]) -> Pending:
         "messages": pg_array([None if o.error is None else _message(o.error)
                               for o in outcomes]),
         "added": pg_array([o.attempts_added for o in outcomes]),
-    }, reusable=True)
+    }, reusable=True), Pending(_ENDED_HERE, {"ids": ids, "now": now}, reusable=True),
+        outcomes, now)
 
 
-def finished_records(result: Any, outcomes: Sequence[Finish]) -> list[CommandRecord]:
-    """The records finish_many's statement returned, in the order of `outcomes`."""
-    by_id = {row.id: CommandRecord.from_row(row) for row in result.all()}
-    if len(by_id) != len(outcomes):
-        raise AssertionError(f"Bug! {len(outcomes) - len(by_id)} commands finished twice")
-    return [by_id[o.command_id] for o in outcomes]
+def finish_many(conn: Connection, outcomes: Sequence[Finish]) -> list[CommandRecord]:
+    """Write the outcomes of many locked commands (terminal ones), in one round trip on
+    PostgreSQL; in the order given."""
+    if not outcomes:
+        return []
+    if conn.dialect.name != "postgresql":
+        return [_finish_one(conn, outcome) for outcome in outcomes]
+    done = finishing(outcomes)
+    return done.records(execute_together(conn, [done.update, done.count]))
 
 
 def _message(error: dict[str, Any]) -> str:

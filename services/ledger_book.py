@@ -153,16 +153,19 @@ class Book:
         for item in pending:
             conn.execute(item.statement, item.params)
 
-    def flush_pending(self, conn: Connection) -> list[Pending]:
+    def flush_pending(self, conn: Connection, before_hot: Sequence[Pending] = ()
+                      ) -> list[Pending]:
         """`flush` as statements to send (bulk_sql.execute_together); on SQLite, written now.
-        Other owners' deferred writes come first, in the order they were made."""
+        Other owners' deferred writes come first, in the order they were made, then
+        `before_hot` (writes that lock no account: they are done before the hot accounts'
+        locks are taken, which are then held only through the legs and the commit)."""
         deltas, transfers, writes = self.deltas(), self.transfers, _built(self.writes)
         self.journal, self.transfers, self.writes = [], [], []
         if conn.dialect.name != "postgresql" or not transfers:
             for write in writes:
                 conn.execute(write.statement, write.params)
             _write_now(conn, deltas, transfers)
-            return []
+            return list(before_hot)
         columns = list(zip(*transfers, strict=True))
         # Every hot account a leg names is locked, even when its legs net to zero: the
         # balance after each leg is read under that lock.
@@ -171,7 +174,7 @@ class Book:
         # Each leg's balance after it is computed by _FLUSH itself, from the balances it
         # reads under the locks (a hot account read, not locked, is exact only there).
         lock_hot = [Pending(_LOCK_HOT, {"ids": pg_array(hot)}, reusable=True)] if hot else []
-        return [*writes, *lock_hot, Pending(_FLUSH, {
+        return [*writes, *before_hot, *lock_hot, Pending(_FLUSH, {
             "ids": pg_array(list(deltas)), "deltas": pg_array(list(deltas.values())),
             "commands": pg_array(list(columns[0])), "debits": pg_array(list(columns[1])),
             "credits": pg_array(list(columns[2])), "amounts": pg_array(list(columns[3])),
