@@ -23,7 +23,7 @@ from services.payouts.decision import Decision, Item
 
 __all__ = ["Batch", "ChunkOutcome", "load_batch", "start_batch", "record_progress",
            "mark_rejected", "rejected_by_code", "lock_command", "paid_before", "insert_decisions",
-           "payout_progress", "payout_item_rows", "payout_totals", "check_batch_transfers"]
+           "payout_progress", "payouts_done", "payout_item_rows", "payout_totals", "check_batch_transfers"]
 
 _b = schema.payout_batches
 _i = schema.payout_items
@@ -241,6 +241,20 @@ def payout_progress(conn: Connection, key: str, scale: int) -> dict[str, Any] | 
                 "rejected_by_code": rejected_by_code(conn, batch.command_id,
                                                      batch.items_rejected)})
     return out
+
+
+_DONE = (_b.c.items_paid + _b.c.items_rejected + _b.c.items_duplicate).label("done")
+
+
+def payouts_done(conn: Connection, keys: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """Each known key's command status and items decided so far, in one read of narrow
+    columns: what a watcher polls (payout_progress reads a batch not started yet from its
+    payload, a megabyte to fetch and decode per batch per poll, beside workers paying)."""
+    rows = conn.execute(
+        select(_c.c.idempotency_key, _c.c.status, func.coalesce(_DONE, 0))
+        .select_from(_c.outerjoin(_b, _b.c.command_id == _c.c.id))
+        .where(_c.c.idempotency_key.in_(list(keys))))
+    return {key: (status, int(done)) for key, status, done in rows}
 
 
 def payout_item_rows(conn: Connection, key: str, scale: int, *, outcome: str | None = None,

@@ -40,7 +40,12 @@ from services.payouts.file import (
     line_of,
     read_payout_csv,
 )
-from services.payouts.store import payout_item_rows, payout_progress, payout_totals
+from services.payouts.store import (
+    payout_item_rows,
+    payout_progress,
+    payout_totals,
+    payouts_done,
+)
 from services.settings import Settings, get_settings
 from services.wallet_service import WalletService
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
@@ -103,21 +108,30 @@ def _progress(keys: Sequence[str], settings: Settings) -> list[dict[str, Any]]:
     return [p for p in found if p is not None]
 
 
+def _done(keys: Sequence[str], settings: Settings) -> tuple[int, bool]:
+    """(items decided, every batch ended), in one narrow read: what each poll needs."""
+    with get_engine(settings).connect() as conn:
+        found = payouts_done(conn, keys)
+    ended = len(found) == len(keys) and all(status in ENDED for status, _ in found.values())
+    return sum(done for _, done in found.values()), ended
+
+
 def _watch(out: Output, keys: list[str], items: int, settings: Settings, timeout_s: float,
            runner: SyncRunner | None) -> list[dict[str, Any]]:
+    """Poll until every batch ended or the deadline; then each batch's full progress, read
+    once (the polls read only what the bar shows)."""
     deadline = time.monotonic() + timeout_s
     columns = (TextColumn("paying"), BarColumn(), MofNCompleteColumn(), TextColumn("items"),
                TimeElapsedColumn())
     with Progress(*columns, console=out.err, disable=out.as_json, transient=False) as bar:
         task = bar.add_task("payout", total=items)
         while True:
-            states = _progress(keys, settings)
-            bar.update(task, completed=sum(s.get("done", 0) for s in states))
-            ended = len(states) == len(keys) and all(s["status"] in ENDED for s in states)
+            done, ended = _done(keys, settings)
+            bar.update(task, completed=done)
             if runner is not None and runner.done and runner.error is not None:
                 raise runner.error
             if ended or time.monotonic() >= deadline:
-                return states
+                return _progress(keys, settings)
             time.sleep(POLL_S)
 
 
