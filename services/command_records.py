@@ -40,6 +40,8 @@ __all__ = [
     "row_params",
     "conflict",
     "get_record",
+    "RecordHead",
+    "get_head",
     "accepted_at",
     "get_records",
     "keys_by_id",
@@ -203,6 +205,30 @@ def conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflict
 def get_record(conn: Connection, key: str) -> CommandRecord | None:
     row = conn.execute(select(_c).where(_c.c.idempotency_key == key)).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
+
+
+@dataclass(frozen=True)
+class RecordHead:
+    """A record's status and signer, without its texts (a payout's are megabytes each)."""
+
+    status: str
+    error_code: str | None
+    producer: str | None
+    signature: str | None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+_HEAD = select(_c.c.status, _c.c.error_code, _c.c.producer, _c.c.signature).where(
+    _c.c.idempotency_key == bindparam("key"))
+
+
+def get_head(conn: Connection, key: str) -> RecordHead | None:
+    """The head of the record under this key (None: there is none)."""
+    row = conn.execute(_HEAD, {"key": key}).one_or_none()
+    return None if row is None else RecordHead(*row)
 
 
 def accepted_at(conn: Connection, key: str) -> datetime | None:

@@ -174,12 +174,21 @@ def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool,
 
 
 def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
-    """The stored outcome, when the message is exactly the signed form of a row that ended."""
-    if evidence.key is None or evidence.signed is None:
+    """The stored outcome, when the message is exactly the signed form of a row that ended.
+
+    The row's head (status, producer, signature) is read first: a row not ended, or signed
+    otherwise, is answered without fetching its texts (a payout's payload and signed form
+    are megabytes each, on every first delivery); the whole record is compared only then."""
+    signed = evidence.signed
+    if evidence.key is None or signed is None:
         return None
     with engine.connect() as conn:
+        head = command_store.get_head(conn, evidence.key)
+        if head is None or not head.ended or head.error_code in _ROW_REFUSALS \
+                or (head.producer, head.signature) != (signed.producer, signed.signature):
+            return None
         record = command_store.get_record(conn, evidence.key)
-    if record is None or not record.ended or record.signed != evidence.signed \
+    if record is None or not record.ended or record.signed != signed \
             or record.error_code in _ROW_REFUSALS:
         return None
     return Done(record)
