@@ -53,7 +53,7 @@ from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 __all__ = ["payout", "payout_status"]
 
 REJECTED_SHOWN_MAX = 20
-POLL_S = 0.2
+POLL_S = 0.05
 
 
 # --- submitting and watching ------------------------------------------------------------
