@@ -8,6 +8,7 @@ the SQLAlchemy engines it inherited: sockets are never shared across a fork.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -148,6 +149,11 @@ def _after_fork(**_kwargs: Any) -> None:
     # The parent's pooled connections belong to the parent; a child opens its own.
     reset_settings()
     dispose_engines()
+    # What the child inherited (every module, the app) lives as long as it does: out of the
+    # cyclic collector's sight, so that its full collections, which a payout's 10,000 items
+    # set off while they are validated, walk only the task's own objects (a batch's
+    # validation took 79 ms instead of 34 while they walked the whole heap).
+    gc.freeze()
 
 
 @worker_ready.connect
