@@ -174,20 +174,16 @@ def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool,
 
 
 def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
-    """The stored outcome, when the message is exactly the signed form of a row that ended.
-
-    The row's head (status, producer, signature) is read first: a row not ended, or signed
-    otherwise, is answered without fetching its texts (a payout's payload and signed form
-    are megabytes each, on every first delivery); the whole record is compared only then."""
+    """The stored outcome, when the message is exactly the signed form of a row that ended:
+    one indexed read, which fetches the row's texts only for an ended row naming the
+    message's producer and signature (a first delivery's row has not ended: a payout's
+    payload and signed form, megabytes each, are left unread); then the whole signed text
+    must be the message's."""
     signed = evidence.signed
     if evidence.key is None or signed is None:
         return None
     with engine.connect() as conn:
-        head = command_store.get_head(conn, evidence.key)
-        if head is None or not head.ended or head.error_code in _ROW_REFUSALS \
-                or (head.producer, head.signature) != (signed.producer, signed.signature):
-            return None
-        record = command_store.get_record(conn, evidence.key)
+        record = command_store.ended_record(conn, evidence.key, signed)
     if record is None or not record.ended or record.signed != signed \
             or record.error_code in _ROW_REFUSALS:
         return None

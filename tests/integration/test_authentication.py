@@ -352,6 +352,20 @@ def test_a_message_carrying_an_ended_rows_signature_over_other_text_is_not_its_d
                                            "credit")]
 
 
+def test_ended_record_reads_a_row_only_when_it_ended_under_the_messages_signer(
+        engine: Engine, settings: Settings) -> None:
+    ended = signed(CREDIT, "test-payments")
+    first = deliver(ended, engine, settings).record
+    waiting = signed({**CREDIT, "idempotency_key": "dep-2"}, "test-payments")
+    accept(engine, settings, waiting)  # after: the delivery above would have coalesced it
+    resigned = signed({**CREDIT, "amount": "10.0"}, "test-payments")  # same command, new text
+    with engine.connect() as conn:
+        assert command_store.ended_record(conn, "dep-2", signed_form(waiting)) is None
+        assert command_store.ended_record(conn, "dep-1", signed_form(ended)) == first
+        assert command_store.ended_record(conn, "dep-1", signed_form(resigned)) is None
+        assert command_store.ended_record(conn, "nobody", signed_form(ended)) is None
+
+
 def test_a_rotated_key_keeps_the_commands_it_signed_verifiable_and_signs_nothing_new(
         engine: Engine, settings: Settings) -> None:
     old = new_producer(engine, "shop", "payments")
