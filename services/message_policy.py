@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services import command_store
-from services.admission import Admitted, Evidence, Refused, admit
+from services.admission import Admitted, Evidence, Refused, admit, admit_object
 from services.boundary import check_object
 from services.command_executor import execute_admitted, execute_keys, record_failure
 from services.command_fields import ID_PATTERN
@@ -159,8 +159,12 @@ def _refuse(raw: Any, refused: Refused, engine: Engine, settings: Settings) -> M
 
 def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool,
            evidence: Evidence | None = None) -> Admitted | MessageOutcome:
+    """Admit a message execute_message took: an object there passed check_object already."""
     try:
-        admission = admit(raw, engine=engine, settings=settings, evidence=evidence)
+        if isinstance(raw, dict):
+            admission = admit_object(raw, engine=engine, settings=settings, evidence=evidence)
+        else:
+            admission = admit(raw, engine=engine, settings=settings, evidence=evidence)
     except Exception as exc:  # noqa: BLE001 - reading the producer failed; nothing is written
         if retryable(exc) and retries_left:
             return RetryLater(exc)
