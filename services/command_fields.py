@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from services.money import AmountError, parse_amount, to_decimal
+from services.money import AmountError, parse_amount_decimal
 from services.settings import Settings
 
 __all__ = [
@@ -101,10 +101,9 @@ def _validate_amount(value: Any, info: ValidationInfo) -> Decimal:
             f"must be a decimal string such as \"12.50\", not the JSON number {value.text[:40]}"
         )
     try:
-        minor = parse_amount(value, scale=limits.scale, max_minor=limits.amount_max_minor)
+        return parse_amount_decimal(value, scale=limits.scale, max_minor=limits.amount_max_minor)
     except AmountError as exc:
         raise ValueError(str(exc)) from None
-    return to_decimal(minor, limits.scale)
 
 
 #: A user, hold or reference id (NAME_PATTERN); an idempotency key is a `Key`.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, bindparam, func, select
+from sqlalchemy import DateTime, and_, bindparam, case, func, null, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
@@ -40,6 +40,7 @@ __all__ = [
     "row_params",
     "conflict",
     "get_record",
+    "ended_record",
     "accepted_at",
     "get_records",
     "keys_by_id",
@@ -203,6 +204,35 @@ def conflict(command: CommandBase, record: CommandRecord) -> IdempotencyConflict
 def get_record(conn: Connection, key: str) -> CommandRecord | None:
     row = conn.execute(select(_c).where(_c.c.idempotency_key == key)).one_or_none()
     return None if row is None else CommandRecord.from_row(row)
+
+
+#: The texts of a row (a payout's are megabytes each), read by `ended_record` only when
+#: the row ended and names the given signer; NULL otherwise (both columns are NOT NULL in
+#: a row, so NULL says the row was not the one asked for), and never decompressed then.
+_TEXTS = ("payload", "signed_payload")
+
+
+def _ended_by_signer() -> Any:
+    return and_(_c.c.status.in_(sorted(ENDED)), _c.c.producer == bindparam("producer"),
+                _c.c.signature == bindparam("signature"))
+
+
+_ENDED_RECORD = select(*[
+    case((_ended_by_signer(), column), else_=null()).label(column.name)
+    if column.name in _TEXTS else column for column in _c.c
+]).where(_c.c.idempotency_key == bindparam("key"))
+
+
+def ended_record(conn: Connection, key: str, signed: Signed) -> CommandRecord | None:
+    """The record under this key if it ended and carries this producer and signature, in
+    one indexed read; None otherwise, its texts left unread (a first delivery's row has not
+    ended: its payload and signed form are not fetched to learn that). The caller still
+    holds the message to the whole signed text."""
+    row = conn.execute(_ENDED_RECORD, {"key": key, "producer": signed.producer,
+                                       "signature": signed.signature}).one_or_none()
+    if row is None or row.payload is None:
+        return None
+    return CommandRecord.from_row(row)
 
 
 def accepted_at(conn: Connection, key: str) -> datetime | None:

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from services import command_store
-from services.admission import Admitted, Evidence, Refused, admit
+from services.admission import Admitted, Evidence, Refused, admit, admit_object
 from services.boundary import check_object
 from services.command_executor import execute_admitted, execute_keys, record_failure
 from services.command_fields import ID_PATTERN
@@ -159,8 +159,12 @@ def _refuse(raw: Any, refused: Refused, engine: Engine, settings: Settings) -> M
 
 def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool,
            evidence: Evidence | None = None) -> Admitted | MessageOutcome:
+    """Admit a message execute_message took: an object there passed check_object already."""
     try:
-        admission = admit(raw, engine=engine, settings=settings, evidence=evidence)
+        if isinstance(raw, dict):
+            admission = admit_object(raw, engine=engine, settings=settings, evidence=evidence)
+        else:
+            admission = admit(raw, engine=engine, settings=settings, evidence=evidence)
     except Exception as exc:  # noqa: BLE001 - reading the producer failed; nothing is written
         if retryable(exc) and retries_left:
             return RetryLater(exc)
@@ -174,12 +178,17 @@ def _admit(raw: Any, engine: Engine, settings: Settings, retries_left: bool,
 
 
 def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
-    """The stored outcome, when the message is exactly the signed form of a row that ended."""
-    if evidence.key is None or evidence.signed is None:
+    """The stored outcome, when the message is exactly the signed form of a row that ended:
+    one indexed read, which fetches the row's texts only for an ended row naming the
+    message's producer and signature (a first delivery's row has not ended: a payout's
+    payload and signed form, megabytes each, are left unread); then the whole signed text
+    must be the message's."""
+    signed = evidence.signed
+    if evidence.key is None or signed is None:
         return None
     with engine.connect() as conn:
-        record = command_store.get_record(conn, evidence.key)
-    if record is None or not record.ended or record.signed != evidence.signed \
+        record = command_store.ended_record(conn, evidence.key, signed)
+    if record is None or not record.ended or record.signed != signed \
             or record.error_code in _ROW_REFUSALS:
         return None
     return Done(record)

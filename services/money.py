@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from decimal import ROUND_HALF_EVEN, Decimal
 
-__all__ = ["AmountError", "parse_amount", "to_minor", "to_decimal", "format_minor", "split_fee"]
+__all__ = ["AmountError", "parse_amount", "parse_amount_decimal", "to_minor", "to_decimal",
+           "format_minor", "split_fee"]
 
 # Plain decimal notation only: no sign, no exponent, no spaces, no leading zeros.
 _AMOUNT_RE = re.compile(r"(?:0|[1-9][0-9]{0,17})(?:\.([0-9]{1,18}))?")
@@ -40,6 +41,28 @@ def parse_amount(value: object, *, scale: int, max_minor: int) -> int:
     if minor > max_minor:
         raise AmountError(f"{value!r} exceeds the maximum {format_minor(max_minor, scale)}")
     return minor
+
+
+#: One unit of the last place, by scale, for Decimal.quantize.
+_QUANTA = {scale: Decimal(1).scaleb(-scale) for scale in range(19)}
+
+
+def parse_amount_decimal(value: object, *, scale: int, max_minor: int) -> Decimal:
+    """parse_amount's amount as a Decimal with exactly `scale` places (`to_decimal` of its
+    minor units): what a command's amount field holds. A valid string is read as it is
+    written (exact: plain notation only), padded to the scale; a command validates one per
+    payout item, ~2x faster than parse_amount then to_decimal. Any refusal is
+    parse_amount's, word for word."""
+    if type(value) is str:
+        match = _AMOUNT_RE.fullmatch(value)
+        if match is not None:
+            places = match.end(1) - match.start(1) if match.start(1) >= 0 else 0
+            if places <= scale:
+                amount = Decimal(value)
+                if 0 < amount and amount.scaleb(scale) <= max_minor:
+                    return amount if places == scale else amount.quantize(
+                        _QUANTA.get(scale) or Decimal(1).scaleb(-scale))
+    return to_decimal(parse_amount(value, scale=scale, max_minor=max_minor), scale)
 
 
 def _json_kind(value: object) -> str:

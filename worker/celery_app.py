@@ -8,6 +8,7 @@ the SQLAlchemy engines it inherited: sockets are never shared across a fork.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Mapping
@@ -26,9 +27,9 @@ from celery.signals import (
 from celery.worker.request import Request
 
 import celeryconfig
-from services.db import dispose_engines
+from services.db import dispose_engines, for_transactions, get_engine
 from services.message_policy import KEYS_TASK_NAME, TASK_NAME
-from services.settings import reset_settings
+from services.settings import get_settings, reset_settings
 
 __all__ = ["app", "make_app", "route_task", "refuse_foreign_destination", "EXECUTE_TASK",
            "EXECUTE_KEYS_TASK", "SWEEP_TASK", "EXPIRY_TASK", "DeclareDeadLetters"]
@@ -148,6 +149,24 @@ def _after_fork(**_kwargs: Any) -> None:
     # The parent's pooled connections belong to the parent; a child opens its own.
     reset_settings()
     dispose_engines()
+    # What the child inherited (every module, the app) lives as long as it does: out of the
+    # cyclic collector's sight, so that its full collections, which a payout's 10,000 items
+    # set off while they are validated, walk only the task's own objects (a batch's
+    # validation took 79 ms instead of 34 while they walked the whole heap).
+    gc.freeze()
+    _connect_early()
+
+
+def _connect_early() -> None:
+    """Open the child's database connections (each engine's first also asks the server what
+    the dialect needs) before its first message instead of during it."""
+    try:
+        engine = get_engine(get_settings())
+        for each in (engine, for_transactions(engine)):
+            with each.connect():
+                pass
+    except Exception:  # noqa: BLE001 - unreachable now: the first command connects, or retries
+        log.warning("could not connect to the database before the first task", exc_info=True)
 
 
 @worker_ready.connect

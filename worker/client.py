@@ -55,7 +55,7 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from services import command_store, refusals
-from services.admission import Refused, SignedHere, admit, as_object, sign_object
+from services.admission import Refused, SignedHere, admit_object, as_object, sign_object
 from services.command_status import ENDED
 from services.command_store import CommandRecord
 from services.command_types import SINGLE_TYPES
@@ -131,8 +131,8 @@ class WalletClient:
                       ) -> tuple[Command, Signed]:
         """Admit a signed object; a command signed here is not verified again: its key must
         be the producer's, valid, allowed."""
-        admission = admit(signed_obj, engine=self.engine, settings=self.settings,
-                          signed_here=here)
+        admission = admit_object(signed_obj, engine=self.engine, settings=self.settings,
+                                 signed_here=here)  # as_object checked it before signing
         if isinstance(admission, Refused):
             raise admission.error
         return admission.command, admission.signed

@@ -11,7 +11,12 @@ from services.payouts.command import PayoutBatch, PayoutItem
 from services.payouts.decision import FUNDING_KINDS, Decision, Item, decide
 from services.payouts.executor import execute_payout_batch
 from services.payouts.instruments import AFTER_CHUNK_HOOKS, TIMINGS
-from services.payouts.store import check_batch_transfers, payout_item_rows, payout_progress
+from services.payouts.store import (
+    check_batch_transfers,
+    payout_item_rows,
+    payout_progress,
+    payouts_done,
+)
 
 __all__ = [
     "PayoutBatch",
@@ -22,6 +27,7 @@ __all__ = [
     "execute_payout_batch",
     "check_batch_transfers",
     "payout_progress",
+    "payouts_done",
     "payout_item_rows",
     "AFTER_CHUNK_HOOKS",
     "TIMINGS",

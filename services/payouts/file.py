@@ -70,10 +70,33 @@ def parse_payout_csv(data: bytes, limits: CommandLimits) -> PayoutFile:
     if header is None:
         raise PayoutFileError(["empty file; expected a header line "
                                f"{','.join(CSV_COLUMNS)} and one row per payout"])
-    columns = _columns(header, reader.line_num)
+    rows, lines, problems = _rows(reader, _columns(header, reader.line_num), limits)
+    if problems:
+        raise PayoutFileError(problems)
+    if not rows:
+        raise PayoutFileError(["empty file: a header and no rows"])
+    return PayoutFile(rows, lines, hashlib.sha256(data).hexdigest())
+
+
+def _rows(reader: Any, columns: dict[str, int], limits: CommandLimits
+          ) -> tuple[list[dict[str, str]], list[int], list[str]]:
+    """The sound rows and their lines, and every problem of the others, in file order."""
     rows, lines, problems = [], [], []
     first_line: dict[str, int] = {}
+    width = len(columns)
+    at_user, at_amount, at_reference = columns["user"], columns["amount"], columns["reference"]
     for fields in reader:
+        # A sound row, as most are, is taken here; any other is looked at by _row, which
+        # names its problems (a blank line is skipped there too).
+        if len(fields) == width:
+            user, amount = fields[at_user].strip(), fields[at_amount].strip()
+            reference = fields[at_reference].strip()
+            if _ID_RE.fullmatch(user) and _ID_RE.fullmatch(reference) \
+                    and reference not in first_line and _amount_ok(amount, limits):
+                first_line[reference] = reader.line_num
+                rows.append({"user": user, "amount": amount, "reference": reference})
+                lines.append(reader.line_num)
+                continue
         if not any(f.strip() for f in fields):
             continue
         line = reader.line_num
@@ -87,11 +110,15 @@ def parse_payout_csv(data: bytes, limits: CommandLimits) -> PayoutFile:
         if row is not None and not row_problems:
             rows.append(row)
             lines.append(line)
-    if problems:
-        raise PayoutFileError(problems)
-    if not rows:
-        raise PayoutFileError(["empty file: a header and no rows"])
-    return PayoutFile(rows, lines, hashlib.sha256(data).hexdigest())
+    return rows, lines, problems
+
+
+def _amount_ok(amount: str, limits: CommandLimits) -> bool:
+    try:
+        parse_amount(amount, scale=limits.scale, max_minor=limits.amount_max_minor)
+    except AmountError:
+        return False
+    return True
 
 
 def _columns(header: list[str], line: int) -> dict[str, int]:

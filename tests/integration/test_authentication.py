@@ -333,6 +333,39 @@ def test_a_command_replayed_with_a_new_signature_is_a_duplicate(
     assert [o for o in outcomes(engine, "dep-1")] == [("succeeded", None)]
 
 
+def test_a_message_carrying_an_ended_rows_signature_over_other_text_is_not_its_duplicate(
+        engine: Engine, settings: Settings) -> None:
+    """The shortcut for an ended row reads its producer and signature first, then holds the
+    message to the whole signed text: the same signature on other text (here the same
+    command spelt otherwise, and another one) is not taken as already ended, but admitted,
+    and refused, since that signature does not sign it."""
+    message = signed(CREDIT, "test-payments")
+    first = deliver(message, engine, settings).record
+    assert first is not None and first.status == "succeeded"
+    assert deliver(dict(message), engine, settings).record == first  # exactly the signed form
+    for other in ({**message, "amount": "10.0"}, {**message, "amount": "99.00"}):
+        outcome = deliver(other, engine, settings)
+        assert outcome.record is None and outcome.refusal is not None
+        assert outcome.refusal["code"] == "unauthenticated"
+    assert len(refusals_of(engine, "dep-1")) == 2
+    assert transfers(engine, "dep-1") == [("system:external", "user:alice:available", 1000,
+                                           "credit")]
+
+
+def test_ended_record_reads_a_row_only_when_it_ended_under_the_messages_signer(
+        engine: Engine, settings: Settings) -> None:
+    ended = signed(CREDIT, "test-payments")
+    first = deliver(ended, engine, settings).record
+    waiting = signed({**CREDIT, "idempotency_key": "dep-2"}, "test-payments")
+    accept(engine, settings, waiting)  # after: the delivery above would have coalesced it
+    resigned = signed({**CREDIT, "amount": "10.0"}, "test-payments")  # same command, new text
+    with engine.connect() as conn:
+        assert command_store.ended_record(conn, "dep-2", signed_form(waiting)) is None
+        assert command_store.ended_record(conn, "dep-1", signed_form(ended)) == first
+        assert command_store.ended_record(conn, "dep-1", signed_form(resigned)) is None
+        assert command_store.ended_record(conn, "nobody", signed_form(ended)) is None
+
+
 def test_a_rotated_key_keeps_the_commands_it_signed_verifiable_and_signs_nothing_new(
         engine: Engine, settings: Settings) -> None:
     old = new_producer(engine, "shop", "payments")

@@ -99,6 +99,31 @@ def test_a_conflicting_or_invalid_submit_raises_and_records_nothing(
     assert_ledger_sound(service.engine, settings)
 
 
+def _deep(levels: int) -> object:
+    value: object = "x"
+    for _ in range(levels):
+        value = {"n": value}
+    return value
+
+
+def test_a_command_over_the_bounds_is_refused_once_signed_or_not_and_records_nothing(
+        client: WalletClient, broker: FakePublisher, service: WalletService) -> None:
+    """Admission no longer walks an object's bounds a second time after signing it: the walk
+    before signing (or, for a command signed elsewhere, before admitting it) still refuses."""
+    deep = {**CREDIT, "idempotency_key": "deep-1", "memo": _deep(50)}
+    oversized = {**CREDIT, "idempotency_key": "big-1", "memo": "m" * (5 * 1024 * 1024)}
+    signed_elsewhere = {**deep, "producer": "test-admin", "signature": "A" * 86}
+    for command, reason in ((deep, "more than 8 deep"), (oversized, "bytes"),
+                            (signed_elsewhere, "more than 8 deep")):
+        with pytest.raises(InvalidCommandError) as refused:
+            client.admit(command)
+        assert reason in refused.value.message
+        with pytest.raises(InvalidCommandError):
+            client.submit(command)
+    assert [client.status(key) for key in ("deep-1", "big-1")] == [None, None]
+    assert broker.published == []
+
+
 def test_submit_answers_accepted_when_the_broker_is_down_and_the_sweep_delivers_it(
         client: WalletClient, broker: FakePublisher, service: WalletService,
         caplog: pytest.LogCaptureFixture) -> None:

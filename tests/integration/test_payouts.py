@@ -221,6 +221,35 @@ def test_an_atomic_batch_with_one_item_it_cannot_cover_pays_nothing(service, eng
     assert_ledger_sound(engine, settings)
 
 
+def test_payouts_done_reads_each_batch_status_and_items_decided_as_progress_does(
+        service, engine, settings):
+    """What `walletq payout` polls: the same figures payout_progress gives, for a batch not
+    started (no batch row: 0 decided), one stopped mid-way and one ended; unknown keys absent."""
+    service.admin_create_tokens("100000.00")
+    chunk_items = settings.payout_chunk_items
+    rows = [item(f"d-{n % 50}", "1.00", f"dn-{n}") for n in range(2 * chunk_items)]
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO commands (idempotency_key, type, payload, payload_hash, "
+                          "status, attempts, created_at, updated_at) VALUES ('waiting', "
+                          "'payout_batch', '{}', repeat('0', 64), 'accepted', 0, now(), now())"))
+
+    def crash(key, chunks_done):
+        raise Crash(f"{key} died after chunk {chunks_done}")
+
+    payouts.AFTER_CHUNK_HOOKS.append(crash)
+    with pytest.raises(Crash):
+        execute_command(batch("half", rows), engine=engine, settings=settings)
+    payouts.AFTER_CHUNK_HOOKS.clear()
+    execute_command(batch("whole", rows[:10]), engine=engine, settings=settings)
+    with engine.connect() as conn:
+        done = payouts.payouts_done(conn, ["waiting", "half", "whole", "nobody"])
+        progress = {key: payout_progress(conn, key, settings.asset_scale)
+                    for key in ("half", "whole")}
+    assert done == {"waiting": ("accepted", 0), "half": ("processing", chunk_items),
+                    "whole": ("succeeded", 10)}
+    assert all(done[key] == (p["status"], p["done"]) for key, p in progress.items())
+
+
 # --- crashes and races ------------------------------------------------------------------
 
 

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.money import AmountError, format_minor, parse_amount, split_fee, to_decimal, to_minor
+from services.money import (
+    AmountError,
+    format_minor,
+    parse_amount,
+    parse_amount_decimal,
+    split_fee,
+    to_decimal,
+    to_minor,
+)
 
 SCALE = 2
 MAX_MINOR = 10**14
@@ -198,3 +206,36 @@ def test_minor_units_are_counted_in_integers_exactly_as_decimal_counts_them(
     except AmountError:
         return
     assert minor == to_minor(Decimal(value), scale)
+
+
+def _outcome(call: object) -> tuple[str, str]:
+    """What an amount parser answers: the Decimal's text, or the refusal's message."""
+    try:
+        return "ok", str(call())  # type: ignore[operator]
+    except AmountError as exc:
+        return "refused", str(exc)
+
+
+_AMOUNT_TEXT = st.one_of(
+    st.from_regex(r"\A[0-9]{1,20}(\.[0-9]{0,20})?\Z"),
+    st.text(alphabet="0123456789.-+e _", max_size=24),
+    st.sampled_from(["0", "0.00", "00.1", "1.", ".5", "1e3", "1_0", " 1", "-1", "+1", "٣"]),
+)
+
+
+@given(value=st.one_of(_AMOUNT_TEXT, st.integers(), st.none(), st.booleans()),
+       scale=st.integers(0, 8), max_minor=st.sampled_from([1, 99, 10**4, 10**14, 2**63 - 1]))
+def test_parse_amount_decimal_is_to_decimal_of_parse_amount_value_text_and_refusal(
+        value: object, scale: int, max_minor: int) -> None:
+    """The validator's fast path answers exactly what parse_amount then to_decimal does:
+    the same Decimal, written the same way (its places), or the same refusal."""
+    fast = _outcome(lambda: parse_amount_decimal(value, scale=scale, max_minor=max_minor))
+    slow = _outcome(lambda: to_decimal(parse_amount(value, scale=scale, max_minor=max_minor),
+                                       scale))
+    assert fast == slow, value
+
+
+@pytest.mark.parametrize(("text", "written"), [("12.5", "12.50"), ("12", "12.00"),
+                                                ("12.50", "12.50"), ("0.01", "0.01")])
+def test_parse_amount_decimal_writes_every_place_of_the_scale(text: str, written: str) -> None:
+    assert str(parse_amount_decimal(text, scale=2, max_minor=MAX_MINOR)) == written

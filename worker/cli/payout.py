@@ -15,10 +15,12 @@ batches go on: see `walletq payout-status KEY`).
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,12 @@ from services.payouts.file import (
     line_of,
     read_payout_csv,
 )
-from services.payouts.store import payout_item_rows, payout_progress, payout_totals
+from services.payouts.store import (
+    payout_item_rows,
+    payout_progress,
+    payout_totals,
+    payouts_done,
+)
 from services.settings import Settings, get_settings
 from services.wallet_service import WalletService
 from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
@@ -48,7 +55,7 @@ from worker.cli.base import Output, cli, ensure_schema, json_option, pass_output
 __all__ = ["payout", "payout_status"]
 
 REJECTED_SHOWN_MAX = 20
-POLL_S = 0.2
+POLL_S = 0.05
 
 
 # --- submitting and watching ------------------------------------------------------------
@@ -97,27 +104,51 @@ def _submit(out: Output, commands: list[dict[str, Any]]) -> None:
         client.close()
 
 
+@contextmanager
+def _bulk() -> Iterator[None]:
+    """The cyclic collector paused while the file is read and its batches admitted and
+    submitted: hundreds of thousands of acyclic objects (rows, items, models) set off full
+    collections that walked the whole heap again and again (admitting 10 batches of 10,000
+    took 1.0 s instead of 0.5). What is still alive after it (the file's rows) lives until
+    the process ends: frozen, it is not walked again, not even at exit."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _progress(keys: Sequence[str], settings: Settings) -> list[dict[str, Any]]:
     with get_engine(settings).connect() as conn:
         found = [payout_progress(conn, key, settings.asset_scale) for key in keys]
     return [p for p in found if p is not None]
 
 
+def _done(keys: Sequence[str], settings: Settings) -> tuple[int, bool]:
+    """(items decided, every batch ended), in one narrow read: what each poll needs."""
+    with get_engine(settings).connect() as conn:
+        found = payouts_done(conn, keys)
+    ended = len(found) == len(keys) and all(status in ENDED for status, _ in found.values())
+    return sum(done for _, done in found.values()), ended
+
+
 def _watch(out: Output, keys: list[str], items: int, settings: Settings, timeout_s: float,
            runner: SyncRunner | None) -> list[dict[str, Any]]:
+    """Poll until every batch ended or the deadline; then each batch's full progress, read
+    once (the polls read only what the bar shows)."""
     deadline = time.monotonic() + timeout_s
     columns = (TextColumn("paying"), BarColumn(), MofNCompleteColumn(), TextColumn("items"),
                TimeElapsedColumn())
     with Progress(*columns, console=out.err, disable=out.as_json, transient=False) as bar:
         task = bar.add_task("payout", total=items)
         while True:
-            states = _progress(keys, settings)
-            bar.update(task, completed=sum(s.get("done", 0) for s in states))
-            ended = len(states) == len(keys) and all(s["status"] in ENDED for s in states)
+            done, ended = _done(keys, settings)
+            bar.update(task, completed=done)
             if runner is not None and runner.done and runner.error is not None:
                 raise runner.error
             if ended or time.monotonic() >= deadline:
-                return states
+                return _progress(keys, settings)
             time.sleep(POLL_S)
 
 
@@ -171,6 +202,33 @@ def _report(out: Output, source: str, from_account: str, states: list[dict[str, 
                 "yellow")
 
 
+def _batches(out: Output, file: Path, from_account: str, key: str | None, atomic: bool,
+             sync: bool, settings: Settings) -> tuple[PayoutFile, list[dict[str, Any]]]:
+    """The file read and validated whole, as batch commands; signed here and validated when
+    this process pays them (--sync). A bad file or batch exits 2, nothing submitted."""
+    limits = CommandLimits.from_settings(settings)
+    try:
+        payout_file = read_payout_csv(file, limits)
+        key = key or derived_key(payout_file, from_account)
+        unsigned = batch_commands(payout_file, from_account, key, atomic,
+                                  settings.payout_items_max)
+    except OSError as exc:
+        out.fail(f"{file}: {exc.strerror or exc}", 2)
+    except PayoutFileError as exc:
+        out.fail(f"{file}: nothing submitted:\n{exc}", 2)
+    ensure_schema(settings)
+    if not sync:  # the worker path: the client signs and admits each, once (_submit)
+        return payout_file, unsigned
+    signer = WalletService(settings=settings).signer  # this process's producer
+    try:
+        commands = [sign_if_unsigned(command, signer)[0] for command in unsigned]
+        for command in commands:
+            parse_command(command, limits)
+    except InvalidCommandError as exc:
+        out.fail(f"nothing submitted: {exc.message}", 2)
+    return payout_file, commands
+
+
 @cli.command("payout")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--from", "from_account", default="platform:treasury", show_default=True,
@@ -188,33 +246,16 @@ def payout(out: Output, file: Path, from_account: str, key: str | None, atomic: 
            no_wait: bool, timeout_s: float) -> None:
     """Pay a CSV file (header user,amount,reference) out in batches, showing progress."""
     settings = get_settings()
-    limits = CommandLimits.from_settings(settings)
-    try:
-        payout_file = read_payout_csv(file, limits)
-        key = key or derived_key(payout_file, from_account)
-        unsigned = batch_commands(payout_file, from_account, key, atomic,
-                                  settings.payout_items_max)
-    except OSError as exc:
-        out.fail(f"{file}: {exc.strerror or exc}", 2)
-    except PayoutFileError as exc:
-        out.fail(f"{file}: nothing submitted:\n{exc}", 2)
-    ensure_schema(settings)
-    commands = unsigned  # the worker path: the client signs and admits each, once (_submit)
-    if sync:
-        signer = WalletService(settings=settings).signer  # this process's producer
-        try:
-            commands = [sign_if_unsigned(command, signer)[0] for command in unsigned]
-            for command in commands:
-                parse_command(command, limits)
-        except InvalidCommandError as exc:
-            out.fail(f"nothing submitted: {exc.message}", 2)
+    with _bulk():
+        payout_file, commands = _batches(out, file, from_account, key, atomic, sync, settings)
     keys = [command["idempotency_key"] for command in commands]
     runner = None
     if sync:
         runner = SyncRunner(commands, settings)
         runner.start()
     else:
-        _submit(out, commands)
+        with _bulk():
+            _submit(out, commands)
         if no_wait:
             states = _progress(keys, settings)
             _report(out, str(file), from_account, states, [], True)
