@@ -287,7 +287,9 @@ def payout_totals(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "paid": sum(s.get("paid", 0) for s in states),
         "rejected": sum(s.get("rejected", 0) for s in states),
         "duplicate": sum(s.get("duplicate", 0) for s in states),
-        "amount_paid": str(sum((Decimal(s.get("amount_paid", "0")) for s in states), Decimal(0))),
+        # Fixed-point, as each batch's own figure (str() of a Decimal sum at scale 8: '3E-8').
+        "amount_paid": format(sum((Decimal(s.get("amount_paid", "0")) for s in states),
+                                  Decimal(0)), "f"),
         "rejected_by_code": reasons,
     }
 

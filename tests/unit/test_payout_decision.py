@@ -36,3 +36,12 @@ def test_a_wallet_that_takes_no_credit_is_rejected_with_its_state_and_the_rest_i
     assert [(d.outcome, d.error_code) for d in got] == [
         ("paid", None), ("rejected", "account_frozen"), ("rejected", "account_closed"),
         ("duplicate", None), ("paid", None)]  # a reference paid before stays a duplicate
+
+
+def test_a_payouts_total_paid_prints_fixed_point_at_every_scale() -> None:
+    from services.payouts.store import payout_totals
+
+    assert payout_totals([{"amount_paid": "0.00000001"}, {"amount_paid": "0.00000002"}]
+                         )["amount_paid"] == "0.00000003"
+    assert payout_totals([{"amount_paid": "1.50"}, {"amount_paid": "2.25"}]
+                         )["amount_paid"] == "3.75"
