@@ -4,8 +4,10 @@ Each item on its own, in order: a reference the funding account paid before is a
 duplicate and pays nothing; an item paying a wallet that takes no credit (closed, or frozen
 for credits too) is rejected with that state's code; an item paying the funding account's
 own user is forbidden;
-what the remaining balance covers is paid; the rest is rejected `insufficient_balance`
-(a later, smaller item may still be paid). In atomic mode one rejection refuses the batch.
+what the remaining balance covers (down to the funding account's overdraft limit, as any
+debit) is paid; the rest is rejected `insufficient_balance` (`limit_exceeded` where the
+account has a limit), and a later, smaller item may still be paid. In atomic mode one
+rejection refuses the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from services.errors import (
     BusinessRuleError,
     ForbiddenError,
     InsufficientBalanceError,
+    LimitExceededError,
 )
 from services.ledger import account_spec
 from services.money import to_minor
@@ -52,11 +55,15 @@ def items_of(command: PayoutBatch, scale: int) -> list[Item]:
 
 def decide(
     items: Sequence[Item], paid_before: Iterable[str], balance_minor: int, funding_code: str,
-    blocked: Mapping[str, str] | None = None,
+    blocked: Mapping[str, str] | None = None, limit_minor: int = 0,
 ) -> list[Decision]:
     """Each item on its own, in order (see the module's docstring). `blocked`: recipients
-    whose wallet takes no credit now, and the code that says why."""
+    whose wallet takes no credit now, and the code that says why. `limit_minor`: the
+    funding account's overdraft limit, which a payout may draw on as any debit may (an
+    item beyond it is `limit_exceeded`, as a debit's refusal would be)."""
     seen = set(paid_before)
+    short_code = LimitExceededError.code if limit_minor else InsufficientBalanceError.code
+    balance_minor += limit_minor  # what may still be spent
     blocked = blocked or {}
     spec = account_spec(funding_code)
     funding_user = spec.user_id if spec is not None and spec.kind == "user_available" else None
@@ -69,7 +76,7 @@ def decide(
         elif item.user == funding_user:
             decisions.append(Decision(item, "rejected", ForbiddenError.code))
         elif item.amount_minor > balance_minor:
-            decisions.append(Decision(item, "rejected", InsufficientBalanceError.code))
+            decisions.append(Decision(item, "rejected", short_code))
         else:
             balance_minor -= item.amount_minor
             decisions.append(Decision(item, "paid"))
@@ -78,7 +85,7 @@ def decide(
 
 
 def atomic_refusal(decisions: Sequence[Decision], funding_code: str,
-                   balance_minor: int) -> BusinessRuleError:
+                   balance_minor: int, limit_minor: int = 0) -> BusinessRuleError:
     """Why an atomic batch is refused whole: its first rejected item, named."""
     first = next(d for d in decisions if d.outcome == "rejected")
     item = first.item
@@ -92,8 +99,10 @@ def atomic_refusal(decisions: Sequence[Decision], funding_code: str,
         return error(f"item {item.index} ({item.reference}) pays {item.user}, whose wallet is "
                      f"{state}; atomic batch refused whole", item=item.index)
     needed = sum(d.item.amount_minor for d in decisions if d.outcome != "duplicate")
-    return InsufficientBalanceError(
-        f"{funding_code} holds {balance_minor} minor units; the batch needs {needed} "
+    short = LimitExceededError if limit_minor else InsufficientBalanceError
+    beyond = f" with an overdraft limit of {limit_minor}" if limit_minor else ""
+    return short(
+        f"{funding_code} holds {balance_minor} minor units{beyond}; the batch needs {needed} "
         f"(item {item.index}, {item.reference}, is the first it cannot cover); "
         "atomic batch refused whole",
         account=funding_code, item=item.index)

@@ -108,14 +108,15 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
     paid_before = store.paid_before(conn, funding.id, references)
     blocked = recipients_blocked(conn, [item.user for item in chunk])
     started = TIMINGS.add("lock", started)
-    decisions = decide(chunk, paid_before, funding.balance_minor, funding.code, blocked)
+    limit = 0 if funding.may_go_negative else funding.limit_minor
+    decisions = decide(chunk, paid_before, funding.balance_minor, funding.code, blocked, limit)
     if not funding.exact and any(d.outcome == "rejected" for d in decisions):
         raise ChunkRace("a refusal is decided on the locked account, never on a reading")
     if batch.atomic and any(d.outcome == "rejected" for d in decisions):
-        raise atomic_refusal(decisions, funding.code, funding.balance_minor)
+        raise atomic_refusal(decisions, funding.code, funding.balance_minor, limit)
     paid = [(d.item.user, d.item.amount_minor) for d in decisions if d.outcome == "paid"]
     amount_paid = sum(amount_minor for _, amount_minor in paid)
-    if amount_paid > funding.balance_minor:  # checked before any write of the chunk
+    if amount_paid > funding.balance_minor + limit:  # checked before any write of the chunk
         raise TransactionIntegrityError("Bug! a chunk overdraws its funding account")
     started = TIMINGS.add("decide", started)
     try:

@@ -191,6 +191,27 @@ def test_a_user_pays_others_from_their_wallet_but_not_themself(service, engine, 
     assert_ledger_sound(engine, settings)
 
 
+def test_a_user_pays_out_down_to_their_overdraft_limit_and_no_further(service, engine,
+                                                                     settings):
+    service.admin_create_tokens("10.00")
+    service.admin_sell_tokens_to_user("boss", "5.00")
+    service.execute({"type": "set_account_limit", "idempotency_key": "limit-boss", "user": "boss",
+                     "limit": "3.00"})
+    record = execute_command(
+        batch("od-1", [item("bob", "6.00", "od-1"), item("cat", "3.00", "od-2"),
+                       item("dan", "2.00", "od-3")], from_account="user:boss:available"),
+        engine=engine, settings=settings)
+    assert outcomes(engine, settings, "od-1") == {
+        "od-1": ("paid", None), "od-2": ("rejected", "limit_exceeded"), "od-3": ("paid", None)}
+    assert record.result["paid"] == 2
+    assert service.balance("boss").available == Decimal("-3.00")
+    refused = execute_command(batch("od-2", [item("eve", "0.01", "od-4")], atomic=True,
+                                    from_account="user:boss:available"),
+                              engine=engine, settings=settings)
+    assert refused.status == "rejected" and refused.error["code"] == "limit_exceeded"
+    assert_ledger_sound(engine, settings)
+
+
 def test_the_fees_account_funds_a_payout_and_an_empty_one_pays_nothing(engine, settings):
     record = execute_command(batch("fees-1", [item("bob", "1.00", "fe-1")],
                                    from_account="platform:fees"), engine=engine, settings=settings)

@@ -45,3 +45,11 @@ def test_a_payouts_total_paid_prints_fixed_point_at_every_scale() -> None:
                          )["amount_paid"] == "0.00000003"
     assert payout_totals([{"amount_paid": "1.50"}, {"amount_paid": "2.25"}]
                          )["amount_paid"] == "3.75"
+
+
+def test_a_funding_wallet_s_overdraft_limit_is_spent_as_any_debit_would_spend_it() -> None:
+    items = [Item(0, "a", 80, "r0"), Item(1, "b", 60, "r1"), Item(2, "c", 20, "r2"),
+             Item(3, "d", 10, "r3")]
+    got = decide(items, set(), 100, "user:boss:available", limit_minor=50)
+    assert [(d.outcome, d.error_code) for d in got] == [
+        ("paid", None), ("paid", None), ("rejected", "limit_exceeded"), ("paid", None)]
