@@ -73,6 +73,7 @@ from services.ledger_book import (
 from services.ledger_fan_out import open_user_wallets, pay_users, post_fan_out
 from services.ledger_state import (
     check_daily_debits,
+    debited_today,
     last_transfer_id,
     recipients_blocked,
     set_account_state,
@@ -123,6 +124,7 @@ __all__ = [
     "settle",
     "last_transfer_id",
     "check_daily_debits",
+    "debited_today",
     "utc_day_start",
 ]
 

@@ -26,6 +26,7 @@ from services.ledger_book import HotAccountShort, book_of
 __all__ = [
     "utc_day_start",
     "check_daily_debits",
+    "debited_today",
     "set_account_state",
     "settle",
     "last_transfer_id",
@@ -41,17 +42,23 @@ def utc_day_start(moment: datetime | None = None) -> datetime:
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+def debited_today(conn: Connection, debit: LockedAccount) -> int:
+    """What the account's committed legs (and this transaction's written ones) debited this
+    UTC day: one index range, `ix_transfers_debit_account_at`."""
+    t = schema.transfers
+    start = utc_day_start()
+    bound = start.replace(tzinfo=None) if conn.dialect.name == "sqlite" else start
+    return int(conn.execute(select(func.coalesce(func.sum(t.c.amount_minor), 0)).where(
+        t.c.debit_account_id == debit.id, t.c.created_at >= bound)).scalar_one())
+
+
 def check_daily_debits(conn: Connection, debit: LockedAccount, amount_minor: int) -> None:
     """Refuse a debit that takes the account's debits of this UTC day beyond its daily
     limit. Under the row lock (a user's account is locked for the whole transaction): the
     day's committed legs (one index range, `ix_transfers_debit_account_at`: bounded by one
     day of one account) plus what this transaction posted and has not written yet."""
     assert debit.daily_limit_minor is not None
-    t = schema.transfers
-    start = utc_day_start()
-    bound = start.replace(tzinfo=None) if conn.dialect.name == "sqlite" else start
-    written = conn.execute(select(func.coalesce(func.sum(t.c.amount_minor), 0)).where(
-        t.c.debit_account_id == debit.id, t.c.created_at >= bound)).scalar_one()
+    written = debited_today(conn, debit)
     book = book_of(conn)
     pending = 0 if book is None else sum(
         posted[3] for posted in book.transfers if posted[1] == debit.id)

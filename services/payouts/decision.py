@@ -56,11 +56,13 @@ def items_of(command: PayoutBatch, scale: int) -> list[Item]:
 def decide(
     items: Sequence[Item], paid_before: Iterable[str], balance_minor: int, funding_code: str,
     blocked: Mapping[str, str] | None = None, limit_minor: int = 0,
+    day_left_minor: int | None = None,
 ) -> list[Decision]:
     """Each item on its own, in order (see the module's docstring). `blocked`: recipients
     whose wallet takes no credit now, and the code that says why. `limit_minor`: the
-    funding account's overdraft limit, which a payout may draw on as any debit may (an
-    item beyond it is `limit_exceeded`, as a debit's refusal would be)."""
+    funding account's overdraft limit, which a payout may draw on as any debit may;
+    `day_left_minor`: what its daily debit limit leaves today (None: no daily limit). An
+    item beyond either is `limit_exceeded`, as a single debit's refusal would be."""
     seen = set(paid_before)
     short_code = LimitExceededError.code if limit_minor else InsufficientBalanceError.code
     balance_minor += limit_minor  # what may still be spent
@@ -77,15 +79,20 @@ def decide(
             decisions.append(Decision(item, "rejected", ForbiddenError.code))
         elif item.amount_minor > balance_minor:
             decisions.append(Decision(item, "rejected", short_code))
+        elif day_left_minor is not None and item.amount_minor > day_left_minor:
+            decisions.append(Decision(item, "rejected", LimitExceededError.code))
         else:
             balance_minor -= item.amount_minor
+            if day_left_minor is not None:
+                day_left_minor -= item.amount_minor
             decisions.append(Decision(item, "paid"))
     assert balance_minor >= 0, "Bug! a payout plan overdraws its funding account"
     return decisions
 
 
-def atomic_refusal(decisions: Sequence[Decision], funding_code: str,
-                   balance_minor: int, limit_minor: int = 0) -> BusinessRuleError:
+def atomic_refusal(decisions: Sequence[Decision], funding_code: str, balance_minor: int,
+                   limit_minor: int = 0, day_left_minor: int | None = None
+                   ) -> BusinessRuleError:
     """Why an atomic batch is refused whole: its first rejected item, named."""
     first = next(d for d in decisions if d.outcome == "rejected")
     item = first.item
@@ -99,8 +106,11 @@ def atomic_refusal(decisions: Sequence[Decision], funding_code: str,
         return error(f"item {item.index} ({item.reference}) pays {item.user}, whose wallet is "
                      f"{state}; atomic batch refused whole", item=item.index)
     needed = sum(d.item.amount_minor for d in decisions if d.outcome != "duplicate")
-    short = LimitExceededError if limit_minor else InsufficientBalanceError
+    short = LimitExceededError if first.error_code == LimitExceededError.code \
+        else InsufficientBalanceError
     beyond = f" with an overdraft limit of {limit_minor}" if limit_minor else ""
+    if day_left_minor is not None:
+        beyond += f" and {day_left_minor} left of its daily debit limit"
     return short(
         f"{funding_code} holds {balance_minor} minor units{beyond}; the batch needs {needed} "
         f"(item {item.index}, {item.reference}, is the first it cannot cover); "

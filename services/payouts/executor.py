@@ -39,6 +39,7 @@ from services.errors import (
 from services.ledger import (
     account_spec,
     check_usable,
+    debited_today,
     is_hot,
     lock_accounts,
     pay_users,
@@ -109,11 +110,15 @@ def _apply_chunk(conn: Connection, batch: Batch, chunk: Sequence[Item], exact: b
     blocked = recipients_blocked(conn, [item.user for item in chunk])
     started = TIMINGS.add("lock", started)
     limit = 0 if funding.may_go_negative else funding.limit_minor
-    decisions = decide(chunk, paid_before, funding.balance_minor, funding.code, blocked, limit)
+    # A daily debit limit: what today's legs leave, read under the funding account's lock.
+    day_left = None if funding.daily_limit_minor is None else \
+        funding.daily_limit_minor - debited_today(conn, funding)
+    decisions = decide(chunk, paid_before, funding.balance_minor, funding.code, blocked, limit,
+                       day_left)
     if not funding.exact and any(d.outcome == "rejected" for d in decisions):
         raise ChunkRace("a refusal is decided on the locked account, never on a reading")
     if batch.atomic and any(d.outcome == "rejected" for d in decisions):
-        raise atomic_refusal(decisions, funding.code, funding.balance_minor, limit)
+        raise atomic_refusal(decisions, funding.code, funding.balance_minor, limit, day_left)
     paid = [(d.item.user, d.item.amount_minor) for d in decisions if d.outcome == "paid"]
     amount_paid = sum(amount_minor for _, amount_minor in paid)
     if amount_paid > funding.balance_minor + limit:  # checked before any write of the chunk

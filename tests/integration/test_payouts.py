@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from decimal import Decimal
 
@@ -209,6 +210,29 @@ def test_a_user_pays_out_down_to_their_overdraft_limit_and_no_further(service, e
                                     from_account="user:boss:available"),
                               engine=engine, settings=settings)
     assert refused.status == "rejected" and refused.error["code"] == "limit_exceeded"
+    assert_ledger_sound(engine, settings)
+
+
+def test_a_user_pays_out_what_their_daily_debit_limit_leaves_today(service, engine, settings):
+    """Item by item, across chunks (each chunk reads the day's legs again under the lock)."""
+    service.admin_create_tokens("100.00")
+    service.admin_sell_tokens_to_user("boss", "50.00")
+    service.transfer_tokens_between_users("boss", "ann", "1.00", idempotency_key="today")
+    service.execute({"type": "set_account_limit", "idempotency_key": "daily-boss", "user": "boss",
+                     "limit": "0", "daily_debit_limit": "4.00"})
+    settings = dataclasses.replace(settings, payout_chunk_items=2)
+    record = execute_command(
+        batch("d-1", [item(u, "1.00", f"d-{u}") for u in ("b1", "b2", "b3", "b4", "b5")],
+              from_account="user:boss:available"), engine=engine, settings=settings)
+    assert record.result["chunks"] == 3 and record.result["paid"] == 3
+    assert [outcomes(engine, settings, "d-1")[f"d-{u}"] for u in ("b1", "b2", "b3", "b4", "b5")
+            ] == [("paid", None)] * 3 + [("rejected", "limit_exceeded")] * 2
+    assert service.balance("boss").available == Decimal("46.00")
+    refused = execute_command(batch("d-2", [item("eve", "0.01", "d-eve")], atomic=True,
+                                    from_account="user:boss:available"),
+                              engine=engine, settings=settings)
+    assert refused.status == "rejected" and refused.error["code"] == "limit_exceeded"
+    assert "daily debit limit" in refused.error["message"]
     assert_ledger_sound(engine, settings)
 
 

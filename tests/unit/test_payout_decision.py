@@ -53,3 +53,10 @@ def test_a_funding_wallet_s_overdraft_limit_is_spent_as_any_debit_would_spend_it
     got = decide(items, set(), 100, "user:boss:available", limit_minor=50)
     assert [(d.outcome, d.error_code) for d in got] == [
         ("paid", None), ("paid", None), ("rejected", "limit_exceeded"), ("paid", None)]
+
+
+def test_what_the_daily_debit_limit_leaves_today_bounds_a_payout_too() -> None:
+    items = [Item(0, "a", 80, "r0"), Item(1, "b", 30, "r1"), Item(2, "c", 20, "r2")]
+    got = decide(items, set(), 1000, "user:boss:available", day_left_minor=100)
+    assert [(d.outcome, d.error_code) for d in got] == [
+        ("paid", None), ("rejected", "limit_exceeded"), ("paid", None)]
