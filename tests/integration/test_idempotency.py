@@ -188,3 +188,32 @@ def test_an_invalid_command_records_nothing(service: WalletService, engine: Engi
     assert balances(engine) == {}
     with engine.connect() as conn:
         assert command_store.get_record(conn, "dep-81") is None
+
+
+def test_the_record_an_execution_returns_is_the_row_as_stored(service: WalletService,
+                                                               engine: Engine) -> None:
+    """The outcomes' UPDATE returns nothing: the record handed back is built from the row as
+    locked and what was written, and must be the stored row, field for field."""
+    service.credit_wallet("ann", "5.00", idempotency_key="c-1")
+    for command in ({"type": "transfer_tokens_between_users", "idempotency_key": "t-1",
+                     "from_user": "ann", "to_user": "bob", "amount": "1.25"},
+                    {"type": "transfer_tokens_between_users", "idempotency_key": "t-2",
+                     "from_user": "ann", "to_user": "bob", "amount": "99.00"}):
+        returned = service.execute(command)
+        with engine.connect() as conn:
+            stored = command_store.get_record(conn, command["idempotency_key"])
+        assert stored is not None and returned == stored
+
+
+def test_finishing_a_command_that_already_ended_is_a_bug_that_writes_nothing(
+        service: WalletService, engine: Engine) -> None:
+    service.credit_wallet("ann", "1.00", idempotency_key="k-1")
+    with engine.connect() as conn:
+        ended = command_store.get_record(conn, "k-1")
+    assert ended is not None and ended.status == "succeeded"
+    again = command_store.Finish(ended.id, "rejected", None,
+                                 {"code": "internal", "message": "twice"}, 1, ended)
+    with pytest.raises(AssertionError, match="finished twice"), engine.begin() as conn:
+        command_store.finish_many(conn, [again])
+    with engine.connect() as conn:
+        assert command_store.get_record(conn, "k-1") == ended
