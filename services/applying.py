@@ -101,8 +101,7 @@ class _Outcomes:
             result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
             ids: dict[str, Any] | None = None) -> None:
         record = item.record
-        self.finishes.append(Finish(record.id, status, result, error, item.attempts_added,
-                                    record))
+        self.finishes.append(Finish(record, status, result, error, item.attempts_added))
         self.audits.append(audit.command_audit_row(
             record, status, transfers, error=error, ids=ids,
             attempt=record.attempts + item.attempts_added))

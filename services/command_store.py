@@ -163,21 +163,22 @@ def finish(
 
 @dataclass(frozen=True)
 class Finish:
-    """One command's outcome, for finish_many; `attempts_added` is 1 when this delivery was
-    not counted by a claim before (the lean path). `record`: the row as this transaction
-    locked it, which the finished record is made from."""
+    """One command's outcome, for finish_many: `record` is its row as this transaction
+    locked it (the finished record is made from it); `attempts_added` is 1 when this
+    delivery was not counted by a claim before (the lean path)."""
 
-    command_id: int
+    record: CommandRecord
     status: str
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts_added: int = 0
-    record: CommandRecord | None = None
+
+    @property
+    def command_id(self) -> int:
+        return self.record.id
 
     def finished(self, now: datetime) -> CommandRecord:
         """The record as _FINISH_MANY leaves it (every column it writes is known here)."""
-        if self.record is None:
-            raise AssertionError(f"Bug! command {self.command_id} finished without its record")
         error = self.error
         return dataclasses.replace(
             self.record, status=self.status, result=self.result,

@@ -188,8 +188,7 @@ def _already_ended(evidence: Evidence, engine: Engine) -> Done | None:
         return None
     with engine.connect() as conn:
         record = command_store.ended_record(conn, evidence.key, signed)
-    if record is None or not record.ended or record.signed != signed \
-            or record.error_code in _ROW_REFUSALS:
+    if record is None or record.signed != signed or record.error_code in _ROW_REFUSALS:
         return None
     return Done(record)
 

@@ -319,14 +319,15 @@ def _holds_pending(conn: Connection) -> Pending | None:
 
 
 def _lock_hold(conn: Connection, hold_id: str) -> _HoldState:
+    """The hold as this transaction's batch keeps it (lock_holds, _write_hold), or locked now."""
+    hold: _HoldState | None = kept(conn, "holds", hold_id)
+    if hold is not None:
+        return hold
     h = schema.holds
-    hold = kept(conn, "holds", hold_id)
-    if hold is None:
-        hold = conn.execute(select(h).where(h.c.hold_id == hold_id).with_for_update()
-                            ).one_or_none()
-    if hold is None:
+    row = conn.execute(select(h).where(h.c.hold_id == hold_id).with_for_update()).one_or_none()
+    if row is None:
         raise UnknownHoldError(f"no hold {hold_id!r}", hold_id=hold_id)
-    return hold if isinstance(hold, _HoldState) else _state(hold)
+    return _state(row)
 
 
 def _lock_open_hold(conn: Connection, hold_id: str) -> _HoldState:

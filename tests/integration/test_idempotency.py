@@ -211,8 +211,8 @@ def test_finishing_a_command_that_already_ended_is_a_bug_that_writes_nothing(
     with engine.connect() as conn:
         ended = command_store.get_record(conn, "k-1")
     assert ended is not None and ended.status == "succeeded"
-    again = command_store.Finish(ended.id, "rejected", None,
-                                 {"code": "internal", "message": "twice"}, 1, ended)
+    again = command_store.Finish(ended, "rejected", None,
+                                 {"code": "internal", "message": "twice"}, 1)
     with pytest.raises(AssertionError, match="finished twice"), engine.begin() as conn:
         command_store.finish_many(conn, [again])
     with engine.connect() as conn:
