@@ -47,6 +47,10 @@ def parse_amount(value: object, *, scale: int, max_minor: int) -> int:
 _QUANTA = {scale: Decimal(1).scaleb(-scale) for scale in range(19)}
 
 
+def _quantum(scale: int) -> Decimal:
+    return _QUANTA.get(scale) or Decimal(1).scaleb(-scale)
+
+
 def parse_amount_decimal(value: object, *, scale: int, max_minor: int) -> Decimal:
     """parse_amount's amount as a Decimal with exactly `scale` places (`to_decimal` of its
     minor units): what a command's amount field holds. A valid string is read as it is
@@ -60,8 +64,7 @@ def parse_amount_decimal(value: object, *, scale: int, max_minor: int) -> Decima
             if places <= scale:
                 amount = Decimal(value)
                 if 0 < amount and amount.scaleb(scale) <= max_minor:
-                    return amount if places == scale else amount.quantize(
-                        _QUANTA.get(scale) or Decimal(1).scaleb(-scale))
+                    return amount if places == scale else amount.quantize(_quantum(scale))
     return to_decimal(parse_amount(value, scale=scale, max_minor=max_minor), scale)
 
 
@@ -84,7 +87,7 @@ def to_minor(amount: Decimal, scale: int) -> int:
 
 
 def to_decimal(minor: int, scale: int) -> Decimal:
-    return Decimal(minor).scaleb(-scale).quantize(Decimal(1).scaleb(-scale))
+    return Decimal(minor).scaleb(-scale).quantize(_quantum(scale))
 
 
 def format_minor(minor: int, scale: int) -> str:
