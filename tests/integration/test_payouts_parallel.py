@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -107,4 +108,27 @@ def test_a_wallet_opened_by_another_transaction_meanwhile_is_credited_not_duplic
     assert outcome and outcome[0].status == "succeeded" and outcome[0].result["paid"] == 2
     assert balances(engine)["user:zed:available"] == 250
     assert balances(engine)["user:amy:available"] == 100
+    assert_ledger_sound(engine, settings)
+
+
+@pytest.mark.parametrize(("daily", "paid", "left"), [("4.00", 4, "-1.00"), ("100.00", 5, "-2.00")])
+def test_payouts_side_by_side_from_a_wallet_never_spend_past_its_limits_together(
+    service: WalletService, engine: Engine, settings: Settings, daily: str, paid: int, left: str
+) -> None:
+    """An attacker's best try at a user's limits: several payouts from one wallet at once,
+    each within its daily debit limit and overdraft alone, together far beyond them. The
+    wallet is locked per chunk and the day's legs read under that lock, so together they
+    pay only what the tighter limit allows (3.00 held, 2.00 of overdraft, `daily` a day),
+    and the rest is rejected limit_exceeded."""
+    service.admin_create_tokens("1000.00", idempotency_key="mint")
+    service.admin_sell_tokens_to_user("boss", "3.00", idempotency_key="sale")
+    service.execute({"type": "set_account_limit", "idempotency_key": "limits", "user": "boss",
+                     "limit": "2.00", "daily_debit_limit": daily})
+    payouts = [{**batch(f"pay-{n}", f"p{n}", 3), "from_account": "user:boss:available"}
+               for n in range(4)]
+    outcomes = run_together(service, *payouts)
+    assert [o.status for o in outcomes] == ["succeeded"] * 4
+    assert sum(o.result["paid"] for o in outcomes) == paid
+    assert {code for o in outcomes for code in o.result["rejected_by_code"]} == {"limit_exceeded"}
+    assert service.balance("boss").available == Decimal(left)
     assert_ledger_sound(engine, settings)
